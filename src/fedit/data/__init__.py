@@ -1,0 +1,1 @@
+"""Data: loading and validation, held-out split, client partitions, prompts, batching."""

@@ -1,0 +1,117 @@
+"""Shared fixtures: a tiny random Llama with its own tiny tokenizer, and tiny instruction data.
+
+Nothing here touches the network; the model folder is a plain transformers folder, so any
+code path that accepts "a local transformers folder" accepts it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+CATEGORIES = ["open_qa", "closed_qa", "classification", "brainstorming"]
+_WORDS = (
+    "red blue green apple river mountain city cloud paper stone music light small large "
+    "quick slow bright dark north south east west summer winter garden ocean forest bird"
+).split()
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Tiny, learnable instruction rows: the response repeats a pattern of the instruction."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        cat = CATEGORIES[i % len(CATEGORIES)]
+        a, b = rng.sample(_WORDS, 2)
+        context = f"The {a} is near the {b}." if cat == "closed_qa" else ""
+        rows.append(
+            {
+                "instruction": f"Tell me about the {a} and the {b}.",
+                "context": context,
+                "response": f"The {a} goes with the {b}. {a} {b} {a}.",
+                "category": cat,
+            }
+        )
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from fedit.data.prompts import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    corpus = [ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT]
+    corpus += [json.dumps(r) for r in make_rows(200)]
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 64-wide random Llama + tokenizer saved as a local transformers folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = _build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def tiny_rows() -> list[dict[str, str]]:
+    return make_rows(64)
+
+
+@pytest.fixture
+def tiny_data_file(tmp_path, tiny_rows) -> Path:
+    return write_jsonl(tmp_path / "tiny.jsonl", tiny_rows)
+
+
+SHARED_DOLLY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "databricks-dolly-15k.jsonl"
