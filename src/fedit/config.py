@@ -1,0 +1,313 @@
+"""The run configuration: typed dataclasses, read from TOML, overridden with ``--set a.b=c``.
+
+Every key is checked on load: an unknown key is named with the closest valid one, a value
+of the wrong type or out of range is named with what is allowed. ``to_toml`` writes the
+fully resolved config into the run folder, so a run can be repeated from it alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedit.errors import ConfigError
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = field(default="smollm2-135m", metadata={"help": "alias, local folder or hub id"})
+    dtype: str = field(default="auto", metadata={"help": "auto | bf16 | fp32 (base weights)"})
+    quantization: int = field(default=0, metadata={"help": "0 = off, 4 = 4-bit base (CUDA)"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in ("auto", "bf16", "fp32"), "model.dtype", "use auto, bf16 or fp32")
+        _check(self.quantization in (0, 4), "model.quantization", "use 0 (off) or 4")
+        _check(self.device in ("auto", "cpu", "cuda"), "model.device", "use auto, cpu or cuda")
+
+
+@dataclass
+class LoraConfig:
+    r: int = field(default=8, metadata={"help": "LoRA rank"})
+    alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (alpha / r)"})
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.r > 0, "lora.r", "must be > 0")
+        _check(self.alpha > 0, "lora.alpha", "must be > 0")
+        _check(0 <= self.dropout < 1, "lora.dropout", "must be in [0, 1)")
+        _check(len(self.target_modules) > 0, "lora.target_modules", "name at least one module")
+
+
+@dataclass
+class DataConfig:
+    path: str = field(default="dolly-15k", metadata={"help": "dolly-15k, a file, a folder"})
+    fields: dict[str, str] = field(default_factory=dict)  # canonical name -> source column
+    label_field: str = "category"  # per-label held-out rows, partitions, per-label metrics
+    test_per_label: int = 10  # Shepherd holds out 10 rows per category
+    max_rows: int = 0  # 0 = all rows; else a seeded random subset (taken before the split)
+    template: str = "alpaca"  # alpaca (Shepherd's text) | chat (the model's chat template)
+    cutoff_len: int = 512
+    train_on_inputs: bool = False  # False: loss on response tokens only
+
+    def __post_init__(self) -> None:
+        _check(self.template in ("alpaca", "chat"), "data.template", "use alpaca or chat")
+        _check(self.cutoff_len >= 8, "data.cutoff_len", "must be >= 8")
+        _check(self.test_per_label >= 0, "data.test_per_label", "must be >= 0")
+        _check(self.max_rows >= 0, "data.max_rows", "must be >= 0 (0 = all rows)")
+        bad = set(self.fields) - {"instruction", "context", "response"}
+        _check(not bad, "data.fields", f"unknown canonical field(s) {sorted(bad)}; "
+               "map instruction, context or response")
+
+
+@dataclass
+class PartitionConfig:
+    method: str = "dirichlet"  # iid | shards | dirichlet | natural
+    clients: int = 10
+    alpha: float = 0.5  # Dirichlet concentration: smaller = more skewed clients
+    min_size: int = 40  # Dirichlet: resample until every client has this many rows
+    shards_per_client: int = 2
+    by: str = ""  # field to partition on; default data.label_field
+
+    def __post_init__(self) -> None:
+        methods = ("iid", "shards", "dirichlet", "natural")
+        _check(self.method in methods, "partition.method", f"use one of {', '.join(methods)}")
+        _check(self.clients >= 1, "partition.clients", "must be >= 1")
+        _check(self.alpha > 0, "partition.alpha", "must be > 0")
+        _check(self.min_size >= 0, "partition.min_size", "must be >= 0")
+        _check(self.shards_per_client >= 1, "partition.shards_per_client", "must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    local_epochs: int = 1
+    batch_size: int = 8  # examples per optimizer step
+    micro_batch_size: int = 8  # examples per forward pass (gradient accumulation)
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    lr_scheduler: str = "linear"  # linear (decay to 0 over the client's steps) | constant
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    max_steps: int = 0  # cap on optimizer steps per client round; 0 = epochs decide
+    group_by_length: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.local_epochs >= 1, "train.local_epochs", "must be >= 1")
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(1 <= self.micro_batch_size <= self.batch_size, "train.micro_batch_size",
+               "must be between 1 and train.batch_size")
+        _check(self.batch_size % self.micro_batch_size == 0, "train.micro_batch_size",
+               "must divide train.batch_size")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(self.lr_scheduler in ("linear", "constant"), "train.lr_scheduler",
+               "use linear or constant")
+        _check(self.max_steps >= 0, "train.max_steps", "must be >= 0 (0 = no cap)")
+        _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "fedavg"
+    fraction: float = 0.1  # share of clients sampled each round
+    min_clients: int = 1  # at least this many clients a round
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("fedavg",), "strategy.name", "use fedavg")
+        _check(0 < self.fraction <= 1, "strategy.fraction", "must be in (0, 1]")
+        _check(self.min_clients >= 1, "strategy.min_clients", "must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 1  # evaluate the global adapter every N rounds (and always after the last)
+    batch_size: int = 16  # no-grad batch size for held-out loss
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0, "eval.every", "must be >= 0 (0 = only after the last round)")
+        _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    name: str = ""  # run folder name; default: <config file stem>-<timestamp>
+    output_dir: str = "runs"
+    seed: int = 42
+    rounds: int = 3
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.rounds >= 1, "rounds", "must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------
+# Building a config from nested dicts, with every key and value checked
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotated type ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table [{key}], got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table of strings, got {value!r}")
+        return {str(k): _coerce(f"{key}.{k}", v, str) for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    if isinstance(tp, types.UnionType):  # pragma: no cover - no unions in the config today
+        return value
+    return value
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    hints = _field_types(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in raw.items():
+        if k not in known:
+            raise ConfigError(_unknown_key(prefix + k, [prefix + n for n in known]))
+        kwargs[k] = _coerce(prefix + k, v, hints[k])
+    return cls(**kwargs)
+
+
+def _all_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        tp = _field_types(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += _all_keys(tp, prefix + f.name + ".")  # type: ignore[arg-type]
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _unknown_key(key: str, candidates: list[str]) -> str:
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in _all_keys() if k.rsplit(".", 1)[-1] == leaf]  # 'lr' -> 'train.lr'
+    close = same_leaf or difflib.get_close_matches(key, candidates + _all_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown key '{key}'{hint}"
+
+
+def config_from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Build a checked :class:`RunConfig` from nested dicts (as parsed from TOML)."""
+    return _build(RunConfig, raw)  # type: ignore[no-any-return]
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"train.lr=1e-4"`` -> (["train", "lr"], 1e-4); the value is read as TOML, else text."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.lr=1e-4")
+    key, _, text = item.partition("=")
+    key, text = key.strip(), text.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r}: the key is empty")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word such as fedprox or a path
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``key=value`` override set (tables created)."""
+    out = _deepcopy(raw)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for part in path[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: '{part}' is a value, not a table")
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a TOML config (or start from defaults when ``path`` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    where = "--set"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return config_from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# Writing the resolved config back as TOML
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else _toml_value(k)
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """The fully resolved config as TOML text (round-trips through :func:`load_config`)."""
+    d = dataclasses.asdict(cfg)
+    top = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    lines = ["# fedit run config, fully resolved", *top]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{k}]"] + [f"{_toml_key(a)} = {_toml_value(b)}" for a, b in v.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,66 @@
+"""FedAvg and client sampling, checked against numbers worked by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedit.strategies import FedAvg, Reply, StrategyParams, aggregate_weighted, num_sampled
+from fedit.strategies import sample_clients
+
+
+def test_fedavg_weights_by_example_count():
+    # Prepare: two clients, two layers, 1 and 3 examples
+    w0 = [np.array([1.0, 2.0], np.float32), np.array([[0.0]], np.float32)]
+    w1 = [np.array([5.0, 6.0], np.float32), np.array([[4.0]], np.float32)]
+    replies = [Reply(0, w0, num_examples=1), Reply(1, w1, num_examples=3)]
+    # Execute
+    out = FedAvg().aggregate_train(1, w0, replies)
+    # Assert: (w0 * 1 + w1 * 3) / 4
+    np.testing.assert_allclose(out[0], [(1 + 15) / 4, (2 + 18) / 4])
+    np.testing.assert_allclose(out[1], [[12 / 4]])
+    assert out[0].dtype == np.float32
+
+
+def test_fedavg_equal_weights_is_plain_mean():
+    arrays = [[np.full(3, float(k))] for k in range(4)]
+    out = aggregate_weighted(arrays, [10, 10, 10, 10])
+    np.testing.assert_allclose(out[0], [1.5, 1.5, 1.5])
+
+
+def test_aggregate_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"client 1 array 0 has shape \(3,\), expected \(2,\)"):
+        aggregate_weighted([[np.zeros(2)], [np.zeros(3)]], [1, 1])
+    with pytest.raises(ValueError, match="client 1 sent 2 arrays, expected 1"):
+        aggregate_weighted([[np.zeros(2)], [np.zeros(2), np.zeros(2)]], [1, 1])
+    with pytest.raises(ValueError, match="positive sum"):
+        aggregate_weighted([[np.zeros(2)]], [0])
+    with pytest.raises(ValueError, match="no client replies"):
+        aggregate_weighted([], [])
+
+
+@pytest.mark.parametrize(
+    ("n", "fraction", "min_clients", "expected"),
+    [(10, 0.1, 1, 1), (10, 0.3, 1, 3), (10, 0.05, 2, 2), (3, 1.0, 1, 3), (5, 0.5, 1, 2),
+     (4, 0.5, 9, 4)],
+)
+def test_num_sampled(n, fraction, min_clients, expected):
+    assert num_sampled(n, fraction, min_clients) == expected
+
+
+def test_sampling_is_seeded_per_round():
+    clients = list(range(20))
+    a = [sample_clients(clients, r, 0.2, 1, seed=7) for r in range(1, 6)]
+    b = [sample_clients(clients, r, 0.2, 1, seed=7) for r in range(1, 6)]
+    c = [sample_clients(clients, r, 0.2, 1, seed=8) for r in range(1, 6)]
+    assert a == b
+    assert a != c
+    assert len({tuple(x) for x in a}) > 1  # rounds differ from each other
+    for picked in a:
+        assert len(picked) == 4 and len(set(picked)) == 4 and set(picked) <= set(clients)
+
+
+def test_fedavg_sample_uses_its_params():
+    s = FedAvg(StrategyParams(fraction=0.5, min_clients=1, seed=3))
+    assert s.sample(2, range(6)) == sample_clients(list(range(6)), 2, 0.5, 1, 3)
+    assert s.configure_train(1) == {} and s.configure_train(1) is not s.configure_train(1)
