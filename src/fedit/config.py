@@ -261,23 +261,26 @@ def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a TOML config (or start from defaults when ``path`` is None) and apply overrides."""
+    """Read a TOML config (or start from defaults when ``path`` is None) and apply overrides.
+
+    The file is checked alone first, so an error names the file or ``--set``, whichever
+    brought the bad key."""
     raw: dict[str, Any] = {}
-    where = "--set"
     if path is not None:
         path = Path(path)
-        where = str(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
+            config_from_dict(raw)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    raw = apply_overrides(raw, overrides or [])
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
     try:
-        return config_from_dict(raw)
+        return config_from_dict(apply_overrides(raw, overrides or []))
     except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        raise ConfigError(f"--set: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------
