@@ -1,0 +1,356 @@
+"""Load instruction rows from the embedded corpus, a local file or folder, or the hub.
+
+Every source ends as a list of plain dicts with the canonical keys ``instruction``,
+``context`` (``""`` when absent or null) and ``response``, plus every other column of the
+source unchanged (``category``, say). A row that fails validation stops the load with a
+one-line :class:`~fedit.errors.DataError` naming where it is and what to do:
+
+- ``data/x.jsonl:17: ...``: a line number (1-based) in a JSON-lines or CSV file (the CSV
+  header is line 1);
+- ``data/x.json[16]: ...``: an index (0-based) into a JSON list, a parquet file or a
+  ``datasets`` table.
+
+Long rows are not errors: truncation happens at tokenisation.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import IO, Any
+
+from fedit.errors import DataError
+
+DOLLY = "dolly-15k"
+DOLLY_FILE = "databricks-dolly-15k.jsonl.gz"
+CANONICAL = ("instruction", "context", "response")
+FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
+HUB_PROBE_TIMEOUT_S = 3.0
+
+Records = Iterable[tuple[int, Any]]
+Where = Callable[[int], str]
+
+
+def load_rows(
+    source: str, fields: Mapping[str, str] | None = None, *, required_label: str | None = None
+) -> list[dict[str, Any]]:
+    """Load and validate instruction rows.
+
+    Parameters
+    ----------
+    source : str
+        ``"dolly-15k"`` (the corpus shipped in the package), a path to a ``.jsonl``,
+        ``.json`` (a list of objects), ``.csv`` or ``.parquet`` file (the text ones may end
+        in ``.gz``), a folder written by ``datasets``' ``save_to_disk``, or else a hub id
+        loaded with ``datasets.load_dataset``.
+    fields : mapping, optional
+        Canonical name -> source column, e.g. alpaca's
+        ``{"context": "input", "response": "output"}``. Unmapped names read their own column.
+    required_label : str, optional
+        A column every row must have non-empty (the label a partition or hold-out uses).
+
+    Returns
+    -------
+    list of dict
+        One dict a row: the canonical keys first, then the other columns as they were.
+
+    Raises
+    ------
+    DataError
+        Naming file, line or row, field and what to do.
+    """
+    mapping = _field_map(fields)
+    records, where = _read_source(source)
+    rows = [_canonical(rec, where, loc, mapping, required_label) for loc, rec in records]
+    if not rows:
+        raise DataError(f"{source}: no rows (the file is empty); give a file with at least one row")
+    return rows
+
+
+def dolly_path() -> Path:
+    """Path of the gzipped databricks-dolly-15k shipped inside the package."""
+    return Path(str(resources.files("fedit") / "resources" / DOLLY_FILE))
+
+
+def _field_map(fields: Mapping[str, str] | None) -> dict[str, str]:
+    """Canonical name -> source column for all three canonical names."""
+    fields = dict(fields or {})
+    for name, column in fields.items():
+        if name not in CANONICAL:
+            raise DataError(f"data.fields.{name}: unknown field; map one of {', '.join(CANONICAL)}")
+        if not isinstance(column, str) or not column:
+            raise DataError(f"data.fields.{name}: the column name must be a non-empty string")
+    return {name: fields.get(name, name) for name in CANONICAL}
+
+
+def _type_name(value: Any) -> str:
+    """The JSON name of a value's type, which is what a user sees in the file."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, dict):
+        return "object"
+    return "array" if isinstance(value, list) else type(value).__name__
+
+
+def _canonical(
+    rec: Any, where: Where, loc: int, mapping: dict[str, str], label: str | None
+) -> dict[str, Any]:
+    """One validated row: canonical keys first, then the source's other columns."""
+    if not isinstance(rec, dict):
+        got = _type_name(rec)
+        raise DataError(f"{where(loc)}: expected an object with named fields, got {got}")
+    row = {name: _field(rec, where, loc, name, column) for name, column in mapping.items()}
+    consumed = set(mapping.values())
+    for key, value in rec.items():
+        if key not in consumed and key not in row:
+            row[key] = value
+    if label is not None:
+        value = row.get(label)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise DataError(
+                f"{where(loc)}: field {label!r} is missing or empty (every row needs it to "
+                "partition or hold out by it; fill it in or choose another label field)"
+            )
+    return row
+
+
+def _field(rec: dict[str, Any], where: Where, loc: int, name: str, column: str) -> str:
+    """The string value of one canonical field, checked."""
+    value = rec.get(column)
+    if name == "context" and value is None:
+        return ""  # context is optional: absent and null both mean "no context"
+    if column not in rec:
+        hint = (
+            f'map another column with data.fields.{name} = "..."'
+            if column == name
+            else f"data.fields.{name} = {column!r} asks for it; fix the row or map another column"
+        )
+        have = ", ".join(map(str, rec)) or "none"
+        raise DataError(f"{where(loc)}: field {column!r} is missing ({hint}; columns: {have})")
+    if not isinstance(value, str):
+        raise DataError(
+            f"{where(loc)}: field {column!r} must be a string, got {_type_name(value)} "
+            f"(fix the row or map another column with data.fields.{name})"
+        )
+    if name != "context" and not value.strip():
+        raise DataError(
+            f"{where(loc)}: field {column!r} is empty (every row needs a non-empty "
+            "instruction and response; fix or remove the row)"
+        )
+    return value
+
+
+def _read_source(source: str) -> tuple[Records, Where]:
+    """Records (location, object) of a source and how to name a location in it."""
+    if source == DOLLY:
+        return _read_file(dolly_path(), DOLLY)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _read_saved_dataset(path, source)
+    if path.is_file():
+        return _read_file(path, source)
+    if _looks_like_path(source):
+        raise DataError(f"{source}: file not found; check the path (or use {DOLLY!r})")
+    return _read_hub(source)
+
+
+def _looks_like_path(source: str) -> bool:
+    """True for strings that can only be meant as local paths, never as a hub id."""
+    if source.startswith(("/", "./", "../", "~", "\\")) or "\\" in source:
+        return True
+    if source.count("/") > 1 or not source.strip():
+        return True
+    return _file_type(source) is not None
+
+
+def _file_type(name: str) -> str | None:
+    """The data file type of a name (``.jsonl`` for ``x.jsonl.gz``), or None."""
+    lower = name.lower().removesuffix(".gz")
+    return next((ext for ext in FILE_TYPES if lower.endswith(ext)), None)
+
+
+def _read_file(path: Path, name: str) -> tuple[Records, Where]:
+    """Dispatch on the file's extension."""
+    kind = _file_type(path.name)
+    if kind is None or (kind == ".parquet" and path.name.lower().endswith(".gz")):
+        raise DataError(
+            f"{name}: unknown file type; use .jsonl, .json (a list of objects), .csv or "
+            ".parquet (the text ones may be gzipped: .jsonl.gz), or a datasets folder"
+        )
+    if kind == ".parquet":
+        return _read_parquet(path, name), lambda i: f"{name}[{i}]"
+    if kind == ".json":
+        return _read_json_list(path, name), lambda i: f"{name}[{i}]"
+    reader = _read_jsonl if kind == ".jsonl" else _read_csv
+    return reader(path, name), lambda i: f"{name}:{i}"
+
+
+def _open_text(path: Path) -> IO[str]:
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")  # utf-8-sig: a BOM some editors add is dropped
+
+
+def _read_jsonl(path: Path, name: str) -> Iterator[tuple[int, Any]]:
+    # Bytes, decoded a line at a time, so that a bad byte is reported on its own line.
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        lineno = 0
+        try:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue  # blank lines (a trailing one, say) carry no row
+                yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{name}:{lineno}: invalid JSON ({e.msg}, column {e.colno}); "
+                "each line must hold one JSON object"
+            ) from None
+        except UnicodeDecodeError as e:
+            where = f"{name}:{lineno}"
+            raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except (OSError, EOFError) as e:
+            raise DataError(f"{name}:{lineno + 1}: cannot read the file ({e})") from None
+
+
+def _read_json_list(path: Path, name: str) -> list[tuple[int, Any]]:
+    try:
+        with _open_text(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{name}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+    except (UnicodeDecodeError, OSError, EOFError) as e:
+        raise DataError(f"{name}: cannot read the file ({e})") from None
+    if not isinstance(data, list):
+        raise DataError(
+            f"{name}: expected a JSON list of objects, got {_type_name(data)} "
+            "(for one object per line name the file .jsonl)"
+        )
+    return list(enumerate(data))
+
+
+def _read_csv(path: Path, name: str) -> Iterator[tuple[int, Any]]:
+    with _open_text(path) as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader, None)
+            if header is None:
+                return
+            while True:
+                start = reader.line_num + 1  # a quoted cell may span lines: name the first
+                cells = next(reader, None)
+                if cells is None:
+                    return
+                if not cells:
+                    continue
+                if len(cells) != len(header):
+                    raise DataError(
+                        f"{name}:{start}: row has {len(cells)} cells, the header has "
+                        f"{len(header)} (quote cells that hold commas or newlines)"
+                    )
+                yield start, dict(zip(header, cells, strict=True))
+        except csv.Error as e:
+            raise DataError(f"{name}:{reader.line_num}: invalid CSV ({e})") from None
+        except (UnicodeDecodeError, OSError, EOFError) as e:
+            raise DataError(f"{name}: cannot read the file ({e})") from None
+
+
+def _read_parquet(path: Path, name: str) -> list[tuple[int, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{name}: not a readable parquet file ({e})") from None
+    return list(enumerate(table.to_pylist()))
+
+
+def _read_saved_dataset(path: Path, name: str) -> tuple[Records, Where]:
+    """A folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    import datasets
+
+    if not any((path / f).is_file() for f in ("dataset_dict.json", "state.json")):
+        raise DataError(
+            f"{name}: a folder, but not one written by datasets' save_to_disk "
+            "(no dataset_dict.json or state.json); give a data file or such a folder"
+        )
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{name}: cannot load the datasets folder ({e})") from None
+    return _dataset_records(ds, name)
+
+
+def _dataset_records(ds: Any, name: str) -> tuple[Records, Where]:
+    """Rows of a Dataset, or of the "train" (or only) split of a DatasetDict."""
+    if hasattr(ds, "keys"):  # a DatasetDict
+        splits = sorted(ds.keys())
+        if "train" in splits:
+            split = "train"
+        elif len(splits) == 1:
+            split = splits[0]
+        else:
+            raise DataError(
+                f"{name}: several splits ({', '.join(splits)}) and none is 'train'; "
+                "save the split you want on its own"
+            )
+        ds, name = ds[split], f"{name}[{split}]"
+    return list(enumerate(ds.to_list())), lambda i: f"{name}[{i}]"
+
+
+def _read_hub(source: str) -> tuple[Records, Where]:
+    """Load a hub data set, failing fast (no retries) when the hub cannot be reached."""
+    import datasets
+
+    hint = "pass a local file path (.jsonl, .json, .csv, .parquet or a save_to_disk folder)"
+    # datasets retries an unreachable hub for ~30 s; a quick probe says the same at once.
+    # In offline mode it fails fast by itself and may find a cached copy, so let it try.
+    if not datasets.config.HF_HUB_OFFLINE and not _hub_reachable():
+        raise DataError(
+            f"{source}: not a local file or folder, and the Hugging Face hub cannot be reached "
+            f"to load it as a data set; {hint} (or set HF_HUB_OFFLINE=1 to use a cached copy)"
+        )
+    try:
+        ds = datasets.load_dataset(source)
+    except Exception as e:  # any failure here means "cannot load this id"
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(
+            f"{source}: not a local file or folder, and loading it from the Hugging Face "
+            f"hub failed ({reason}); {hint}"
+        ) from None
+    return _dataset_records(ds, source)
+
+
+def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether the hub answers an HTTPS request (through any proxy) within ``timeout``."""
+    from huggingface_hub import constants
+
+    answered: list[bool] = []
+
+    def probe() -> None:
+        request = urllib.request.Request(constants.ENDPOINT, method="HEAD")
+        try:
+            urllib.request.urlopen(request, timeout=timeout).close()
+            answered.append(True)
+        except urllib.error.HTTPError:
+            answered.append(True)  # an error status is still the hub answering
+        except (OSError, ValueError):
+            pass  # no name, no route, refused, timed out, or not the hub's certificate
+
+    # A thread bounds the DNS lookup too, which the request's own timeout does not cover.
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered)
