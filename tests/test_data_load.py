@@ -326,6 +326,11 @@ def test_missing_file_and_unknown_extension(tmp_path):
         load_rows(str(txt))
 
 
+def test_empty_source_string():
+    with pytest.raises(DataError, match="no data source given"):
+        load_rows(" ")
+
+
 def test_non_utf8_file(tmp_path):
     path = tmp_path / "latin.jsonl"
     path.write_bytes(

@@ -153,6 +153,8 @@ def _field(rec: dict[str, Any], where: Where, loc: int, name: str, column: str) 
 
 def _read_source(source: str) -> tuple[Records, Where]:
     """Records (location, object) of a source and how to name a location in it."""
+    if not source.strip():
+        raise DataError(f"no data source given; pass a file path, a folder or {DOLLY!r}")
     if source == DOLLY:
         return _read_file(dolly_path(), DOLLY)
     path = Path(source).expanduser()
