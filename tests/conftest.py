@@ -27,10 +27,10 @@ CHAT_TEMPLATE = (
 def make_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     """Tiny, learnable instruction rows: the response repeats a pattern of the instruction."""
     rng = random.Random(seed)
+    pairs = rng.sample([(a, b) for a in _WORDS for b in _WORDS if a != b], n)  # rows unique
     rows = []
-    for i in range(n):
+    for i, (a, b) in enumerate(pairs):
         cat = CATEGORIES[i % len(CATEGORIES)]
-        a, b = rng.sample(_WORDS, 2)
         context = f"The {a} is near the {b}." if cat == "closed_qa" else ""
         rows.append(
             {
@@ -114,4 +114,6 @@ def tiny_data_file(tmp_path, tiny_rows) -> Path:
     return write_jsonl(tmp_path / "tiny.jsonl", tiny_rows)
 
 
-SHARED_DOLLY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "databricks-dolly-15k.jsonl"
+SHARED_DOLLY = (
+    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "databricks-dolly-15k.jsonl"
+)

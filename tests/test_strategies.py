@@ -5,8 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedit.strategies import FedAvg, Reply, StrategyParams, aggregate_weighted, num_sampled
-from fedit.strategies import sample_clients
+from fedit.strategies import (
+    FedAvg,
+    Reply,
+    StrategyParams,
+    aggregate_weighted,
+    num_sampled,
+    sample_clients,
+)
 
 
 def test_fedavg_weights_by_example_count():

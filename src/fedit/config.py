@@ -172,7 +172,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table [{key}], got {value!r}")
-        return _build(tp, value, key + ".")
+        return _build(typing.cast(type, tp), value, key + ".")
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):

@@ -5,11 +5,13 @@ their replies into the next global adapter. The simulation and the Flower Server
 the very same objects.
 """
 
+from collections.abc import Callable
+
 from fedit.strategies.base import Reply, Strategy, StrategyParams
 from fedit.strategies.fedavg import FedAvg
 from fedit.strategies.utils import aggregate_weighted, num_sampled, sample_clients
 
-STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg}
+STRATEGIES: dict[str, Callable[[StrategyParams], Strategy]] = {"fedavg": FedAvg}
 
 
 def build_strategy(name: str, params: StrategyParams) -> Strategy:

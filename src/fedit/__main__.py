@@ -1,0 +1,3 @@
+from fedit.cli import app
+
+app()

@@ -1,0 +1,107 @@
+"""Tokenise once, then cut examples into padded batches, grouped by length.
+
+Length grouping (as HF's ``group_by_length``): shuffle, take mega-chunks of 50 batches,
+sort each by length, cut, shuffle the batch order. Batches then hold rows of similar
+length, so padding (which costs compute and carries no label) stays small.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedit.data.prompts import IGNORE_INDEX, Example, tokenize_row
+
+MEGA_CHUNK = 50  # batches per sorted mega-chunk
+
+
+@dataclass
+class Batch:
+    """A padded batch: ``input_ids``/``attention_mask``/``labels`` of shape (B, L)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-pad) tokens."""
+        return int(self.attention_mask.sum())
+
+    @property
+    def num_labels(self) -> int:
+        """Tokens that carry a label (predicted by the previous position)."""
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def tokenize_rows(
+    tokenizer: Any,
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    template: str = "alpaca",
+    cutoff_len: int = 512,
+    train_on_inputs: bool = False,
+) -> list[Example]:
+    """Tokenise every row; rows whose response was cut away entirely carry no label and are
+    dropped (they would add nothing but compute)."""
+    out = []
+    for row in rows:
+        ex = tokenize_row(
+            tokenizer, row, template=template, cutoff_len=cutoff_len,
+            train_on_inputs=train_on_inputs,
+        )
+        if ex.num_labels > 1:
+            out.append(ex)
+    return out
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> Batch:
+    """Right-pad to the longest example; padding gets label -100 and mask 0."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return Batch(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def batch_order(
+    lengths: Sequence[int], batch_size: int, rng: np.random.Generator, group_by_length: bool
+) -> list[list[int]]:
+    """Index lists, one per batch, covering every example exactly once."""
+    order = rng.permutation(len(lengths))
+    if not group_by_length:
+        return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    chunk = batch_size * MEGA_CHUNK
+    batches = []
+    for start in range(0, len(order), chunk):
+        mega = sorted(order[start : start + chunk].tolist(), key=lambda i: -lengths[i])
+        batches += [mega[i : i + batch_size] for i in range(0, len(mega), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def make_batches(
+    examples: Sequence[Example],
+    batch_size: int,
+    *,
+    rng: np.random.Generator | None = None,
+    group_by_length: bool = True,
+) -> list[list[Example]]:
+    """Group examples into batches (lists); collate each micro-batch when it is used."""
+    rng = rng if rng is not None else np.random.default_rng(0)
+    lengths = [len(e.input_ids) for e in examples]
+    order = batch_order(lengths, batch_size, rng, group_by_length)
+    return [[examples[i] for i in idx] for idx in order]
+

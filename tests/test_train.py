@@ -1,0 +1,101 @@
+"""The local trainer and the loss it optimises, checked against transformers' own loss."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from fedit.config import TrainConfig
+from fedit.data.batching import collate, tokenize_rows
+from fedit.model import LoraSpec, attach_lora, get_adapter_arrays, load_base_model, load_tokenizer
+from fedit.train import evaluate_loss, example_losses, token_losses, train_adapter
+
+
+@pytest.fixture
+def tiny(tiny_model_dir, tiny_rows):
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = load_base_model(str(tiny_model_dir), dtype=torch.float32)
+    model = attach_lora(model, LoraSpec(dropout=0.0), seed=0)
+    examples = tokenize_rows(tok, tiny_rows, cutoff_len=128)
+    return tok, model, examples
+
+
+def _perturb_lora_b(model, scale=0.05):
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def test_token_loss_equals_transformers_loss(tiny):
+    tok, model, examples = tiny
+    _perturb_lora_b(model)
+    batch = collate(examples[:6], tok.pad_token_id)
+    losses, rows = token_losses(model, batch)
+    with torch.no_grad():
+        ref = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    labels=batch.labels).loss
+    assert losses.shape[0] == batch.num_labels
+    assert sorted(set(rows.tolist())) == list(range(6))
+    torch.testing.assert_close(losses.mean().detach(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_example_losses_do_not_depend_on_batching(tiny):
+    tok, model, examples = tiny
+    _perturb_lora_b(model)
+    sums_1, counts_1 = example_losses(model, examples[:10], batch_size=1, pad_id=tok.pad_token_id)
+    sums_8, counts_8 = example_losses(model, examples[:10], batch_size=8, pad_id=tok.pad_token_id)
+    np.testing.assert_array_equal(counts_1, counts_8)
+    np.testing.assert_allclose(sums_1, sums_8, rtol=1e-4)
+    assert counts_1.tolist() == [e.num_labels - (e.labels[0] != -100) for e in examples[:10]]
+    mean = evaluate_loss(model, examples[:10], 4, tok.pad_token_id)
+    assert mean == pytest.approx(sums_1.sum() / counts_1.sum(), rel=1e-5)
+
+
+def test_micro_batches_give_the_same_step(tiny):
+    tok, model, examples = tiny
+    _perturb_lora_b(model)  # so lora_A gets a gradient too
+    other = copy.deepcopy(model)
+    base = dict(batch_size=8, lr=1e-3, max_steps=2, group_by_length=False)
+    train_adapter(model, examples[:16], TrainConfig(**base, micro_batch_size=8),
+                  pad_id=tok.pad_token_id, seed=3)
+    train_adapter(other, examples[:16], TrainConfig(**base, micro_batch_size=2),
+                  pad_id=tok.pad_token_id, seed=3)
+    for a, b in zip(get_adapter_arrays(model), get_adapter_arrays(other), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-6)
+
+
+def test_training_lowers_the_loss_and_reports(tiny):
+    tok, model, examples = tiny
+    before = evaluate_loss(model, examples, 16, tok.pad_token_id)
+    seen = []
+    cfg = TrainConfig(local_epochs=3, batch_size=8, micro_batch_size=4, lr=2e-2)
+    result = train_adapter(model, examples, cfg, pad_id=tok.pad_token_id, seed=0,
+                           progress=lambda s, t, loss: seen.append((s, t)))
+    after = evaluate_loss(model, examples, 16, tok.pad_token_id)
+    assert after < before - 0.3
+    assert result.steps == 3 * int(np.ceil(len(examples) / 8)) == len(seen)
+    assert seen[-1] == (result.steps, result.steps)
+    assert result.num_examples == len(examples)
+    assert result.tokens == 3 * sum(len(e.input_ids) for e in examples)
+    assert np.isfinite(result.train_loss)
+
+
+def test_max_steps_caps_a_round(tiny):
+    tok, model, examples = tiny
+    cfg = TrainConfig(local_epochs=5, batch_size=4, micro_batch_size=4, max_steps=3)
+    assert train_adapter(model, examples, cfg, pad_id=tok.pad_token_id).steps == 3
+
+
+def test_only_lora_changes(tiny):
+    tok, model, examples = tiny
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    train_adapter(model, examples[:8], TrainConfig(batch_size=4, micro_batch_size=4, lr=1e-2),
+                  pad_id=tok.pad_token_id)
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
