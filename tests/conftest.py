@@ -117,3 +117,20 @@ def tiny_data_file(tmp_path, tiny_rows) -> Path:
 SHARED_DOLLY = (
     Path(__file__).resolve().parents[1].parent / "shared" / "data" / "databricks-dolly-15k.jsonl"
 )
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory):
+    """A fresh fedit cache holding the converted SmolLM2, and the conversion's seconds.
+
+    Slow (one GGUF conversion, ~45 s on 2 cores): shared by every ``slow`` test."""
+    import time
+
+    import fedit.model as fm
+
+    cache = tmp_path_factory.mktemp("fedit-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDIT_CACHE", str(cache))
+        start = time.perf_counter()
+        fm.resolve_model("smollm2-135m")
+    return cache, time.perf_counter() - start

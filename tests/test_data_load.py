@@ -382,7 +382,7 @@ def test_unreachable_hub_is_reported_without_trying(monkeypatch):
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(load, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(load, "hub_reachable", lambda: False)
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("tried the hub"))
     with pytest.raises(DataError, match=r"org/set: .*the Hugging Face hub cannot be reached"):
         load_rows("org/set")
@@ -390,10 +390,12 @@ def test_unreachable_hub_is_reported_without_trying(monkeypatch):
 
 def test_hub_probe_is_bounded_by_its_timeout(monkeypatch):
     # Prepare: a network call that would hang far longer than the probe waits
-    monkeypatch.setattr(load.urllib.request, "urlopen", lambda *a, **k: time.sleep(30))
+    from fedit import hub
+
+    monkeypatch.setattr(hub.urllib.request, "urlopen", lambda *a, **k: time.sleep(30))
     start = time.monotonic()
-    # Execute
-    reachable = load._hub_reachable(timeout=0.3)
+    # Execute (unwrapped: the probe's answer is cached per endpoint)
+    reachable = hub._probe.__wrapped__("https://hub.invalid", timeout=0.3)
     # Assert
     assert reachable is False
     assert time.monotonic() - start < 2
@@ -425,3 +427,17 @@ def test_load_dolly_alias_rows_and_categories_fast():
     assert Counter(r["category"] for r in rows) == DOLLY_CATEGORIES
     assert all(set(r) == {"instruction", "context", "response", "category"} for r in rows)
     assert elapsed < 2.0
+
+
+def test_a_mapped_context_column_must_exist(tmp_path):
+    # Prepare: alpaca rows, but the mapping misspells "input"
+    rows = [{"instruction": "Add.", "input": "1 and 2", "output": "3"}]
+    path = write_jsonl(tmp_path / "alpaca.jsonl", rows)
+    fields = {"context": "imput", "response": "output"}
+    # Execute / Assert: named, not silently empty
+    with pytest.raises(DataError, match=r"alpaca.jsonl:1: field 'imput' is missing "
+                       r"\(data.fields.context = 'imput' asks for it"):
+        load_rows(str(path), fields)
+    assert load_rows(str(path), {"context": "input", "response": "output"})[0]["context"] == (
+        "1 and 2"
+    )

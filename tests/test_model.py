@@ -297,7 +297,7 @@ def test_resolve_model_folder_and_hub_id(tiny_model_dir):
 def test_hub_id_without_hub_is_a_quick_clear_error(monkeypatch, offline, why):
     # Prepare: offline by the env, or a hub that does not answer (no retries for a minute)
     monkeypatch.setenv("HF_HUB_OFFLINE", offline)
-    monkeypatch.setattr(fm, "_probe_hub", lambda endpoint: False)
+    monkeypatch.setattr(fm, "hub_reachable", lambda: False)
     start = time.perf_counter()
     # Execute / Assert
     for load in (fm.load_tokenizer, fm.load_base_model):
@@ -348,17 +348,6 @@ def test_alias_converts_once_and_redoes_a_folder_without_marker(monkeypatch, tmp
 # ---------------------------------------------------------------------------------------
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@pytest.fixture(scope="session")
-def smollm2_cache(tmp_path_factory):
-    """A fresh fedit cache holding the converted SmolLM2, and the conversion's seconds."""
-    cache = tmp_path_factory.mktemp("fedit-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FEDIT_CACHE", str(cache))
-        start = time.perf_counter()
-        fm.resolve_model("smollm2-135m")
-    return cache, time.perf_counter() - start
 
 
 @pytest.mark.slow

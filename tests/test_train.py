@@ -10,7 +10,14 @@ import torch
 
 from fedit.config import TrainConfig
 from fedit.data.batching import collate, tokenize_rows
-from fedit.model import LoraSpec, attach_lora, get_adapter_arrays, load_base_model, load_tokenizer
+from fedit.model import (
+    LoraSpec,
+    adapter_names,
+    attach_lora,
+    get_adapter_arrays,
+    load_base_model,
+    load_tokenizer,
+)
 from fedit.train import evaluate_loss, example_losses, token_losses, train_adapter
 
 
@@ -73,15 +80,15 @@ def test_training_lowers_the_loss_and_reports(tiny):
     tok, model, examples = tiny
     before = evaluate_loss(model, examples, 16, tok.pad_token_id)
     seen = []
-    cfg = TrainConfig(local_epochs=3, batch_size=8, micro_batch_size=4, lr=2e-2)
+    cfg = TrainConfig(local_epochs=5, batch_size=8, micro_batch_size=4, lr=2e-2)
     result = train_adapter(model, examples, cfg, pad_id=tok.pad_token_id, seed=0,
                            progress=lambda s, t, loss: seen.append((s, t)))
     after = evaluate_loss(model, examples, 16, tok.pad_token_id)
-    assert after < before - 0.3
-    assert result.steps == 3 * int(np.ceil(len(examples) / 8)) == len(seen)
+    assert after < before - 0.3, (before, after)
+    assert result.steps == 5 * int(np.ceil(len(examples) / 8)) == len(seen)
     assert seen[-1] == (result.steps, result.steps)
     assert result.num_examples == len(examples)
-    assert result.tokens == 3 * sum(len(e.input_ids) for e in examples)
+    assert result.tokens == 5 * sum(len(e.input_ids) for e in examples)
     assert np.isfinite(result.train_loss)
 
 
@@ -99,3 +106,33 @@ def test_only_lora_changes(tiny):
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
+
+
+@pytest.mark.slow
+def test_one_smollm2_client_step(smollm2_cache, monkeypatch):
+    """One real client round on SmolLM2 with two dolly-like rows: one optimizer step."""
+    from fedit.client import run_client_round
+
+    monkeypatch.setenv("FEDIT_CACHE", str(smollm2_cache[0]))
+    tok = load_tokenizer("smollm2-135m")
+    model = attach_lora(load_base_model("smollm2-135m"), LoraSpec(), seed=0)
+    rows = [
+        {"instruction": "What is the capital of France?", "context": "", "response": "Paris."},
+        {"instruction": "Summarise.", "context": "Bees make honey from nectar.",
+         "response": "Bees turn nectar into honey."},
+    ]
+    examples = tokenize_rows(tok, rows, cutoff_len=128)
+    start = get_adapter_arrays(model)
+    before = evaluate_loss(model, examples, 2, tok.pad_token_id)
+    reply = run_client_round(
+        model, start, examples, TrainConfig(batch_size=2, micro_batch_size=1, lr=1e-3),
+        client=3, server_round=1, seed=0, pad_id=tok.pad_token_id,
+    )
+    assert reply.client == 3 and reply.num_examples == 2
+    assert reply.metrics["steps"] == 1
+    # The pretrained model already knows this: a low loss, and one step moves only B
+    assert 0.1 < reply.metrics["train-loss"] < 4
+    assert reply.metrics["train-loss"] == pytest.approx(before, rel=0.1)  # LoRA dropout aside
+    changed = [not np.array_equal(a, b) for a, b in zip(start, reply.arrays, strict=True)]
+    names = adapter_names(model)
+    assert all(c == ("lora_B" in n) for c, n in zip(changed, names, strict=True))

@@ -8,7 +8,6 @@ gets one LoRA adapter; only the adapter travels, as float32 numpy arrays in the 
 from __future__ import annotations
 
 import copy
-import functools
 import importlib.util
 import json
 import logging
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from fedit.errors import ConfigError, ModelError
+from fedit.hub import hub_offline, hub_reachable
 from fedit.io import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -166,33 +166,10 @@ def _clear_quantization(model: Any) -> None:
         del model.config.quantization_config
 
 
-def _hub_offline() -> bool:  # read now: huggingface_hub reads HF_HUB_OFFLINE at import
-    env = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    return any(os.environ.get(k, "").strip().lower() in ("1", "on", "yes", "true") for k in env)
-
-
-@functools.lru_cache(maxsize=4)
-def _probe_hub(endpoint: str) -> bool:
-    """One quick request: without it an unreachable hub costs ~50 s of retries per file."""
-    try:
-        from huggingface_hub.utils import get_session
-
-        get_session().head(endpoint, timeout=3.0)
-        return True
-    except Exception:
-        return False
-
-
-def _hub_reachable() -> bool:
-    if _hub_offline():
-        return False
-    return _probe_hub(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-
-
 def _from_pretrained(loader: Callable[..., Any], name: str, path: str, **kwargs: Any) -> Any:
     """Call a ``from_pretrained`` and turn its failures into one-line ModelErrors."""
     local = Path(path).is_dir()
-    hub_ok = local or _hub_reachable()
+    hub_ok = local or hub_reachable()
     if not hub_ok:
         kwargs["local_files_only"] = True  # the local cache only: fail now, not after retries
     try:
@@ -201,7 +178,7 @@ def _from_pretrained(loader: Callable[..., Any], name: str, path: str, **kwargs:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         if local:
             raise ModelError(f"cannot load model folder {path}: {reason}") from exc
-        why = "HF_HUB_OFFLINE is set" if _hub_offline() else "the hub cannot be reached"
+        why = "HF_HUB_OFFLINE is set" if hub_offline() else "the hub cannot be reached"
         where = f"{why} and it is not in the local cache" if not hub_ok else reason
         raise ModelError(
             f"cannot load model {name!r} from the Hugging Face hub ({where}); pass a local "

@@ -18,21 +18,18 @@ from __future__ import annotations
 import csv
 import gzip
 import json
-import threading
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import IO, Any
 
 from fedit.errors import DataError
+from fedit.hub import hub_reachable
 
 DOLLY = "dolly-15k"
 DOLLY_FILE = "databricks-dolly-15k.jsonl.gz"
 CANONICAL = ("instruction", "context", "response")
 FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
-HUB_PROBE_TIMEOUT_S = 3.0
 
 Records = Iterable[tuple[int, Any]]
 Where = Callable[[int], str]
@@ -128,8 +125,10 @@ def _canonical(
 def _field(rec: dict[str, Any], where: Where, loc: int, name: str, column: str) -> str:
     """The string value of one canonical field, checked."""
     value = rec.get(column)
-    if name == "context" and value is None:
-        return ""  # context is optional: absent and null both mean "no context"
+    if name == "context" and value is None and (column in rec or column == name):
+        # Context is optional: absent or null means "no context". A column the user mapped
+        # by name must exist, though: a typo there would silently drop every context.
+        return ""
     if column not in rec:
         hint = (
             f'map another column with data.fields.{name} = "..."'
@@ -319,7 +318,7 @@ def _read_hub(source: str) -> tuple[Records, Where]:
     hint = "pass a local file path (.jsonl, .json, .csv, .parquet or a save_to_disk folder)"
     # datasets retries an unreachable hub for ~30 s; a quick probe says the same at once.
     # In offline mode it fails fast by itself and may find a cached copy, so let it try.
-    if not datasets.config.HF_HUB_OFFLINE and not _hub_reachable():
+    if not datasets.config.HF_HUB_OFFLINE and not hub_reachable():
         raise DataError(
             f"{source}: not a local file or folder, and the Hugging Face hub cannot be reached "
             f"to load it as a data set; {hint} (or set HF_HUB_OFFLINE=1 to use a cached copy)"
@@ -333,26 +332,3 @@ def _read_hub(source: str) -> tuple[Records, Where]:
             f"hub failed ({reason}); {hint}"
         ) from None
     return _dataset_records(ds, source)
-
-
-def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """Whether the hub answers an HTTPS request (through any proxy) within ``timeout``."""
-    from huggingface_hub import constants
-
-    answered: list[bool] = []
-
-    def probe() -> None:
-        request = urllib.request.Request(constants.ENDPOINT, method="HEAD")
-        try:
-            urllib.request.urlopen(request, timeout=timeout).close()
-            answered.append(True)
-        except urllib.error.HTTPError:
-            answered.append(True)  # an error status is still the hub answering
-        except (OSError, ValueError):
-            pass  # no name, no route, refused, timed out, or not the hub's certificate
-
-    # A thread bounds the DNS lookup too, which the request's own timeout does not cover.
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(answered)
