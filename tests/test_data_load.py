@@ -392,7 +392,11 @@ def test_hub_probe_is_bounded_by_its_timeout(monkeypatch):
     # Prepare: a network call that would hang far longer than the probe waits
     from fedit import hub
 
-    monkeypatch.setattr(hub.urllib.request, "urlopen", lambda *a, **k: time.sleep(30))
+    def hang(*args, **kwargs):
+        time.sleep(3)
+        raise OSError("timed out")  # as a real, slow urlopen ends
+
+    monkeypatch.setattr(hub.urllib.request, "urlopen", hang)
     start = time.monotonic()
     # Execute (unwrapped: the probe's answer is cached per endpoint)
     reachable = hub._probe.__wrapped__("https://hub.invalid", timeout=0.3)

@@ -1,0 +1,263 @@
+"""Local-training throughput: the reference recipe against fedit's trainer, in one process.
+
+    .venv/bin/python bench/train_throughput.py                 # 256 dolly rows, batch 8, cutoff 512
+    .venv/bin/python bench/train_throughput.py --rows 64       # quicker
+
+Arms, on the same rows, model, LoRA config (r=8 on q/k/v/o), cutoff and batch size:
+  reference     FederatedGPT-Shepherd's client: transformers.Trainer + PEFT LoRA +
+                DataCollatorForSeq2Seq, fp32, train_on_inputs (loss on every token), random
+                batches padded to the longest row
+  fedit         fedit's trainer with its defaults (loss on response tokens only)
+  fedit_inputs  fedit with train_on_inputs = true: the same work as the reference
+
+Each prints one JSON line: tokens/s over real (non-pad) tokens, seconds, final loss, peak
+RSS. Then the ratios to the reference, the machine's measured matmul peaks (2048^3, bf16
+and fp32), and each arm's MFU: model FLOPs of the work the configuration requires (2 x
+matmul params per token forward + the same backward for input gradients, lm_head only
+where a label is, LoRA, causal attention) over seconds, against the peak of the dtype
+the arm's base weights use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DOLLY = ROOT.parent / "shared" / "data" / "databricks-dolly-15k.jsonl"
+
+
+# --- the machine ---------------------------------------------------------------------
+
+
+def cpu_info() -> dict[str, Any]:
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
+                  if ln.startswith("model name")), platform.processor())
+    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines()
+                      if ln.startswith("flags")), []))
+    return {
+        "cpu": model,
+        "amx": "amx_bf16" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "avx512f": "avx512f" in flags,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """Best TFLOP/s of an n^3 matmul in ``dtype`` (after a warm-up)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e12
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 20 ms)."""
+
+    def __enter__(self) -> PeakRSS:
+        self.peak, self._stop = _rss(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# --- work per token --------------------------------------------------------------------
+
+
+def model_flops(config: Any, lengths: Sequence[int], labelled: Sequence[int], lora_r: int,
+                lora_targets: int = 4) -> float:
+    """FLOPs a frozen-base LoRA step needs for rows of these lengths and label counts.
+
+    Forward is 2 x params per token; backward computes input gradients only (the base is
+    frozen): 2 x params again. lm_head runs only where a label is. LoRA adds forward,
+    input- and weight-gradient work (6 x its params). Causal attention: QK^T and AV, half
+    the square, three times forward for forward + backward.
+    """
+    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    layer_params = 2 * h * h + 2 * h * kv + 3 * h * inter
+    lora_params = lora_targets * lora_r * 2 * h  # q/k/v/o: (in + out) * r, ~2h each
+    head_params = h * config.vocab_size
+    q_width = config.num_attention_heads * head_dim
+    total = 0.0
+    for n, m in zip(lengths, labelled, strict=True):
+        total += 4 * layer_params * layers * n + 4 * head_params * m
+        total += 6 * lora_params * layers * n
+        total += 3 * 2 * 2 * q_width * (n * (n + 1) / 2) * layers
+    return total
+
+
+# --- the arms --------------------------------------------------------------------------
+
+
+def load_rows(n: int, seed: int) -> list[dict[str, Any]]:
+    from fedit.data.load import load_rows as fedit_load
+
+    source = str(SHARED_DOLLY) if SHARED_DOLLY.exists() else "dolly-15k"
+    rows = fedit_load(source)
+    return random.Random(seed).sample(rows, n)
+
+
+def run_reference(model_dir: str, rows: list[dict[str, Any]], args: argparse.Namespace
+                  ) -> dict[str, Any]:
+    """Shepherd's client: Trainer + PEFT + DataCollatorForSeq2Seq, fp32, train_on_inputs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainingArguments,
+    )
+
+    from fedit.data.prompts import build_prompt
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+
+    def tokenize(row: dict[str, Any]) -> dict[str, list[int]]:
+        # Shepherd's generate_and_tokenize_prompt with train_on_inputs: labels = input_ids
+        out = tok(build_prompt(row) + row["response"], truncation=True,
+                  max_length=args.cutoff, padding=False)
+        ids = list(out["input_ids"])
+        if ids[-1] != tok.eos_token_id and len(ids) < args.cutoff:
+            ids.append(tok.eos_token_id)
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
+
+    data = [tokenize(r) for r in rows]
+    targs = TrainingArguments(
+        output_dir=str(args.tmp / "reference"), per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=3e-4,
+        logging_steps=1, optim="adamw_torch", save_strategy="no", report_to=[],
+        group_by_length=False, use_cpu=True, dataloader_num_workers=0, seed=args.seed,
+        disable_tqdm=True,
+    )
+    collator = DataCollatorForSeq2Seq(tok, pad_to_multiple_of=8, return_tensors="pt",
+                                      padding=True)
+    trainer = Trainer(model=model, args=targs, train_dataset=data, data_collator=collator)
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    lengths = [len(d["input_ids"]) for d in data]
+    return _result("reference", model.config, lengths, [n - 1 for n in lengths], seconds,
+                   losses[-1], rss.peak, torch.float32)
+
+
+def run_fedit(model_dir: str, rows: list[dict[str, Any]], args: argparse.Namespace,
+              train_on_inputs: bool, name: str) -> dict[str, Any]:
+    from fedit.config import TrainConfig
+    from fedit.data.batching import tokenize_rows
+    from fedit.model import LoraSpec, attach_lora, load_base_model, load_tokenizer
+    from fedit.train import train_adapter
+
+    tok = load_tokenizer(model_dir)
+    model = attach_lora(load_base_model(model_dir, dtype=args.dtype), LoraSpec(), seed=args.seed)
+    dtype = next(p.dtype for n, p in model.named_parameters() if "lora" not in n)
+    examples = tokenize_rows(tok, rows, cutoff_len=args.cutoff, train_on_inputs=train_on_inputs)
+    cfg = TrainConfig(batch_size=args.batch, micro_batch_size=args.batch, lr=3e-4)
+    last: list[float] = []
+    with PeakRSS() as rss:
+        result = train_adapter(model, examples, cfg, pad_id=tok.pad_token_id, seed=args.seed,
+                               progress=lambda s, t, loss: last.append(loss))
+    lengths = [len(e.input_ids) for e in examples]
+    labelled = [e.num_labels - (e.labels[0] != -100) for e in examples]
+    return _result(name, model.config, lengths, labelled, result.seconds, last[-1], rss.peak,
+                   dtype)
+
+
+def _result(arm: str, config: Any, lengths: list[int], labelled: list[int], seconds: float,
+            loss: float, peak: int, dtype: torch.dtype) -> dict[str, Any]:
+    return {
+        "arm": arm,
+        "rows": len(lengths),
+        "tokens": sum(lengths),
+        "tokens_per_s": sum(lengths) / seconds,
+        "seconds": seconds,
+        "final_loss": loss,
+        "peak_rss_gb": peak / 2**30,
+        "dtype": str(dtype).replace("torch.", ""),
+        "model_tflop": model_flops(config, lengths, labelled, lora_r=8) / 1e12,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=256)
+    p.add_argument("--cutoff", type=int, default=512)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dtype", default="auto", help="fedit's base weights: auto | bf16 | fp32")
+    p.add_argument("--arms", default="reference,fedit,fedit_inputs")
+    args = p.parse_args(argv)
+    args.tmp = Path(os.environ.get("TMPDIR", "/tmp")) / "fedit-bench"
+
+    from fedit.model import resolve_model
+
+    info = cpu_info()
+    peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
+    print(json.dumps({"machine": info, "matmul_2048_tflops": peaks}), flush=True)
+    model_dir = resolve_model(args.model)
+    rows = load_rows(args.rows, args.seed)
+    arms: dict[str, Callable[[], dict[str, Any]]] = {
+        "reference": lambda: run_reference(model_dir, rows, args),
+        "fedit": lambda: run_fedit(model_dir, rows, args, False, "fedit"),
+        "fedit_inputs": lambda: run_fedit(model_dir, rows, args, True, "fedit_inputs"),
+    }
+    results = {}
+    for name in args.arms.split(","):
+        r = arms[name]()
+        r["mfu"] = r["model_tflop"] / r["seconds"] / peaks[r["dtype"]]
+        r["mfu_vs_bf16_peak"] = r["model_tflop"] / r["seconds"] / peaks["bf16"]
+        results[name] = r
+        print(json.dumps(r), flush=True)
+    summary: dict[str, Any] = {"bf16_peak_tflops": peaks["bf16"], "fp32_peak_tflops": peaks["fp32"],
+                               "amx": info["amx"], "cpu": info["cpu"]}
+    if "reference" in results:
+        ref = results["reference"]["tokens_per_s"]
+        for name in ("fedit", "fedit_inputs"):
+            if name in results:
+                summary[f"{name}/reference"] = results[name]["tokens_per_s"] / ref
+    print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()
