@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from fedit.client import run_client_round
-from fedit.config import RunConfig, to_toml
+from fedit.config import DataConfig, RunConfig, to_toml
 from fedit.data.batching import tokenize_rows
 from fedit.data.load import load_rows
 from fedit.data.partition import holdout_split, partition, write_partitions
@@ -74,8 +74,9 @@ def _labels(rows: list[dict[str, Any]], field: str, needed: bool) -> list[str] |
     return [str(r.get(field, "")) for r in rows]
 
 
-def prepare_data(cfg: RunConfig, run_dir: Path) -> FederatedData:
-    """Load, subsample, hold out the test set, partition; write test.jsonl and partitions/."""
+def _split(cfg: RunConfig) -> tuple[FederatedData, list[dict[str, Any]], list[list[int]],
+                                     str | None]:
+    """Load, subsample, hold out the test set, partition (no files written)."""
     rows = load_rows(cfg.data.path, cfg.data.fields or None)
     if cfg.data.max_rows and cfg.data.max_rows < len(rows):
         keep = np.random.default_rng(cfg.seed).choice(len(rows), cfg.data.max_rows, replace=False)
@@ -83,16 +84,28 @@ def prepare_data(cfg: RunConfig, run_dir: Path) -> FederatedData:
     labels = _labels(rows, cfg.data.label_field, needed=False)
     train_idx, test_idx = holdout_split(labels, len(rows), cfg.data.test_per_label, cfg.seed)
     test_rows, train_rows = [rows[i] for i in test_idx], [rows[i] for i in train_idx]
-    atomic_write_jsonl(run_dir / "test.jsonl", test_rows)
     p = cfg.partition
     by = p.by or cfg.data.label_field
     part_labels = _labels(train_rows, by, needed=p.method != "iid")
     keys = part_labels if part_labels is not None else [""] * len(train_rows)
     parts = partition(keys, p.method, p.clients, p.alpha, p.min_size, p.shards_per_client,
                       cfg.seed)
-    write_partitions(run_dir / "partitions", train_rows, parts, by if part_labels else None,
-                     write_rows=False)
-    return FederatedData(test_rows, [[train_rows[i] for i in part] for part in parts])
+    data = FederatedData(test_rows, [[train_rows[i] for i in part] for part in parts])
+    return data, train_rows, parts, by if part_labels else None
+
+
+def split_data(cfg: RunConfig) -> FederatedData:
+    """The held-out rows and each client's rows, as ``prepare_data`` makes them, but
+    without writing anything: what a Flower SuperNode computes to find its partition."""
+    return _split(cfg)[0]
+
+
+def prepare_data(cfg: RunConfig, run_dir: Path) -> FederatedData:
+    """Load, subsample, hold out the test set, partition; write test.jsonl and partitions/."""
+    data, train_rows, parts, by = _split(cfg)
+    atomic_write_jsonl(run_dir / "test.jsonl", data.test_rows)
+    write_partitions(run_dir / "partitions", train_rows, parts, by, write_rows=False)
+    return data
 
 
 def load_model(cfg: RunConfig) -> tuple[Any, torch.nn.Module]:
@@ -107,7 +120,21 @@ def load_model(cfg: RunConfig) -> tuple[Any, torch.nn.Module]:
     return tokenizer, attach_lora(base, spec, seed=cfg.seed)
 
 
-def _mean_train_loss(replies: list[Reply]) -> float:
+def tokenize_examples(
+    tokenizer: Any, rows: list[dict[str, Any]], data: DataConfig, who: str, log: Log = print
+) -> list[Example]:
+    """Tokenise rows as the run's data config says; say how many did not fit."""
+    out = tokenize_rows(tokenizer, rows, template=data.template,
+                        cutoff_len=data.cutoff_len, train_on_inputs=data.train_on_inputs)
+    if len(out) < len(rows):
+        log(f"{who}: {len(rows) - len(out)} of {len(rows)} rows skipped: the prompt "
+            f"alone fills data.cutoff_len = {data.cutoff_len}, leaving no response token")
+    return out
+
+
+def _mean_train_loss(replies: list[Reply]) -> float | None:
+    if not replies:
+        return None
     n = sum(r.num_examples for r in replies)
     return sum(r.metrics["train-loss"] * r.num_examples for r in replies) / max(1, n)
 
@@ -130,13 +157,7 @@ class Simulation:
         self.test_examples = self._tokenize(self.data.test_rows, "held-out set")
 
     def _tokenize(self, rows: list[dict[str, Any]], who: str) -> list[Example]:
-        d = self.cfg.data
-        out = tokenize_rows(self.tokenizer, rows, template=d.template,
-                            cutoff_len=d.cutoff_len, train_on_inputs=d.train_on_inputs)
-        if len(out) < len(rows):
-            self.log(f"{who}: {len(rows) - len(out)} of {len(rows)} rows skipped: the prompt "
-                     f"alone fills data.cutoff_len = {d.cutoff_len}, leaving no response token")
-        return out
+        return tokenize_examples(self.tokenizer, rows, self.cfg.data, who, self.log)
 
     def client_examples(self, client: int) -> list[Example]:
         if client not in self._examples:
@@ -164,6 +185,18 @@ class Simulation:
             replies.append(reply)
         return replies
 
+    def aggregate(
+        self, server_round: int, global_arrays: list[np.ndarray], replies: list[Reply]
+    ) -> list[np.ndarray]:
+        """The next global adapter; the current one when no reply is usable."""
+        if not replies:
+            return global_arrays
+        return self.strategy.aggregate_train(server_round, global_arrays, replies)
+
+    def round_fields(self, server_round: int) -> dict[str, Any]:
+        """Fields a runtime adds to the round's metrics line (Flower: missing replies)."""
+        return {}
+
     def run(self) -> dict[str, Any]:
         cfg, metrics_path = self.cfg, self.run_dir / "metrics.jsonl"
         start = time.perf_counter()
@@ -175,7 +208,7 @@ class Simulation:
         for rnd in range(1, cfg.rounds + 1):
             t0 = time.perf_counter()
             replies = self.train_round(rnd, global_arrays)
-            global_arrays = self.strategy.aggregate_train(rnd, global_arrays, replies)
+            global_arrays = self.aggregate(rnd, global_arrays, replies)
             due = rnd == cfg.rounds or (cfg.eval.every and rnd % cfg.eval.every == 0)
             eval_loss = self.evaluate(global_arrays) if due else None
             set_adapter_arrays(self.model, global_arrays)
@@ -189,6 +222,7 @@ class Simulation:
                 "bytes_up": sum(_nbytes(r.arrays) for r in replies),
                 "bytes_down": _nbytes(global_arrays) * len(replies),
                 "num_examples": sum(r.num_examples for r in replies),
+                **self.round_fields(rnd),
             }
             append_jsonl(metrics_path, line)
             self.log(_round_line(line, cfg.rounds))
@@ -210,8 +244,10 @@ class Simulation:
 
 def _round_line(m: dict[str, Any], rounds: int) -> str:
     ev = f"{m['eval_loss']:.4f}" if m["eval_loss"] is not None else "-"
-    return (f"round {m['round']}/{rounds}: clients {m['clients']} train loss "
-            f"{m['train_loss']:.4f}, held-out loss {ev} ({m['seconds']:.0f} s)")
+    tl = f"{m['train_loss']:.4f}" if m["train_loss"] is not None else "-"
+    missing = f", missing {m['missing']}" if m.get("missing") else ""
+    return (f"round {m['round']}/{rounds}: clients {m['clients']}{missing} train loss "
+            f"{tl}, held-out loss {ev} ({m['seconds']:.0f} s)")
 
 
 def _progress_bar(desc: str) -> Any:
