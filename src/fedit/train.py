@@ -48,8 +48,12 @@ def token_losses(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, to
     Logits are computed only at positions whose next token carries a label."""
     decoder, head = _decoder_and_head(model)
     device = next(head.parameters()).device
-    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-    hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    ids = batch.input_ids.to(device)
+    # No attention mask: batches are right-padded, and under causal attention a real token
+    # only sees earlier positions, which are all real; pad positions carry no label. The
+    # outputs that matter are the same, and SDPA takes its fused causal path instead of
+    # building a (B, 1, L, L) mask.
+    hidden = decoder(input_ids=ids).last_hidden_state
     targets = batch.labels[:, 1:].to(device)
     keep = targets != IGNORE_INDEX
     logits = head(hidden[:, :-1][keep]).float()

@@ -1,0 +1,70 @@
+"""Batched answer generation with the KV cache: prompts sorted by length, left-padded."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedit.data.prompts import build_prompt
+
+
+@dataclass
+class Generations:
+    """Answers in the order of the rows given, and the new tokens generated in all."""
+
+    answers: list[str]
+    new_tokens: int
+
+
+@torch.inference_mode()
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    template: str = "alpaca",
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> Generations:
+    """Answer every row's prompt (greedy by default), ``batch_size`` prompts at a time.
+
+    Prompts of similar length share a batch and are padded on the left, so every row's
+    answer starts at the same position and the KV cache serves the whole batch.
+    """
+    prompts = [build_prompt(r, template, tokenizer) for r in rows]
+    lengths = [len(tokenizer(p, add_special_tokens=template != "chat")["input_ids"])
+               for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    answers: list[str] = [""] * len(prompts)
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample \
+        else {"do_sample": False}
+    new_tokens = 0
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
+                            add_special_tokens=template != "chat").to(device)
+            out = model.generate(
+                **enc, max_new_tokens=max_new_tokens, use_cache=True,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                **sampling,
+            )
+            new = out[:, enc["input_ids"].shape[1] :]
+            new_tokens += int((new != tokenizer.pad_token_id).sum())
+            for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True),
+                               strict=True):
+                answers[i] = text.strip()
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return Generations(answers, new_tokens)
