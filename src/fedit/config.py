@@ -141,6 +141,30 @@ class EvalConfig:
 
 
 @dataclass
+class FlowerConfig:
+    """Only read by the Flower runtime (``fedit flower``, ``flwr run``); ignored in-process."""
+
+    min_replies: int = 1  # valid replies a round needs to aggregate; fewer: global unchanged
+    round_timeout: float = 600.0  # seconds the server waits for a round's replies
+    node_timeout: float = 120.0  # seconds to wait at the start for partition.clients nodes
+    max_update_norm: float = 0.0  # reject a reply farther (L2) from the global; 0 = no bound
+    secure_aggregation: bool = False  # SecAgg+: the server only sees the weighted sum
+    secagg_clipping_range: float = 8.0  # SecAgg+: values clipped to +-this before quantising
+    secagg_quantization_range: int = 4194304  # SecAgg+: 2**22 levels over the clipping range
+    secagg_max_weight: float = 1000.0  # SecAgg+: above any client's examples (precision)
+
+    def __post_init__(self) -> None:
+        _check(self.min_replies >= 1, "flower.min_replies", "must be >= 1")
+        _check(self.round_timeout > 0, "flower.round_timeout", "must be > 0 (seconds)")
+        _check(self.node_timeout >= 0, "flower.node_timeout", "must be >= 0 (seconds)")
+        _check(self.max_update_norm >= 0, "flower.max_update_norm", "must be >= 0 (0 = off)")
+        _check(self.secagg_clipping_range > 0, "flower.secagg_clipping_range", "must be > 0")
+        _check(0 < self.secagg_quantization_range < 2**32, "flower.secagg_quantization_range",
+               "must be in (0, 2**32)")
+        _check(self.secagg_max_weight > 0, "flower.secagg_max_weight", "must be > 0")
+
+
+@dataclass
 class RunConfig:
     name: str = ""  # run folder name; default: <config file stem>-<timestamp>
     output_dir: str = "runs"
@@ -153,6 +177,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    flower: FlowerConfig = field(default_factory=FlowerConfig)
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "rounds", "must be >= 1")

@@ -7,3 +7,11 @@ STEPS = "steps"
 TOKENS = "tokens"
 SECONDS = "seconds"
 SERVER_ROUND = "server-round"
+CLIENT = "client"  # the client id a round's message is for (its partition id in demos)
+RUN_CONFIG = "fedit-config"  # the resolved run config as TOML text (model, LoRA, trainer)
+PARTITION_ID = "partition-id"  # a SuperNode's node-config key, and its answer to "hello"
+NUM_PARTITIONS = "num-partitions"  # node-config key: must equal partition.clients
+DATA_PATH = "data-path"  # node-config key: the party's own training file, never sent
+# Record names inside a Flower message
+CONFIG_RECORD = "config"
+METRICS_RECORD = "metrics"
