@@ -124,3 +124,63 @@ def data_inspect(
         _fail(e)
     typer.echo(format_inspect(report))
 
+
+
+flower_app = typer.Typer(
+    help="Run fedit on Flower: a local SuperLink + SuperNodes, a long-lived ClientApp worker.",
+    no_args_is_help=True,
+)
+app.add_typer(flower_app, name="flower")
+
+
+@flower_app.command("local")
+def flower_local(
+    config: Annotated[Path, typer.Argument(help="TOML run config, e.g. configs/quickstart.toml")],
+    nodes: Annotated[int, typer.Option(help="SuperNodes to start (= partition.clients)")] = 2,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a key: --set rounds=5")
+    ] = None,
+    tls: Annotated[bool, typer.Option(help="TLS with a private CA made for this run")] = False,
+    auth: Annotated[bool, typer.Option(help="only registered SuperNodes may join")] = False,
+    isolation: Annotated[
+        str, typer.Option(help="subprocess (a ClientApp process per message) | process "
+                               "(a long-lived worker per node keeps the model loaded)")
+    ] = "subprocess",
+    workdir: Annotated[
+        Path | None, typer.Option(help="logs and credentials (default <output_dir>/.flower/)")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="seconds before the run is stopped")] = 3600,
+) -> None:
+    """Run a config on a local Flower federation (127.0.0.1): a SuperLink, N SuperNodes
+    (partition-id 0..N-1), `flwr run`; every process is stopped at the end."""
+    from fedit.flower.local import run_local
+
+    try:
+        summary = run_local(config, nodes=nodes, overrides=set_ or [], tls=tls, auth=auth,
+                            isolation=isolation, workdir=workdir, timeout=timeout,
+                            log=lambda m: typer.echo(m, err=True))
+    except (FeditError, ValueError) as e:
+        _fail(e)
+    final = summary["final_eval_loss"]
+    typer.echo(
+        f"\nheld-out loss: base {summary['base_eval_loss']:.4f} -> {final:.4f} after "
+        f"{summary['rounds']} rounds on {nodes} SuperNodes in {summary['seconds']:.0f} s\n"
+        f"run folder: {summary['run_dir']}\nfinal adapter: {summary['final_adapter']}"
+    )
+
+
+@flower_app.command("worker")
+def flower_worker(
+    runtime_api_address: Annotated[
+        str, typer.Option(help="the SuperNode's runtime API (its --port)")
+    ] = "127.0.0.1:9094",
+    root_certificates: Annotated[
+        Path | None, typer.Option(help="CA file when that API uses TLS")
+    ] = None,
+) -> None:
+    """Take a SuperNode's ClientApp tasks in one long-lived process (start the SuperNode
+    with --isolation process): the base model is loaded once, not per message."""
+    from fedit.flower.worker import run_worker
+
+    certs = root_certificates.read_bytes() if root_certificates else None
+    run_worker(runtime_api_address, certs)

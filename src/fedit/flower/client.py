@@ -1,0 +1,147 @@
+"""The ClientApp's side: a SuperNode trains the global adapter on its own data.
+
+A train message brings the global adapter, the round number, the client id the server
+gave this node and the resolved run config (model, LoRA, trainer, seed). The data never
+comes from the server: the node config says where it is, either
+
+- ``data-path=FILE``: the party's own training file, all of it (``partition-id`` may give
+  the party a fixed client id), or
+- ``partition-id=K num-partitions=N`` (demos): partition K of the run's own split of
+  ``data.path``, exactly the rows the in-process simulation gives client K.
+
+The base model and the tokenised data are kept per process: with Flower's default
+isolation a process lives for one message; with a long-lived process
+(``fedit.flower.worker``) they are loaded once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tomllib
+from dataclasses import asdict
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from fedit.config import RunConfig, config_from_dict
+from fedit.errors import ConfigError
+from fedit.flower import wire
+from fedit.strategies import Reply
+from fedit.strategies import payload as P
+
+log = logging.getLogger("flwr")
+
+_models: dict[str, tuple[Any, Any]] = {}  # model/LoRA key -> (tokenizer, model); one kept
+_examples: dict[str, list[Any]] = {}  # data key -> tokenised examples; one kept
+
+
+def run_config_from_text(text: str) -> RunConfig:
+    """The RunConfig the server sent (``to_toml`` text), checked like a config file."""
+    try:
+        return config_from_dict(tomllib.loads(text))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"the run config sent by the server is not valid TOML: {e}") from None
+
+
+def node_partition_id(node_config: dict[str, Any]) -> int | None:
+    """The client id a node claims in its node config (``partition-id``), if any."""
+    pid = node_config.get(P.PARTITION_ID)
+    if pid is None:
+        return None
+    if not isinstance(pid, int) or pid < 0:
+        raise ConfigError(f"node config: {P.PARTITION_ID} must be an integer >= 0, got {pid!r}")
+    return pid
+
+
+def node_rows(cfg: RunConfig, node_config: dict[str, Any]) -> list[dict[str, Any]]:
+    """This node's training rows, found through its node config (see the module doc)."""
+    from fedit.data.load import load_rows
+    from fedit.simulation import split_data
+
+    path = node_config.get(P.DATA_PATH)
+    if path:
+        return load_rows(str(path), cfg.data.fields or None)
+    pid = node_partition_id(node_config)
+    if pid is None:
+        raise ConfigError(f"node config: give {P.DATA_PATH}=FILE, or {P.PARTITION_ID}=K and "
+                          f"{P.NUM_PARTITIONS}=N for a partition of the run's data")
+    n = node_config.get(P.NUM_PARTITIONS, cfg.partition.clients)
+    if n != cfg.partition.clients:
+        raise ConfigError(f"node config: {P.NUM_PARTITIONS}={n} but the run has "
+                          f"partition.clients = {cfg.partition.clients}")
+    if pid >= n:
+        raise ConfigError(f"node config: {P.PARTITION_ID}={pid} is not below {n}")
+    return split_data(cfg).client_rows[pid]
+
+
+def _key(*parts: Any) -> str:
+    return json.dumps(parts, sort_keys=True, default=str)
+
+
+def _model(cfg: RunConfig) -> tuple[Any, Any]:
+    from fedit.simulation import load_model
+
+    key = _key(asdict(cfg.model), asdict(cfg.lora))
+    if key not in _models:
+        _models.clear()  # one base model per process: memory stays flat
+        _models[key] = load_model(cfg)
+    return _models[key]
+
+
+def _node_examples(cfg: RunConfig, node_config: dict[str, Any], tokenizer: Any) -> list[Any]:
+    from fedit.simulation import tokenize_examples
+
+    key = _key(cfg.model.name, asdict(cfg.data), asdict(cfg.partition), cfg.seed,
+               dict(node_config))
+    if key not in _examples:
+        _examples.clear()
+        rows = node_rows(cfg, node_config)
+        _examples[key] = tokenize_examples(tokenizer, rows, cfg.data, "this node's data",
+                                           lambda m: log.warning("fedit: %s", m))
+    return _examples[key]
+
+
+def train_on_node(
+    global_arrays: list[Any], config: dict[str, Any], node_config: dict[str, Any]
+) -> Reply:
+    """One client round on this node: the same ``run_client_round`` as the simulation.
+
+    ``config``: the round's config record (round, client id, run config, and what the
+    strategy adds); ``node_config``: this SuperNode's ``--node-config``."""
+    from fedit.client import run_client_round
+
+    config = dict(config)
+    cfg = run_config_from_text(str(config.pop(P.RUN_CONFIG)))
+    server_round, client = int(config.pop(P.SERVER_ROUND)), int(config.pop(P.CLIENT))
+    claimed = node_partition_id(node_config)
+    if claimed is not None and claimed != client:
+        raise ConfigError(f"the server sent client id {client}, this node is {claimed}")
+    tokenizer, model = _model(cfg)
+    examples = _node_examples(cfg, node_config, tokenizer)
+    log.info("fedit: client %d round %d: training on %d examples", client, server_round,
+             len(examples))
+    return run_client_round(
+        model, global_arrays, examples, cfg.train, client=client, server_round=server_round,
+        seed=cfg.seed, pad_id=int(tokenizer.pad_token_id), round_config=config,
+    )
+
+
+def handle_train(message: Message, context: Context) -> Message:
+    """The ClientApp's train handler (SecAgg+ stages go to the legacy client)."""
+    from fedit.flower import secagg
+
+    if secagg.is_secagg_message(message):
+        return secagg.legacy_client_app()(message, context)
+    content = message.content
+    reply = train_on_node(wire.record_to_arrays(content.array_records[P.ARRAYS]),
+                          dict(content.config_records[P.CONFIG_RECORD]),
+                          dict(context.node_config))
+    return Message(wire.reply_content(reply), reply_to=message)
+
+
+def handle_query(message: Message, context: Context) -> Message:
+    """Answer the server's hello: the client id this node claims (-1: none)."""
+    pid = node_partition_id(dict(context.node_config))
+    record = ConfigRecord({P.PARTITION_ID: -1 if pid is None else pid})
+    return Message(RecordDict({P.CONFIG_RECORD: record}), reply_to=message)
