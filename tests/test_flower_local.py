@@ -1,0 +1,190 @@
+"""A real federation on 127.0.0.1: a SuperLink with TLS and node authentication and two
+SuperNodes (long-lived ClientApp workers), started as processes once for this module.
+
+Every wait has a timeout and every process is stopped by the fixture, test failures
+included. The tests run in file order: the last one kills a node.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+if not (shutil.which("openssl") and shutil.which("ssh-keygen")):  # pragma: no cover
+    pytest.skip("needs openssl and ssh-keygen for TLS and node keys", allow_module_level=True)
+
+from fedit.config import load_config  # noqa: E402
+from fedit.flower.local import LocalFederation  # noqa: E402
+from fedit.flower.secagg import quantisation_bound  # noqa: E402
+from fedit.model import load_adapter_arrays  # noqa: E402
+from fedit.simulation import Simulation, make_run_dir  # noqa: E402
+from tests.conftest import make_rows, write_jsonl  # noqa: E402
+
+RUN_TIMEOUT = 240  # seconds one `flwr run` may take here (2 busy cores)
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, tiny_model_dir):
+    """A config for two clients, and the in-process simulation of it (the reference)."""
+    root = tmp_path_factory.mktemp("flower")
+    data = write_jsonl(root / "rows.jsonl", make_rows(56, seed=7))
+    text = f"""
+output_dir = "{root / 'runs'}"
+rounds = 2
+seed = 11
+[model]
+name = "{tiny_model_dir}"
+dtype = "fp32"
+[data]
+path = "{data}"
+test_per_label = 2
+cutoff_len = 128
+[partition]
+method = "iid"
+clients = 2
+[train]
+batch_size = 4
+micro_batch_size = 4
+max_steps = 3
+lr = 3e-3
+[strategy]
+fraction = 1.0
+[eval]
+batch_size = 8
+[flower]
+round_timeout = 120
+node_timeout = 90
+"""
+    path = root / "job.toml"
+    path.write_text(text)
+    cfg = load_config(path, ["name=simulated"])
+    Simulation(cfg, make_run_dir(cfg), log=lambda m: None).run()
+    return path, root / "runs" / "simulated"
+
+
+@pytest.fixture(scope="module")
+def federation(job, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("federation")
+    fed = LocalFederation(workdir, tls=True, auth=True, isolation="process", log=lambda m: None)
+    try:
+        fed.start_superlink(nodes=2)
+        for k in range(2):
+            fed.register(k)
+            fed.start_node(k, f"partition-id={k} num-partitions=2")
+        yield fed
+    finally:
+        fed.stop()
+
+
+def _logs(fed: LocalFederation) -> str:
+    return "\n".join(f"--- {p.name}\n{p.log.read_text(errors='replace')[-3000:]}"
+                     for p in fed.procs)
+
+
+def _run(fed: LocalFederation, job: Path, *sets: str, while_running=None) -> Path:
+    """Submit the job, call ``while_running(run_dir)`` if given, wait for the end."""
+    proc, run_dir = fed.submit(job, list(sets))
+    try:
+        if while_running is not None:
+            while_running(run_dir)
+        code = proc.wait(timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"flwr run did not finish in {RUN_TIMEOUT} s\n{_logs(fed)}")
+    assert code == 0 and (run_dir / "summary.json").is_file(), _logs(fed)
+    return run_dir
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_close(a_dir: Path, b_dir: Path, atol: float) -> float:
+    a, b = load_adapter_arrays(a_dir), load_adapter_arrays(b_dir)
+    diff = max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
+    assert diff <= atol
+    return diff
+
+
+def test_nodes_without_valid_credentials_are_refused(federation, tmp_path):
+    # Prepare: a key the SuperLink never registered, and no key at all
+    rogue = tmp_path / "rogue"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(rogue)],
+                   check=True, timeout=30)
+    # Execute
+    nodes = [federation.start_node(7, "partition-id=0 num-partitions=2", key=rogue)[0],
+             federation.start_node(8, "partition-id=1 num-partitions=2", key=None)[0]]
+    try:
+        # Assert: both give up with an error instead of joining
+        for node in nodes:
+            code = node.popen.wait(timeout=60)
+            assert code != 0, node.log.read_text()[-2000:]
+    finally:
+        federation.kill_node(7)
+        federation.kill_node(8)
+
+
+def test_tls_auth_run_equals_the_simulation(federation, job):
+    path, simulated = job
+    # Execute: the same config, through SuperLink and SuperNodes
+    run_dir = _run(federation, path, "name=flower")
+    # Assert: same clients and losses each round, same final adapter (to 1e-5)
+    flower, sim = _metrics(run_dir), _metrics(simulated)
+    for a, b in zip(flower, sim, strict=True):
+        assert a["clients"] == b["clients"]
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], abs=1e-5)
+    assert [m["missing"] for m in flower[1:]] == [[], []]
+    assert flower[1]["bytes_up"] == sim[1]["bytes_up"]
+    _assert_close(run_dir / "final/adapter", simulated / "final/adapter", atol=1e-5)
+    for name in ["config.toml", "test.jsonl", "partitions/stats.json", "summary.json",
+                 "rounds/0001/adapter", "rounds/0002/adapter"]:
+        assert (run_dir / name).exists(), name
+
+
+def test_secure_aggregation_equals_fedavg_within_quantisation(federation, job):
+    path, simulated = job
+    # Execute: one round of SecAgg+ (max_weight close to the clients' 26 examples)
+    run_dir = _run(federation, path, "name=secagg", "rounds=1",
+                   "flower.secure_aggregation=true", "flower.secagg_max_weight=32")
+    # Assert: the securely aggregated adapter is FedAvg's up to the quantisation error
+    line = _metrics(run_dir)[1]
+    assert line["secure_aggregation"] is True and line["clients"] == [0, 1]
+    cfg = load_config(run_dir / "config.toml")
+    f = cfg.flower
+    bound = quantisation_bound([line["num_examples"] / 2] * 2, f.secagg_max_weight,
+                               f.secagg_clipping_range, f.secagg_quantization_range)
+    diff = _assert_close(run_dir / "rounds/0001/adapter", simulated / "rounds/0001/adapter",
+                         atol=bound)
+    assert diff > 0  # quantised: not bit-equal
+
+
+def test_a_node_killed_mid_round_is_missing_and_the_run_completes(federation, job):
+    path, _ = job
+    worker_log = federation.nodes[1][-1].log
+    mark = "client 1 round 1: training"
+    seen = worker_log.read_text().count(mark)
+
+    def kill_node_1_while_it_trains(run_dir: Path) -> None:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while worker_log.read_text().count(mark) == seen:
+            assert time.monotonic() < deadline, _logs(federation)
+            time.sleep(0.1)
+        federation.kill_node(1)  # SIGKILL: node, worker and their children
+
+    # Execute: longer local training (14 steps), so the kill lands before client 1 replies
+    run_dir = _run(federation, path, "name=killed", "rounds=1", "flower.round_timeout=20",
+                   "train.local_epochs=2", "train.max_steps=0",
+                   while_running=kill_node_1_while_it_trains)
+    # Assert: the round aggregated client 0 alone, and the metrics name the missing one
+    line = _metrics(run_dir)[1]
+    assert line["sampled"] == [0, 1], line
+    assert line["clients"] == [0] and line["missing"] == [1], line
+    assert line["missing_reasons"][0]["reason"] == "no reply in 20 s"
+    assert line["aggregated"] is True
+    assert (run_dir / "final/adapter/adapter_model.safetensors").is_file()

@@ -1,0 +1,242 @@
+"""The Flower ServerApp's round loop and reply checks, without processes: a fake Grid
+hands each message to the real ClientApp handler in this process, or misbehaves."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import pytest
+
+flwr = pytest.importorskip("flwr")
+
+from flwr.app import (  # noqa: E402
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    RecordDict,
+)
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from fedit.config import load_config  # noqa: E402
+from fedit.flower import wire  # noqa: E402
+from fedit.flower.client import handle_query, handle_train  # noqa: E402
+from fedit.flower.server import FlowerServer  # noqa: E402
+from fedit.model import load_adapter_arrays  # noqa: E402
+from fedit.simulation import make_run_dir  # noqa: E402
+from fedit.strategies import Reply  # noqa: E402
+from fedit.strategies import payload as P  # noqa: E402
+from tests.conftest import make_rows, write_jsonl  # noqa: E402
+
+Behaviour = Callable[[Message, Message], Message | None]  # (message, good reply) -> reply
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    # Flower stamps every new Message with the identity of the task running it
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+class FakeGrid:
+    """Nodes 101, 102, ... run the real ClientApp handlers in-process (partition-id 0, 1,
+    ...), then ``behaviours[client]`` may alter, drop (None) or replace the reply."""
+
+    def __init__(self, clients: int, behaviours: dict[int, Behaviour] | None = None) -> None:
+        self.node_ids = [101 + k for k in range(clients)]
+        self.behaviours = behaviours or {}
+        self.replies: dict[str, Message] = {}
+        self.sent: list[tuple[int, Message]] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id
+            self.sent.append((msg.metadata.dst_node_id, msg))
+            client = self.node_ids.index(msg.metadata.dst_node_id)
+            ctx = Context(run_id=1, node_id=msg.metadata.dst_node_id,
+                          node_config={"partition-id": client, "num-partitions":
+                                       len(self.node_ids)}, state=RecordDict(), run_config={})
+            handler = handle_train if msg.metadata.message_type == MessageType.TRAIN \
+                else handle_query
+            reply: Message | None = handler(msg, ctx)
+            if msg.metadata.message_type == MessageType.TRAIN and client in self.behaviours:
+                reply = self.behaviours[client](msg, reply)  # type: ignore[arg-type]
+            if reply is not None:
+                self.replies[msg.object_id] = reply
+            ids.append(msg.object_id)
+        return ids
+
+    def pull_messages(self, ids: Iterable[str]) -> list[Message]:
+        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+
+
+def _with_arrays(good: Message, edit: Callable[[list[np.ndarray]], list[np.ndarray]]) -> Message:
+    content = good.content
+    arrays = edit(wire.record_to_arrays(content.array_records[P.ARRAYS]))
+    content.array_records[P.ARRAYS] = ArrayRecord(arrays)
+    return good
+
+
+def _nan(msg: Message, good: Message) -> Message:
+    def edit(arrays):
+        arrays[0] = arrays[0].copy()
+        arrays[0].flat[0] = np.nan
+        return arrays
+    return _with_arrays(good, edit)
+
+
+def _shape(msg: Message, good: Message) -> Message:
+    return _with_arrays(good, lambda arrays: arrays[:-1])
+
+
+def _huge(msg: Message, good: Message) -> Message:
+    return _with_arrays(good, lambda arrays: [a * 1e4 for a in arrays])
+
+
+def _silent(msg: Message, good: Message) -> None:
+    return None
+
+
+def _error(msg: Message, good: Message) -> Message:
+    return Message(Error(code=2, reason="ClientApp raised: out of memory"), reply_to=msg)
+
+
+@pytest.fixture
+def cfg_path(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "rows.jsonl", make_rows(60, seed=5))
+    text = f"""
+name = "fake"
+output_dir = "{tmp_path / 'runs'}"
+rounds = 2
+seed = 3
+[model]
+name = "{tiny_model_dir}"
+dtype = "fp32"
+[data]
+path = "{data}"
+test_per_label = 2
+cutoff_len = 128
+[partition]
+method = "iid"
+clients = 3
+[train]
+batch_size = 4
+micro_batch_size = 4
+max_steps = 2
+lr = 3e-3
+[strategy]
+fraction = 1.0
+[eval]
+batch_size = 8
+[flower]
+round_timeout = 1.0
+node_timeout = 0
+max_update_norm = 50.0
+"""
+    path = tmp_path / "fake.toml"
+    path.write_text(text)
+    return path
+
+
+def _run(cfg_path, grid, *sets):
+    cfg = load_config(cfg_path, list(sets))
+    server = FlowerServer(grid, cfg, make_run_dir(cfg), log=lambda m: None)  # type: ignore[arg-type]
+    server.run()
+    lines = (server.run_dir / "metrics.jsonl").read_text().splitlines()
+    return server.run_dir, [json.loads(x) for x in lines]
+
+
+def test_bad_or_missing_replies_are_logged_not_averaged(cfg_path):
+    # Execute: client 0 behaves, clients 1-5 each fail in their own way
+    bad = {1: _nan, 2: _shape, 3: _huge, 4: _silent, 5: _error}
+    run_dir, lines = _run(cfg_path, FakeGrid(6, bad), "rounds=1", "partition.clients=6")
+    # Assert: the round aggregates client 0 alone and says why each other one is out
+    line = lines[1]
+    assert line["sampled"] == [0, 1, 2, 3, 4, 5] and line["clients"] == [0]
+    assert line["aggregated"] is True and line["missing"] == [4, 5]
+    why = {r["client"]: r["reason"] for r in line["rejected"] + line["missing_reasons"]}
+    assert "array 0 has non-finite values" in why[1]
+    assert "arrays, expected" in why[2]
+    assert "> flower.max_update_norm 50" in why[3]
+    assert why[4] == "no reply in 1 s"
+    assert "out of memory" in why[5]
+    assert set(line["update_norms"]) == {"0"}
+    # The run folder is a simulated run's: config, held-out rows, partitions, checkpoints
+    for name in ["config.toml", "test.jsonl", "partitions/stats.json", "summary.json",
+                 "rounds/0001/adapter/adapter_model.safetensors", "final/adapter"]:
+        assert (run_dir / name).exists(), name
+    assert np.isfinite(np.concatenate(
+        [a.ravel() for a in load_adapter_arrays(run_dir / "final/adapter")])).all()
+
+
+def test_too_few_replies_keep_the_global_adapter(cfg_path):
+    # Execute: two of three clients silent, two valid replies required
+    grid = FakeGrid(3, {0: _silent, 2: _silent})
+    run_dir, lines = _run(cfg_path, grid, "rounds=1", "flower.min_replies=2")
+    # Assert: nothing aggregated; the checkpoint is the starting adapter (B = 0)
+    line = lines[1]
+    assert line["aggregated"] is False and line["clients"] == [] and line["missing"] == [0, 2]
+    assert line["train_loss"] is None
+    final = load_adapter_arrays(run_dir / "final/adapter")
+    assert all(not a.any() for a in final[1::2])  # lora_B arrays are still zero
+
+
+def test_a_node_that_rejoins_gets_the_current_global_adapter(cfg_path):
+    # Prepare: client 1's node dies in round 1 and comes back as a new node (202)
+    grid = FakeGrid(2)
+
+    def crash(msg: Message, good: Message) -> None:
+        grid.node_ids[1] = 202
+        del grid.behaviours[1]
+
+    grid.behaviours[1] = crash
+    # Execute
+    run_dir, lines = _run(cfg_path, grid, "partition.clients=2")
+    # Assert: round 1 misses client 1; round 2 trains it on the new node, from the
+    # global adapter of round 1
+    assert lines[1]["clients"] == [0] and lines[1]["missing"] == [1]
+    assert lines[2]["clients"] == [0, 1] and lines[2]["missing"] == []
+    sent = [m for node, m in grid.sent if node == 202 and
+            m.metadata.message_type == MessageType.TRAIN]
+    assert len(sent) == 1
+    received = wire.record_to_arrays(sent[0].content.array_records[P.ARRAYS])
+    for a, b in zip(received, load_adapter_arrays(run_dir / "rounds/0001/adapter"), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_check_reply_accepts_a_good_reply_and_measures_its_distance():
+    g = [np.zeros((2, 3), np.float32), np.ones(4, np.float32)]
+    r = Reply(0, [np.full((2, 3), 1.0, np.float32), np.ones(4, np.float32)], 5, {})
+    assert wire.check_reply(r, g, max_update_norm=3.0) == pytest.approx(6 ** 0.5)
+    r.arrays[1] = r.arrays[1].astype(np.float64)
+    with pytest.raises(wire.BadReply, match=r"array 1 is float64\[4\], expected float32\[4\]"):
+        wire.check_reply(r, g)
+
+
+def test_reply_round_trips_through_flower_records():
+    reply = Reply(2, [np.arange(6, dtype=np.float32).reshape(2, 3)], 7,
+                  {P.TRAIN_LOSS: 1.5, P.STEPS: 2.0, P.TOKENS: 30.0, P.SECONDS: 0.1})
+    sent = Message(RecordDict({P.CONFIG_RECORD: ConfigRecord({})}), dst_node_id=5,
+                   message_type=MessageType.TRAIN, group_id="1")
+    sent.metadata.__dict__["_message_id"] = sent.object_id
+    back = wire.decode_reply(Message(wire.reply_content(reply), reply_to=sent), client=2)
+    assert back.num_examples == 7 and back.metrics[P.TRAIN_LOSS] == 1.5
+    np.testing.assert_array_equal(back.arrays[0], reply.arrays[0])
+
+
+def test_large_arrays_travel_in_chunks_below_the_message_limit():
+    # Flower 1.42 cuts every array into chunks of at most 5 MiB on its own
+    from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
+
+    record = wire.arrays_to_record([np.random.default_rng(0).random(3 * 2**20, np.float32)])
+    chunks = record["0"].children
+    assert chunks is not None and len(chunks) == 3
+    assert all(len(c.data) <= FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE for c in chunks.values())
