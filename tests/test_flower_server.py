@@ -23,11 +23,12 @@ from flwr.app import (  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from fedit.config import load_config  # noqa: E402
+from fedit.errors import ConfigError  # noqa: E402
 from fedit.flower import wire  # noqa: E402
-from fedit.flower.client import handle_query, handle_train  # noqa: E402
+from fedit.flower.client import handle_query, handle_train, node_rows  # noqa: E402
 from fedit.flower.server import FlowerServer  # noqa: E402
 from fedit.model import load_adapter_arrays  # noqa: E402
-from fedit.simulation import make_run_dir  # noqa: E402
+from fedit.simulation import make_run_dir, split_data  # noqa: E402
 from fedit.strategies import Reply  # noqa: E402
 from fedit.strategies import payload as P  # noqa: E402
 from tests.conftest import make_rows, write_jsonl  # noqa: E402
@@ -46,9 +47,11 @@ class FakeGrid:
     """Nodes 101, 102, ... run the real ClientApp handlers in-process (partition-id 0, 1,
     ...), then ``behaviours[client]`` may alter, drop (None) or replace the reply."""
 
-    def __init__(self, clients: int, behaviours: dict[int, Behaviour] | None = None) -> None:
+    def __init__(self, clients: int, behaviours: dict[int, Behaviour] | None = None,
+                 node_configs: list[dict] | None = None) -> None:
         self.node_ids = [101 + k for k in range(clients)]
         self.behaviours = behaviours or {}
+        self.node_configs = node_configs
         self.replies: dict[str, Message] = {}
         self.sent: list[tuple[int, Message]] = []
 
@@ -61,9 +64,10 @@ class FakeGrid:
             msg.metadata.__dict__["_message_id"] = msg.object_id
             self.sent.append((msg.metadata.dst_node_id, msg))
             client = self.node_ids.index(msg.metadata.dst_node_id)
-            ctx = Context(run_id=1, node_id=msg.metadata.dst_node_id,
-                          node_config={"partition-id": client, "num-partitions":
-                                       len(self.node_ids)}, state=RecordDict(), run_config={})
+            node_config = ({"partition-id": client, "num-partitions": len(self.node_ids)}
+                           if self.node_configs is None else self.node_configs[client])
+            ctx = Context(run_id=1, node_id=msg.metadata.dst_node_id, node_config=node_config,
+                          state=RecordDict(), run_config={})
             handler = handle_train if msg.metadata.message_type == MessageType.TRAIN \
                 else handle_query
             reply: Message | None = handler(msg, ctx)
@@ -210,6 +214,39 @@ def test_a_node_that_rejoins_gets_the_current_global_adapter(cfg_path):
     received = wire.record_to_arrays(sent[0].content.array_records[P.ARRAYS])
     for a, b in zip(received, load_adapter_arrays(run_dir / "rounds/0001/adapter"), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_nodes_with_their_own_files_get_client_ids_in_node_order(cfg_path, tmp_path):
+    # Prepare: two parties, each with a data file only it has, no partition ids
+    files = [write_jsonl(tmp_path / f"party{k}.jsonl", make_rows(8 + 4 * k, seed=20 + k))
+             for k in range(2)]
+    grid = FakeGrid(2, node_configs=[{"data-path": str(f)} for f in files])
+    # Execute
+    _, lines = _run(cfg_path, grid, "rounds=1", "partition.clients=2", "data.cutoff_len=512")
+    # Assert: both trained, each on all of its own rows
+    assert lines[1]["clients"] == [0, 1] and lines[1]["num_examples"] == 8 + 12
+
+
+def test_node_rows_come_from_the_node_config_only(cfg_path, tmp_path):
+    cfg = load_config(cfg_path)
+    own = write_jsonl(tmp_path / "own.jsonl", make_rows(5, seed=9))
+    assert node_rows(cfg, {"data-path": str(own)}) == make_rows(5, seed=9)
+    assert node_rows(cfg, {"partition-id": 2, "num-partitions": 3}) == \
+        split_data(cfg).client_rows[2]
+    with pytest.raises(ConfigError, match="num-partitions=4 but the run has partition.clients"):
+        node_rows(cfg, {"partition-id": 0, "num-partitions": 4})
+    with pytest.raises(ConfigError, match="give data-path=FILE, or partition-id=K"):
+        node_rows(cfg, {})
+
+
+def test_flower_local_checks_nodes_against_partitions(cfg_path):
+    from typer.testing import CliRunner
+
+    from fedit.cli import app
+
+    result = CliRunner().invoke(app, ["flower", "local", str(cfg_path), "--nodes", "2"])
+    assert result.exit_code == 2
+    assert "--nodes 2 but partition.clients = 3" in result.output
 
 
 def test_check_reply_accepts_a_good_reply_and_measures_its_distance():
