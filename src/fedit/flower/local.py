@@ -284,6 +284,27 @@ def _signal_group(popen: subprocess.Popen[bytes], sig: int) -> None:
         os.killpg(popen.pid, sig)  # start_new_session: its group id is its pid
 
 
+def _follow(proc: subprocess.Popen[bytes], path: Path, timeout: float, log: Log) -> int | None:
+    """Wait for ``proc``, passing on the ServerApp's own lines ("fedit: ...") of its log;
+    its exit code, or None after ``timeout`` seconds."""
+    deadline, pos, rest = time.monotonic() + timeout, 0, ""
+    while True:
+        code = proc.poll()
+        with contextlib.suppress(OSError), open(path, "rb") as f:
+            f.seek(pos)
+            chunk = f.read()
+            pos += len(chunk)
+            *lines, rest = (rest + chunk.decode("utf-8", errors="replace")).split("\n")
+            for line in lines:
+                if "fedit: " in line:
+                    log(line.split("fedit: ", 1)[1].rstrip())
+        if code is not None:
+            return code
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.5)
+
+
 def run_local(
     config: Path, *, nodes: int = 2, overrides: Sequence[str] = (), tls: bool = False,
     auth: bool = False, isolation: str = "subprocess", workdir: Path | None = None,
@@ -304,11 +325,9 @@ def run_local(
             fed.start_node(k, f"partition-id={k} num-partitions={nodes}")
         log(f"{nodes} SuperNodes started ({isolation} isolation); logs in {workdir}")
         run, run_dir = fed.submit(config, overrides)
-        try:
-            code = run.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise FeditError(f"the run did not finish in {timeout:g} s; logs in {workdir}") \
-                from None
+        code = _follow(run, workdir / "flwr-run.log", timeout, log)
+        if code is None:
+            raise FeditError(f"the run did not finish in {timeout:g} s; logs in {workdir}")
     summary = run_dir / "summary.json"
     if code != 0 or not summary.is_file():
         tail = (workdir / "flwr-run.log").read_text(errors="replace").strip()[-1500:]
