@@ -102,12 +102,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--cutoff", type=int, default=256)
     p.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--skip-rss", action="store_true")
+    p.add_argument("--skip-rss", action="store_true", help="only the overhead part")
+    p.add_argument("--skip-overhead", action="store_true", help="only the memory part")
     args = p.parse_args()
     if args.rss_child:
         rss_child(args)
         return
-    print(json.dumps({"overhead": overhead(args)}), flush=True)
+    if not args.skip_overhead:
+        print(json.dumps({"overhead": overhead(args)}), flush=True)
     if not args.skip_rss:
         rss = {n: peak_rss_of_run(args, n) for n in (10, 100)}
         print(json.dumps({"peak_rss_gb": rss, "100/10": rss[100] / rss[10]}), flush=True)
