@@ -177,10 +177,13 @@ def flower_worker(
     root_certificates: Annotated[
         Path | None, typer.Option(help="CA file when that API uses TLS")
     ] = None,
+    parent_pid: Annotated[
+        int | None, typer.Option(help="exit when this process (the SuperNode) is gone")
+    ] = None,
 ) -> None:
     """Take a SuperNode's ClientApp tasks in one long-lived process (start the SuperNode
     with --isolation process): the base model is loaded once, not per message."""
     from fedit.flower.worker import run_worker
 
     certs = root_certificates.read_bytes() if root_certificates else None
-    run_worker(runtime_api_address, certs)
+    run_worker(runtime_api_address, certs, parent_pid=parent_pid)

@@ -18,8 +18,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -108,12 +109,16 @@ class LocalFederation:
         self.procs: list[Proc] = []
         self.nodes: dict[int, list[Proc]] = {}
         self.port = 0
+        self.node_threads = 0  # torch threads a node's ClientApp uses; 0 = torch decides
         self.creds = workdir / "credentials"
         workdir.mkdir(parents=True, exist_ok=True)
 
     # -- processes -----------------------------------------------------------------------
     def _env(self, home: str) -> dict[str, str]:
         env = dict(os.environ, FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1")
+        if home.startswith("node-") and self.node_threads:
+            # N nodes on one machine: N x all-cores torch threads would oversubscribe it
+            env.setdefault("OMP_NUM_THREADS", str(self.node_threads))
         env["FLWR_HOME"] = str(self.workdir / f"home-{home}")
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
@@ -142,6 +147,7 @@ class LocalFederation:
         """Credentials when asked, then the SuperLink; returns once it listens."""
         if self.tls or self.auth:
             make_credentials(self.creds, nodes)
+        self.node_threads = max(1, (os.cpu_count() or 1) // max(1, nodes))
         self.port = free_port()
         cmd = [_exe("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
                "--disable-runtime-dependency-installation", *self._tls_args(server=True)]
@@ -191,7 +197,8 @@ class LocalFederation:
         procs = [self._start(f"node-{index}", cmd, f"node-{index}")]
         if self.isolation == "process":
             worker = [sys.executable, "-m", "fedit.flower.worker",
-                      "--runtime-api-address", f"127.0.0.1:{runtime_port}"]
+                      "--runtime-api-address", f"127.0.0.1:{runtime_port}",
+                      "--parent-pid", str(procs[0].popen.pid)]
             procs.append(self._start(f"worker-{index}", worker, f"node-{index}"))
         self.nodes[index] = procs
         return procs
@@ -284,6 +291,24 @@ def _signal_group(popen: subprocess.Popen[bytes], sig: int) -> None:
         os.killpg(popen.pid, sig)  # start_new_session: its group id is its pid
 
 
+@contextlib.contextmanager
+def _exit_on_signals() -> Iterator[None]:
+    """SIGTERM/SIGHUP raise SystemExit meanwhile, so that the processes get stopped (they
+    run in sessions of their own: a signal to this one does not reach them)."""
+    def leave(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, leave) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
 def _follow(proc: subprocess.Popen[bytes], path: Path, timeout: float, log: Log) -> int | None:
     """Wait for ``proc``, passing on the ServerApp's own lines ("fedit: ...") of its log;
     its exit code, or None after ``timeout`` seconds."""
@@ -317,7 +342,8 @@ def run_local(
         raise FeditError(f"--nodes {nodes} but partition.clients = {cfg.partition.clients}: "
                          f"each node trains one partition (--set partition.clients={nodes})")
     workdir = workdir or Path(cfg.output_dir) / ".flower" / datetime.now().strftime("%H%M%S")
-    with LocalFederation(workdir, tls=tls, auth=auth, isolation=isolation, log=log) as fed:
+    fed = LocalFederation(workdir, tls=tls, auth=auth, isolation=isolation, log=log)
+    with _exit_on_signals(), fed:
         fed.start_superlink(nodes)
         for k in range(nodes):
             if auth:

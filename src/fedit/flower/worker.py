@@ -17,6 +17,8 @@ not exit afterwards. Built against flwr 1.42 (pinned in fedit's ``flower`` extra
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from logging import ERROR, INFO
 from pathlib import Path
@@ -97,10 +99,38 @@ def run_task(address: str, token: str, root_certificates: bytes | None = None) -
     return status == SubStatus.COMPLETED
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped) is gone too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def exit_with(pid: int, poll: float = 0.5) -> None:
+    """Leave this process as soon as process ``pid`` (its SuperNode) is gone."""
+    def watch() -> None:
+        while _alive(pid):
+            time.sleep(poll)
+        log(INFO, "fedit worker: SuperNode %d is gone; exiting", pid)
+        os._exit(0)  # a task in flight has nowhere to send its reply
+
+    threading.Thread(target=watch, daemon=True, name="fedit-worker-watch").start()
+
+
 def run_worker(
-    address: str, root_certificates: bytes | None = None, max_tasks: int | None = None
+    address: str, root_certificates: bytes | None = None, max_tasks: int | None = None,
+    parent_pid: int | None = None,
 ) -> None:
-    """Take ClientApp tasks from the SuperNode's runtime API at ``address`` until killed."""
+    """Take ClientApp tasks from the SuperNode's runtime API at ``address`` until killed
+    (or until the process ``parent_pid``, its SuperNode, is gone)."""
+    if parent_pid is not None:
+        exit_with(parent_pid)
     import fedit.client  # noqa: F401  (torch and transformers: once, not per message)
 
     acquire = _client(address, root_certificates,
@@ -132,9 +162,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="the SuperNode's runtime API (its --port)")
     parser.add_argument("--root-certificates", default=None,
                         help="CA file when the SuperNode's runtime API uses TLS")
+    parser.add_argument("--parent-pid", type=int, default=None,
+                        help="exit when this process (the SuperNode) is gone")
     args = parser.parse_args(argv)
     certs = Path(args.root_certificates).read_bytes() if args.root_certificates else None
-    run_worker(args.runtime_api_address, certs)
+    run_worker(args.runtime_api_address, certs, parent_pid=args.parent_pid)
 
 
 if __name__ == "__main__":
