@@ -146,10 +146,15 @@ def _nbytes(arrays: list[np.ndarray]) -> int:
 class Simulation:
     """A federated run in one process. ``run()`` returns the run summary (a dict)."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, log: Log = print) -> None:
+    def __init__(
+        self, cfg: RunConfig, run_dir: Path, log: Log = print,
+        loaded: tuple[Any, torch.nn.Module] | None = None,
+    ) -> None:
+        """``loaded``: (tokenizer, model with LoRA) already in memory, e.g. shared by the
+        arms of an experiment; its adapter is used as the initial global adapter."""
         self.cfg, self.run_dir, self.log = cfg, run_dir, log
         self.data = prepare_data(cfg, run_dir)
-        self.tokenizer, self.model = load_model(cfg)
+        self.tokenizer, self.model = loaded if loaded is not None else load_model(cfg)
         self.pad_id = int(self.tokenizer.pad_token_id)
         s = cfg.strategy
         self.strategy = build_strategy(s.name, StrategyParams(s.fraction, s.min_clients, cfg.seed))
