@@ -125,6 +125,44 @@ def data_inspect(
     typer.echo(format_inspect(report))
 
 
+@app.command("judge")
+def judge_cmd(
+    answers: Annotated[Path, typer.Argument(help="answers.jsonl of `fedit eval`, or its folder")],
+    judge_url: Annotated[str, typer.Option(help="OpenAI base URL, e.g. http://127.0.0.1:8080/v1")],
+    judge_model: Annotated[str, typer.Option(help="model name the endpoint serves")],
+    against: Annotated[
+        Path | None, typer.Option(help="second answers file: pairwise comparison, both orders")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="default: judge.json (judge-vs-<other>.json) beside")
+    ] = None,
+    judge_key_env: Annotated[
+        str | None, typer.Option(help="env var holding the API key [default: OPENAI_API_KEY, "
+                                      "none sent when unset]")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(help="requests in flight")] = 4,
+    timeout: Annotated[float, typer.Option(help="seconds for one request")] = 60.0,
+    retries: Annotated[int, typer.Option(help="retries on timeouts, 429 and 5xx")] = 4,
+    reference: Annotated[bool, typer.Option(help="show the judge the reference answer")] = True,
+    cache: Annotated[
+        Path | None,
+        typer.Option(help="reply cache file [default: $FEDIT_CACHE/judge/replies.sqlite]"),
+    ] = None,
+) -> None:
+    """Grade answers 1-10 with an LLM judge (MT-Bench prompts), or compare them with
+    --against (each pair judged in both orders); writes judge.json and judge.jsonl."""
+    from fedit.evaluate.judge import format_judge, run_judge
+
+    try:
+        result = run_judge(answers, against, url=judge_url, model=judge_model,
+                           key_env=judge_key_env, out=out, concurrency=concurrency,
+                           timeout=timeout, retries=retries, reference=reference,
+                           cache_path=cache, log=lambda m: typer.echo(m, err=True))
+    except (FeditError, ValueError) as e:
+        _fail(e)
+    typer.echo(format_judge(result))
+
+
 
 flower_app = typer.Typer(
     help="Run fedit on Flower: a local SuperLink + SuperNodes, a long-lived ClientApp worker.",
