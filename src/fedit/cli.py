@@ -54,6 +54,39 @@ def train(
     )
 
 
+@app.command("eval")
+def eval_cmd(
+    target: Annotated[str, typer.Argument(
+        help="run folder, PEFT adapter folder, or base / base:<model> (the untuned model)")],
+    on: Annotated[str | None, typer.Option(
+        "--on", help="held-out rows (file or dolly-15k); default: the run's test.jsonl")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="folder for eval.json + answers.jsonl; default: the run or "
+                            "adapter folder")] = None,
+    max_rows: Annotated[int, typer.Option(help="a seeded random N rows; 0 = all")] = 0,
+    model: Annotated[str | None, typer.Option(
+        help="base model; default: the run's, or the adapter's base_model_name_or_path")] = None,
+    generate: Annotated[bool, typer.Option(
+        help="generate answers (ROUGE-L, similarity, exact match); --no-generate: loss only"
+    )] = True,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="override a key: --set eval.max_new_tokens=64")] = None,
+) -> None:
+    """Evaluate on held-out rows: loss and perplexity per category, and ROUGE-L, embedding
+    similarity and exact match of batched greedy answers; writes eval.json, answers.jsonl."""
+    from fedit.evaluate.evaluation import format_table
+    from fedit.evaluate.runner import run_eval
+
+    try:
+        result, _, out_dir = run_eval(target, on=on, out=out, max_rows=max_rows, model=model,
+                                      overrides=set_ or [], generate=generate,
+                                      log=lambda m: typer.echo(m, err=True))
+    except (FeditError, ValueError) as e:
+        _fail(e)
+    typer.echo(format_table(result))
+    typer.echo(f"wrote {out_dir / 'eval.json'} and {out_dir / 'answers.jsonl'}")
+
+
 @app.command("partition")
 def partition_cmd(
     data: Annotated[str, typer.Argument(help="data file, folder, or dolly-15k")],

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedit.errors import ConfigError
+from fedit.evaluate.metrics import EXACT_MATCH_CATEGORIES
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
@@ -134,10 +135,23 @@ class StrategyConfig:
 class EvalConfig:
     every: int = 1  # evaluate the global adapter every N rounds (and always after the last)
     batch_size: int = 16  # no-grad batch size for held-out loss
+    # `fedit eval`: generation and the metrics on the answers
+    max_new_tokens: int = 128  # answer length cap
+    generate_batch_size: int = 16  # prompts generated together (KV cache, left-padded)
+    do_sample: bool = False  # False: greedy decoding (temperature and top_p unused)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # categories with short answers; exact match is None for the others
+    exact_match_categories: list[str] = field(default_factory=lambda: list(EXACT_MATCH_CATEGORIES))
+    similarity: bool = True  # embedding cosine (all-MiniLM-L6-v2) of answer and reference
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, "eval.every", "must be >= 0 (0 = only after the last round)")
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+        _check(self.generate_batch_size >= 1, "eval.generate_batch_size", "must be >= 1")
+        _check(self.temperature > 0, "eval.temperature", "must be > 0")
+        _check(0 < self.top_p <= 1, "eval.top_p", "must be in (0, 1]")
 
 
 @dataclass

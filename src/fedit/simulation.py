@@ -26,6 +26,7 @@ from fedit.data.load import load_rows
 from fedit.data.partition import holdout_split, partition, write_partitions
 from fedit.data.prompts import Example
 from fedit.errors import ConfigError, DataError
+from fedit.evaluate.evaluation import loss_by_category, row_label, tokenize_held_out
 from fedit.io import append_jsonl, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from fedit.model import (
     LoraSpec,
@@ -38,7 +39,7 @@ from fedit.model import (
     set_adapter_arrays,
 )
 from fedit.strategies import Reply, StrategyParams, build_strategy
-from fedit.train import evaluate_loss
+from fedit.train import example_losses
 
 Log = Callable[[str], None]
 
@@ -159,7 +160,10 @@ class Simulation:
         s = cfg.strategy
         self.strategy = build_strategy(s.name, StrategyParams(s.fraction, s.min_clients, cfg.seed))
         self._examples: dict[int, list[Example]] = {}  # tokenised once per client
-        self.test_examples = self._tokenize(self.data.test_rows, "held-out set")
+        self.test_examples, kept = tokenize_held_out(self.tokenizer, self.data.test_rows,
+                                                     cfg.data, self.log)
+        self.test_labels = [row_label(self.data.test_rows[i], cfg.data.label_field) for i in kept]
+        self.eval_loss_by_category: dict[str, float] = {}  # of the last evaluate()
 
     def _tokenize(self, rows: list[dict[str, Any]], who: str) -> list[Example]:
         return tokenize_examples(self.tokenizer, rows, self.cfg.data, who, self.log)
@@ -172,7 +176,11 @@ class Simulation:
 
     def evaluate(self, arrays: list[np.ndarray]) -> float:
         set_adapter_arrays(self.model, arrays)
-        return evaluate_loss(self.model, self.test_examples, self.cfg.eval.batch_size, self.pad_id)
+        # One pass gives both: the per-example sums of fedit.train.evaluate_loss, by label too
+        sums, counts = example_losses(self.model, self.test_examples, self.cfg.eval.batch_size,
+                                      self.pad_id)
+        self.eval_loss_by_category = loss_by_category(sums, counts, self.test_labels)
+        return float(sums.sum() / max(1, counts.sum()))
 
     def train_round(self, server_round: int, global_arrays: list[np.ndarray]) -> list[Reply]:
         # Sample clients, then train each in turn on the one shared base model
@@ -208,7 +216,8 @@ class Simulation:
         global_arrays = get_adapter_arrays(self.model)  # LoRA B = 0: exactly the base model
         base_loss = self.evaluate(global_arrays)
         self.log(f"base model held-out loss {base_loss:.4f} on {len(self.test_examples)} rows")
-        append_jsonl(metrics_path, {"round": 0, "clients": [], "eval_loss": base_loss})
+        append_jsonl(metrics_path, {"round": 0, "clients": [], "eval_loss": base_loss,
+                                    "eval_loss_by_category": self.eval_loss_by_category})
         eval_loss: float | None = base_loss
         for rnd in range(1, cfg.rounds + 1):
             t0 = time.perf_counter()
@@ -223,6 +232,7 @@ class Simulation:
                 "clients": [r.client for r in replies],
                 "train_loss": _mean_train_loss(replies),
                 "eval_loss": eval_loss,
+                "eval_loss_by_category": self.eval_loss_by_category if due else None,
                 "seconds": time.perf_counter() - t0,
                 "bytes_up": sum(_nbytes(r.arrays) for r in replies),
                 "bytes_down": _nbytes(global_arrays) * len(replies),

@@ -1,0 +1,194 @@
+"""What ``fedit eval`` evaluates: a run folder, a PEFT adapter folder, or the base model.
+
+- a run folder (it has ``config.toml``): its config, ``final/adapter`` and ``test.jsonl``;
+- an adapter folder (it has ``adapter_config.json``): the base model it names (or
+  ``--model``); inside a run (``final/adapter``, ``rounds/NNNN/adapter``) the run's config
+  too, so the prompt template and cutoff are the ones it was trained with;
+- ``base`` or ``base:<model>``: the untuned base model (``[model] name`` by default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedit.config import RunConfig, load_config
+from fedit.data.load import load_rows
+from fedit.errors import ConfigError, DataError, ModelError
+from fedit.evaluate.evaluation import evaluate_model, write_eval
+
+Log = Callable[[str], None]
+
+CONFIG_FILE = "config.toml"
+ADAPTER_CONFIG = "adapter_config.json"
+FINAL_ADAPTER = Path("final") / "adapter"
+TEST_FILE = "test.jsonl"
+
+
+@dataclass
+class EvalTarget:
+    """A resolved ``fedit eval`` argument."""
+
+    kind: str  # "run" | "adapter" | "base"
+    cfg: RunConfig  # cfg.model.name is the base model to load
+    adapter: Path | None = None
+    run_dir: Path | None = None
+
+    @property
+    def default_test(self) -> Path | None:
+        return self.run_dir / TEST_FILE if self.run_dir is not None else None
+
+    @property
+    def default_out(self) -> Path | None:
+        if self.kind == "run":
+            return self.run_dir
+        return self.adapter  # an adapter folder keeps its own eval; base: --out is needed
+
+
+def _run_of_adapter(adapter: Path) -> Path | None:
+    """The run folder holding ``adapter`` when it is ``final/adapter`` or ``rounds/N/adapter``."""
+    parts = adapter.resolve().parts
+    if len(parts) >= 3 and parts[-2:] == ("final", "adapter"):
+        run = adapter.resolve().parents[1]
+    elif len(parts) >= 4 and parts[-1] == "adapter" and parts[-3] == "rounds" \
+            and re.fullmatch(r"\d+", parts[-2]):
+        run = adapter.resolve().parents[2]
+    else:
+        return None
+    return run if (run / CONFIG_FILE).is_file() else None
+
+
+def _adapter_base(adapter: Path) -> str | None:
+    path = adapter / ADAPTER_CONFIG
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: cannot read the adapter config ({e})") from None
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    return str(base) if base else None
+
+
+def resolve_target(target: str, *, model: str | None = None,
+                   overrides: list[str] | None = None) -> EvalTarget:
+    """Resolve ``RUN_OR_ADAPTER`` (with ``--model`` and ``--set``) to what is evaluated."""
+    overrides = overrides or []
+    if target == "base" or target.startswith("base:"):
+        cfg = load_config(None, overrides)
+        name = model or target.partition(":")[2] or cfg.model.name
+        return EvalTarget("base", dataclasses.replace(cfg, model=_with_name(cfg, name)))
+    path = Path(target).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{target}: no such run folder or adapter folder "
+                          "(or say base / base:<model> for the untuned base model)")
+    if (path / CONFIG_FILE).is_file() and path.is_dir():
+        cfg = load_config(path / CONFIG_FILE, overrides)
+        adapter = path / FINAL_ADAPTER
+        if not (adapter / ADAPTER_CONFIG).is_file():
+            raise ModelError(f"{path}: run folder has no {FINAL_ADAPTER} (the run has not "
+                             f"finished?); pass a round's adapter, e.g. {path}/rounds/0001/adapter")
+        name = model or cfg.model.name
+        return EvalTarget("run", _replace_model(cfg, name), adapter, path)
+    if (path / ADAPTER_CONFIG).is_file():
+        run = _run_of_adapter(path)
+        cfg = load_config(run / CONFIG_FILE if run else None, overrides)
+        found = model or _adapter_base(path) or (cfg.model.name if run else None)
+        if not found:
+            raise ModelError(f"{path / ADAPTER_CONFIG} names no base model "
+                             "(base_model_name_or_path): pass --model")
+        return EvalTarget("adapter", _replace_model(cfg, found), path, run)
+    raise ConfigError(f"{target}: not a run folder (no {CONFIG_FILE}) nor an adapter folder "
+                      f"(no {ADAPTER_CONFIG})")
+
+
+def _with_name(cfg: RunConfig, name: str) -> Any:
+    return dataclasses.replace(cfg.model, name=name)
+
+
+def _replace_model(cfg: RunConfig, name: str) -> RunConfig:
+    return dataclasses.replace(cfg, model=_with_name(cfg, name))
+
+
+def load_eval_rows(
+    on: str | None, target: EvalTarget, max_rows: int = 0
+) -> tuple[list[dict[str, Any]], str]:
+    """The held-out rows (``--on``, else the run's test.jsonl) and where they came from.
+
+    ``max_rows``: a random subset of that many rows (seeded by the config's seed, in file
+    order), for a quick look."""
+    if on is None:
+        test = target.default_test
+        if test is None:
+            raise DataError("no held-out file: pass --on FILE (the base model and an adapter "
+                            "outside a run folder have no test.jsonl)")
+        if not test.is_file():
+            raise DataError(f"{test}: the run's held-out file is missing; pass --on FILE")
+        on = str(test)
+    fields = target.cfg.data.fields or None
+    try:
+        rows = load_rows(on, fields)
+    except DataError as first:
+        if fields is None:
+            raise
+        # A run's own test.jsonl is already in canonical columns (instruction, context,
+        # response), whatever data.fields mapped when the run read its source.
+        try:
+            rows = load_rows(on, None)
+        except DataError:
+            raise first from None
+    if max_rows < 0:
+        raise ConfigError(f"--max-rows {max_rows}: must be >= 0 (0 = every row)")
+    if max_rows and max_rows < len(rows):
+        keep = np.random.default_rng(target.cfg.seed).choice(len(rows), max_rows, replace=False)
+        rows = [rows[i] for i in sorted(keep)]
+    return rows, on
+
+
+def load_eval_model(target: EvalTarget) -> tuple[Any, Any]:
+    """Tokenizer and the model to evaluate: the base, with the adapter loaded if any."""
+    from fedit.model import load_base_model, load_tokenizer, pick_device
+
+    m = target.cfg.model
+    tokenizer = load_tokenizer(m.name)
+    model = load_base_model(m.name, dtype=m.dtype, device=pick_device(m.device),
+                            quantization=m.quantization or None)
+    if target.adapter is None:
+        return tokenizer, model
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(model, str(target.adapter), is_trainable=False)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ModelError(f"{target.adapter}: cannot load the adapter onto {m.name} "
+                         f"({reason}); is --model the base it was trained on?") from e
+    return tokenizer, model.eval()
+
+
+def run_eval(
+    target: str, *, on: str | None = None, out: Path | None = None, max_rows: int = 0,
+    model: str | None = None, overrides: list[str] | None = None, generate: bool = True,
+    log: Log = print,
+) -> tuple[dict[str, Any], list[dict[str, Any]], Path]:
+    """``fedit eval``: resolve, load, evaluate, write eval.json + answers.jsonl; returns
+    (result, answers, the folder written)."""
+    t = resolve_target(target, model=model, overrides=overrides)
+    out_dir = out if out is not None else t.default_out
+    if out_dir is None:
+        raise ConfigError("evaluating the base model: pass --out DIR for eval.json")
+    rows, source = load_eval_rows(on, t, max_rows)
+    log(f"evaluating {t.cfg.model.name}" + (f" + {t.adapter}" if t.adapter else "")
+        + f" on {len(rows)} rows of {source}")
+    tokenizer, lm = load_eval_model(t)
+    result, answers = evaluate_model(lm, tokenizer, rows, t.cfg, generate=generate, log=log)
+    result["settings"] |= {"adapter": str(t.adapter) if t.adapter else None,
+                           "run": str(t.run_dir) if t.run_dir else None,
+                           "test_file": source, "max_rows": max_rows}
+    write_eval(out_dir, result, answers)
+    return result, answers, out_dir
