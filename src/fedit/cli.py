@@ -258,3 +258,52 @@ def flower_worker(
 
     certs = root_certificates.read_bytes() if root_certificates else None
     run_worker(runtime_api_address, certs, parent_pid=parent_pid)
+
+
+@app.command("experiment")
+def experiment_cmd(
+    name: Annotated[str, typer.Argument(help="the experiment: fedit-paper")],
+    scale: Annotated[
+        str, typer.Option(help="test (tiny, for tests) | small (~80 min on a 2-core CPU) | "
+                               "full (the reference setting, for a GPU)")
+    ] = "small",
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="folder (default runs/<name>-<scale>)")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="override a key: --set rounds=6 "
+                                   "--set experiment.local_clients=3"),
+    ] = None,
+) -> None:
+    """The FedIT paper's comparison: base, local-only, FedIT and centralized on one held-out
+    set with the same compute budget; an arm already evaluated in --out is skipped."""
+    from fedit.experiment import format_summary, run_experiment
+    from fedit.report import build_report
+
+    try:
+        summary = run_experiment(name, scale, out, set_ or [],
+                                 log=lambda m: typer.echo(m, err=True))
+        folder = Path(summary["out"])
+        report = build_report(folder)
+    except (FeditError, ValueError) as e:
+        _fail(e)
+    typer.echo(f"\n{format_summary(summary)}\n\nexperiment folder: {folder}\nreport: {report}")
+
+
+@app.command("report")
+def report_cmd(
+    folder: Annotated[Path, typer.Argument(help="run folder or experiment folder")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="HTML file (default <folder>/report.html)")
+    ] = None,
+) -> None:
+    """A self-contained HTML page (plots embedded) of a run or an experiment; the PNGs are
+    also written beside it."""
+    from fedit.report import build_report
+
+    try:
+        path = build_report(folder, out)
+    except (FeditError, ValueError) as e:
+        _fail(e)
+    typer.echo(f"wrote {path}")

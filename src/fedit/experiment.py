@@ -1,0 +1,463 @@
+"""The FedIT paper's experiment as one command: base vs local-only vs FedIT vs centralized.
+
+``fedit experiment fedit-paper --scale small`` trains and evaluates four arms on one
+held-out set of databricks-dolly-15k split over clients by a Dirichlet(0.5) draw over
+category, every arm on the same base model, loaded once:
+
+1. ``base``: the base model untuned (the initial adapter has B = 0: exactly the base);
+2. ``local-only``: each of ``experiment.local_clients`` seeded clients fine-tunes alone on
+   its own rows for ``rounds x train.max_steps`` steps, the steps one client does if it
+   takes part in every round of the federated run; the arm's numbers are the mean over
+   those clients (each client's own eval sits in ``local-only/client_NNNN/``);
+3. ``fedit``: FedAvg over the clients, run by :class:`fedit.simulation.Simulation`
+   (``rounds x clients-a-round x train.max_steps`` steps in all);
+4. ``centralized``: one adapter trained on the union of every client's rows for the same
+   total number of steps as ``fedit``.
+
+``train.max_steps`` is the unit of compute: the experiment sets ``train.local_epochs``
+high enough that the step cap always binds (a small client repeats its rows), so the
+budgets are exact and recorded (``arm.json`` per arm; ``client_steps`` per round in
+``fedit/metrics.jsonl``). Every arm is evaluated with
+:func:`fedit.evaluate.evaluation.evaluate_model` into ``<out>/<arm>/eval.json`` and
+``answers.jsonl``; ``<out>/experiment.json`` summarises them. An arm whose ``eval.json``
+exists is skipped when the command is run again (resume after a kill).
+
+Scales (``SCALES``, overridable with ``--set``):
+
+``test``
+    A few steps for the test suite; pass a tiny model with ``--set model.name=DIR``.
+``small``
+    SmolLM2-135M on this 2-core CPU in about 75-90 minutes. 20 clients (Dirichlet 0.5,
+    >= 40 rows each), 4 rounds x 4 clients (fraction 0.2) x 10 steps of batch 8 at
+    cutoff 256, lr 5e-4 (the pilot's settings, ``notes/paper-pilot.md``):
+
+    - fedit 4 x 4 x 10 = 160 steps, centralized 160, local-only 2 clients x 40 = 80:
+      400 optimizer steps at ~8-12 s = 53-80 min;
+    - held-out loss, 48 rows (6 per category), once per round + once per arm: 10
+      no-grad passes of 48 rows, ~15 s each = ~2.5 min;
+    - generation for ROUGE-L / similarity: 6 evaluations (base, 2 local clients, fedit,
+      centralized; the local-only mean reuses its clients') x 48 rows x <= 64 new tokens
+      in batches of 16, ~40-60 s each = ~5 min.
+
+    Total ~61-88 min, inside the 2-hour limit with room for a slower machine.
+``full``
+    The reference setting for a GPU: FederatedGPT-Shepherd's published example
+    (README of github.com/JayZhang42/FederatedGPT-Shepherd: 10 clients, 10 rounds,
+    ``client_selection_frac 0.1``, batch 64 / micro-batch 32, lr 3e-4, LoRA r=8 on
+    q/k/v/o, cutoff 512, 10 held-out rows per category) with the issue's Dirichlet(0.5)
+    split. Shepherd trains 2 local epochs a round; here 50 steps a round (about 2 epochs
+    of a 1,500-row client at batch 64) so that every arm's budget is exact. The paper
+    itself used LLaMA-7B; pass ``--set model.name=...`` for a larger model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedit.client import client_seed
+from fedit.config import RunConfig, apply_overrides, config_from_dict, to_toml
+from fedit.data.partition import write_partitions
+from fedit.errors import ConfigError
+from fedit.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from fedit.model import get_adapter_arrays, load_adapter_arrays, set_adapter_arrays
+from fedit.simulation import (
+    FederatedData,
+    Log,
+    Simulation,
+    load_model,
+    split_data,
+    tokenize_examples,
+)
+from fedit.strategies import Reply, num_sampled
+from fedit.strategies import payload as P
+from fedit.train import train_adapter
+
+EXPERIMENTS = ("fedit-paper",)
+ARMS = ("base", "local-only", "fedit", "centralized")
+
+SCALES: dict[str, dict[str, Any]] = {
+    "test": {
+        "rounds": 2,
+        "data": {"path": "dolly-15k", "max_rows": 400, "test_per_label": 1, "cutoff_len": 256},
+        "partition": {"method": "dirichlet", "clients": 4, "alpha": 0.5, "min_size": 4},
+        "train": {"batch_size": 4, "micro_batch_size": 4, "max_steps": 1, "lr": 5e-4},
+        "strategy": {"fraction": 0.5},
+        "eval": {"every": 1, "batch_size": 16, "max_new_tokens": 8, "similarity": False},
+        "experiment": {"local_clients": 2},
+    },
+    "small": {
+        "rounds": 4,
+        "model": {"name": "smollm2-135m"},
+        "data": {"path": "dolly-15k", "test_per_label": 6, "cutoff_len": 256,
+                 "train_on_inputs": False},
+        "partition": {"method": "dirichlet", "clients": 20, "alpha": 0.5, "min_size": 40},
+        "train": {"batch_size": 8, "micro_batch_size": 8, "max_steps": 10, "lr": 5e-4},
+        "strategy": {"fraction": 0.2},
+        "eval": {"every": 1, "batch_size": 16, "max_new_tokens": 64},
+        "experiment": {"local_clients": 2},
+    },
+    "full": {
+        "rounds": 10,
+        "model": {"name": "smollm2-135m"},
+        "data": {"path": "dolly-15k", "test_per_label": 10, "cutoff_len": 512,
+                 "train_on_inputs": True},
+        "partition": {"method": "dirichlet", "clients": 10, "alpha": 0.5, "min_size": 40},
+        "train": {"batch_size": 64, "micro_batch_size": 32, "max_steps": 50, "lr": 3e-4},
+        "strategy": {"fraction": 0.1},
+        "eval": {"every": 1, "batch_size": 16, "max_new_tokens": 256},
+        "experiment": {"local_clients": 3},
+    },
+}
+
+
+@dataclass
+class ExperimentSettings:
+    """What the experiment adds to a run config (``--set experiment.KEY=VALUE``)."""
+
+    local_clients: int = 2  # clients trained alone in the local-only arm
+    generate: bool = True  # answers for ROUGE-L / similarity (False: loss only, faster)
+
+    def __post_init__(self) -> None:
+        if self.local_clients < 1:
+            raise ConfigError("experiment.local_clients: must be >= 1")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Optimizer steps of each arm, fixed before anything trains."""
+
+    rounds: int
+    clients_per_round: int
+    local_steps: int  # one client, one round
+
+    @property
+    def client_steps(self) -> int:
+        """Steps of one client over the whole FedIT run (= a local-only client's)."""
+        return self.rounds * self.local_steps
+
+    @property
+    def total_steps(self) -> int:
+        """Steps of the whole FedIT run (= the centralized arm's)."""
+        return self.rounds * self.clients_per_round * self.local_steps
+
+    def as_dict(self) -> dict[str, int]:
+        return {**dataclasses.asdict(self), "client_steps": self.client_steps,
+                "total_steps": self.total_steps}
+
+
+def experiment_config(
+    name: str, scale: str, overrides: list[str] | None = None
+) -> tuple[RunConfig, ExperimentSettings]:
+    """The checked run config and experiment settings of a scale preset plus ``--set``s."""
+    if name not in EXPERIMENTS:
+        raise ConfigError(f"unknown experiment {name!r}; use one of {', '.join(EXPERIMENTS)}")
+    if scale not in SCALES:
+        raise ConfigError(f"--scale {scale!r}: use one of {', '.join(SCALES)}")
+    try:
+        raw = apply_overrides(SCALES[scale], overrides or [])
+        extra = raw.pop("experiment", {})
+        known = {f.name for f in dataclasses.fields(ExperimentSettings)}
+        for key in extra:
+            if key not in known:
+                raise ConfigError(f"unknown key 'experiment.{key}'; use one of "
+                                  f"{', '.join('experiment.' + k for k in sorted(known))}")
+        settings = ExperimentSettings(**extra)
+        raw.setdefault("name", f"{name}-{scale}")
+        cfg = config_from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"--set: {e}") from None
+    except TypeError as e:  # a wrong type in experiment.*
+        raise ConfigError(f"--set: experiment: {e}") from None
+    if cfg.train.max_steps < 1:
+        raise ConfigError("--set: train.max_steps: the experiment needs a step budget per "
+                          "client round (>= 1); 0 would let data sizes decide")
+    return cfg, settings
+
+
+def plan_budget(cfg: RunConfig) -> Budget:
+    """The per-arm step budget of a config (clients a round as the strategy samples them)."""
+    s = cfg.strategy
+    per_round = num_sampled(cfg.partition.clients, s.fraction, s.min_clients)
+    return Budget(cfg.rounds, per_round, cfg.train.max_steps)
+
+
+def local_only_clients(cfg: RunConfig, k: int) -> list[int]:
+    """The ``k`` clients of the local-only arm: a seeded draw, sorted."""
+    n = cfg.partition.clients
+    if k > n:
+        raise ConfigError(f"experiment.local_clients = {k} but partition.clients = {n}")
+    rng = np.random.default_rng([cfg.seed, 7])
+    return sorted(int(c) for c in rng.choice(n, size=k, replace=False))
+
+
+def _train_cfg(cfg: RunConfig, steps: int) -> Any:
+    # local_epochs = steps: every epoch is >= 1 step, so max_steps always binds
+    return dataclasses.replace(cfg.train, max_steps=steps, local_epochs=steps)
+
+
+class _StepCountingSimulation(Simulation):
+    """The simulation, recording each sampled client's optimizer steps in metrics.jsonl."""
+
+    _steps: list[int] = []
+
+    def train_round(self, server_round: int, global_arrays: list[np.ndarray]) -> list[Reply]:
+        replies = super().train_round(server_round, global_arrays)
+        self._steps = [int(r.metrics[P.STEPS]) for r in replies]
+        return replies
+
+    def round_fields(self, server_round: int) -> dict[str, Any]:
+        return {"client_steps": self._steps}
+
+
+class Experiment:
+    """The four arms on one base model and one data split. ``run()`` -> experiment.json."""
+
+    def __init__(self, cfg: RunConfig, settings: ExperimentSettings, out: Path,
+                 scale: str = "", log: Log = print) -> None:
+        self.cfg, self.settings, self.out, self.scale, self.log = cfg, settings, out, scale, log
+        self.budget = plan_budget(cfg)
+        self.local_clients = local_only_clients(cfg, settings.local_clients)
+        self._check_folder()
+        self.data = split_data(cfg)
+        self._write_data(self.data)
+        self.tokenizer, self.model = load_model(cfg)  # the base model, once for all arms
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        self.initial = get_adapter_arrays(self.model)  # B = 0: exactly the base model
+
+    def _check_folder(self) -> None:
+        """A new folder, or one made by the same config (then finished arms are kept)."""
+        text = to_toml(self.cfg) + "\n[experiment]\n" + "\n".join(
+            f"{k} = {str(v).lower() if isinstance(v, bool) else v}"
+            for k, v in dataclasses.asdict(self.settings).items()) + "\n"
+        saved = self.out / "config.toml"
+        if saved.is_file() and saved.read_text(encoding="utf-8") != text:
+            raise ConfigError(f"{self.out} holds an experiment with another config "
+                              f"({saved}); choose another --out or delete that folder")
+        if not saved.is_file() and self.out.is_dir() and any(self.out.iterdir()):
+            raise ConfigError(f"{self.out} exists and is not an experiment folder; "
+                              "choose another --out")
+        atomic_write_text(saved, text)
+
+    def _write_data(self, data: FederatedData) -> None:
+        atomic_write_jsonl(self.out / "test.jsonl", data.test_rows)
+        rows = [r for client in data.client_rows for r in client]
+        bounds = np.cumsum([0] + [len(c) for c in data.client_rows])
+        parts = [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        label = self.cfg.partition.by or self.cfg.data.label_field
+        has_label = bool(rows) and label in rows[0]
+        write_partitions(self.out / "partitions", rows, parts, label if has_label else None,
+                         write_rows=False)
+
+    # -- the arms ------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        arms = {
+            "base": self._arm_base,
+            "local-only": self._arm_local_only,
+            "fedit": self._arm_fedit,
+            "centralized": self._arm_centralized,
+        }
+        for name, run_arm in arms.items():
+            folder = self.out / name
+            if (folder / "eval.json").is_file() and (folder / "arm.json").is_file():
+                self.log(f"[{name}] done before (eval.json exists): skipped")
+                continue
+            self.log(f"[{name}] starting")
+            set_adapter_arrays(self.model, self.initial)
+            record = run_arm(folder)
+            atomic_write_json(folder / "arm.json", record)
+        summary = self.summary(time.perf_counter() - start)
+        atomic_write_json(self.out / "experiment.json", summary)
+        return summary
+
+    def _evaluate(self, folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
+        from fedit.evaluate.evaluation import evaluate_model, write_eval
+
+        t0 = time.perf_counter()
+        result, answers = evaluate_model(self.model, self.tokenizer, self.data.test_rows,
+                                         self.cfg, generate=self.settings.generate,
+                                         log=self.log)
+        result["settings"] = {**result.get("settings", {}), "experiment_arm": folder.name}
+        write_eval(folder, result, answers)
+        seconds = time.perf_counter() - t0
+        self.log(f"[{folder.name}] held-out loss {result['overall']['loss']:.4f} "
+                 f"(eval {seconds:.0f} s)")
+        return result, answers, seconds
+
+    def _train(self, rows: list[dict[str, Any]], steps: int, seed: int, who: str) -> dict[str, Any]:
+        examples = tokenize_examples(self.tokenizer, rows, self.cfg.data, who, self.log)
+        result = train_adapter(self.model, examples, _train_cfg(self.cfg, steps),
+                               pad_id=self.pad_id, seed=seed)
+        self.log(f"{who}: {result.steps} steps on {len(examples)} rows, train loss "
+                 f"{result.train_loss:.4f} ({result.seconds:.0f} s)")
+        return {"rows": len(examples), "steps": result.steps, "train_loss": result.train_loss,
+                "train_seconds": result.seconds}
+
+    def _arm_base(self, folder: Path) -> dict[str, Any]:
+        _, _, eval_s = self._evaluate(folder)
+        return {"arm": "base", "steps": 0, "client_steps": {}, "train_seconds": 0.0,
+                "eval_seconds": eval_s}
+
+    def _arm_local_only(self, folder: Path) -> dict[str, Any]:
+        results, first_answers, clients = [], None, {}
+        for c in self.local_clients:
+            sub = folder / f"client_{c:04d}"
+            if (sub / "eval.json").is_file() and (sub / "train.json").is_file():
+                from fedit.evaluate.evaluation import load_eval
+
+                result, answers = load_eval(sub)
+                record = _read_json(sub / "train.json")
+            else:
+                set_adapter_arrays(self.model, self.initial)
+                record = self._train(self.data.client_rows[c], self.budget.client_steps,
+                                     client_seed(self.cfg.seed, 0, c), f"local-only client {c}")
+                result, answers, record["eval_seconds"] = self._evaluate(sub)
+                atomic_write_json(sub / "train.json", record)
+            results.append(result)
+            first_answers = answers if first_answers is None else first_answers
+            clients[str(c)] = record
+        from fedit.evaluate.evaluation import write_eval
+
+        mean = mean_results(results)
+        mean["settings"] = {**results[0].get("settings", {}), "local_clients": self.local_clients,
+                            "answers_from_client": self.local_clients[0]}
+        write_eval(folder, mean, first_answers or [])
+        return {
+            "arm": "local-only",
+            "steps": sum(r["steps"] for r in clients.values()),
+            "client_steps": {c: r["steps"] for c, r in clients.items()},
+            "clients": clients,
+            "train_seconds": sum(r["train_seconds"] for r in clients.values()),
+            "eval_seconds": sum(r.get("eval_seconds", 0.0) for r in clients.values()),
+        }
+
+    def _arm_fedit(self, folder: Path) -> dict[str, Any]:
+        cfg = dataclasses.replace(self.cfg, output_dir=str(self.out), name=folder.name,
+                                  train=_train_cfg(self.cfg, self.budget.local_steps))
+        done = folder / "summary.json"
+        if done.is_file():  # trained before, killed while evaluating
+            self.log("[fedit] trained before: evaluating its final adapter")
+            set_adapter_arrays(self.model, load_adapter_arrays(folder / "final" / "adapter"))
+        else:
+            if folder.exists():
+                self.log(f"[fedit] removing the unfinished run {folder}")
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+            atomic_write_text(folder / "config.toml", to_toml(cfg))
+            sim = _StepCountingSimulation(cfg, folder, self.log,
+                                          loaded=(self.tokenizer, self.model))
+            sim.run()  # leaves the final global adapter in self.model
+        lines = [_json_line(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        steps: dict[str, int] = {}
+        train_s = 0.0
+        for m in lines[1:]:
+            for c, s in zip(m["clients"], m["client_steps"], strict=True):
+                steps[str(c)] = steps.get(str(c), 0) + int(s)
+            train_s += float(m["seconds"])
+        _, _, eval_s = self._evaluate(folder)
+        return {"arm": "fedit", "steps": sum(steps.values()), "client_steps": steps,
+                "rounds": [m["client_steps"] for m in lines[1:]],
+                "train_seconds": train_s, "eval_seconds": eval_s}
+
+    def _arm_centralized(self, folder: Path) -> dict[str, Any]:
+        union = [r for client in self.data.client_rows for r in client]
+        n = len(self.data.client_rows)  # a seed no client of the federation has
+        record = self._train(union, self.budget.total_steps,
+                             client_seed(self.cfg.seed, 0, n), "centralized")
+        _, _, eval_s = self._evaluate(folder)
+        return {"arm": "centralized", "steps": record["steps"], "client_steps": {},
+                "rows": record["rows"], "train_loss": record["train_loss"],
+                "train_seconds": record["train_seconds"], "eval_seconds": eval_s}
+
+    # -- the summary ---------------------------------------------------------------------
+
+    def summary(self, seconds: float) -> dict[str, Any]:
+        arms = {}
+        for name in ARMS:
+            folder = self.out / name
+            result = _read_json(folder / "eval.json")
+            arms[name] = {**_read_json(folder / "arm.json"), "overall": result["overall"],
+                          "by_category": result["by_category"]}
+        return {
+            "experiment": "fedit-paper",
+            "scale": self.scale,
+            "out": str(self.out),
+            "model": self.cfg.model.name,
+            "clients": self.cfg.partition.clients,
+            "test_rows": len(self.data.test_rows),
+            "budget": self.budget.as_dict(),
+            "local_clients": self.local_clients,
+            "arms": arms,
+            "seconds": seconds,
+        }
+
+
+_METRICS = ("loss", "perplexity", "rouge_l", "similarity", "exact_match")
+
+
+def _mean_metric(ms: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"rows": ms[0].get("rows")}
+    for key in _METRICS:
+        values = [m.get(key) for m in ms]
+        out[key] = None if any(v is None for v in values) else \
+            float(np.mean([float(v) for v in values if v is not None]))
+    return out
+
+
+def mean_results(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The mean eval result of several models on the same rows (per category, overall).
+
+    A metric missing (None) for one model is None in the mean."""
+    cats = [c for c in results[0]["by_category"] if all(c in r["by_category"] for r in results)]
+    return {
+        "overall": _mean_metric([r["overall"] for r in results]),
+        "by_category": {c: _mean_metric([r["by_category"][c] for r in results]) for c in cats},
+    }
+
+
+def _read_json(path: Path) -> Any:
+    import json
+
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _json_line(line: str) -> Any:
+    import json
+
+    return json.loads(line)
+
+
+def run_experiment(name: str, scale: str, out: Path | None = None,
+                   overrides: list[str] | None = None, log: Log = print) -> dict[str, Any]:
+    """Build the config, run every arm not done yet, return experiment.json's content."""
+    cfg, settings = experiment_config(name, scale, overrides)
+    out = Path(out) if out is not None else Path(cfg.output_dir) / cfg.name
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"experiment folder {out}; budget {plan_budget(cfg).as_dict()}")
+    return Experiment(cfg, settings, out, scale, log).run()
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The arms' overall metrics as a plain-text table."""
+    def f(v: Any) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    lines = [f"{'arm':<12} {'steps':>6} {'loss':>8} {'ppl':>8} {'rouge_l':>8} {'sim':>8}"]
+    for name, arm in summary["arms"].items():
+        o = arm["overall"]
+        lines.append(f"{name:<12} {arm['steps']:>6} {f(o['loss']):>8} {f(o['perplexity']):>8} "
+                     f"{f(o.get('rouge_l')):>8} {f(o.get('similarity')):>8}")
+    return "\n".join(lines)
+
+
+__all__ = ["ARMS", "Budget", "Experiment", "ExperimentSettings", "SCALES",
+           "experiment_config", "format_summary", "local_only_clients", "mean_results",
+           "plan_budget", "run_experiment"]

@@ -1,0 +1,197 @@
+"""`fedit experiment fedit-paper --scale test`: four arms on a tiny model, budgets checked
+from what the run recorded, resume, and the config errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fedit.cli import app
+from fedit.errors import ConfigError
+from fedit.experiment import experiment_config, local_only_clients, plan_budget
+from tests.conftest import make_rows, write_jsonl
+
+ARMS = ["base", "local-only", "fedit", "centralized"]
+
+
+def _read(path: Path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def experiment(tiny_model_dir, tmp_path_factory):
+    """One test-scale experiment (CLI), shared by the tests of this module."""
+    import fedit.experiment as fe
+    import fedit.simulation as fs
+
+    tmp = tmp_path_factory.mktemp("exp")
+    data = write_jsonl(tmp / "rows.jsonl", make_rows(80))
+    out = tmp / "exp"
+    args = ["experiment", "fedit-paper", "--scale", "test", "--out", str(out),
+            "--set", f"model.name={tiny_model_dir}", "--set", f"data.path={data}"]
+    loads = []
+    real = fs.load_model
+
+    def counting_load(cfg):
+        loads.append(cfg.model.name)
+        return real(cfg)
+
+    with pytest.MonkeyPatch.context() as mp:  # count base-model loads, wherever they happen
+        mp.setattr(fs, "load_model", counting_load)
+        mp.setattr(fe, "load_model", counting_load)
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return out, args, result.output, loads
+
+
+def test_every_arm_writes_its_eval_and_the_summary(experiment):
+    out, _, output, loads = experiment
+    assert loads == [loads[0]]  # the base model is loaded once for all four arms
+    summary = _read(out / "experiment.json")
+    assert list(summary["arms"]) == ARMS
+    for arm in ARMS:
+        result = _read(out / arm / "eval.json")
+        assert summary["arms"][arm]["overall"] == result["overall"]
+        assert summary["arms"][arm]["by_category"] == result["by_category"]
+        assert {"loss", "perplexity", "rouge_l", "similarity"} <= set(result["overall"])
+        assert np.isclose(result["overall"]["perplexity"], np.exp(result["overall"]["loss"]))
+    # every arm answered the same held-out rows, those of test.jsonl
+    test_rows = _lines(out / "test.jsonl")
+    for arm in ARMS:
+        answers = _lines(out / arm / "answers.jsonl")
+        assert [a["instruction"] for a in answers] == [r["instruction"] for r in test_rows]
+    assert (out / "partitions" / "stats.json").is_file()
+    assert (out / "report.html").is_file() and "report:" in output
+    for arm in ARMS:
+        assert arm in output  # the summary table
+
+
+def test_compute_budgets_from_what_each_arm_recorded(experiment):
+    out, _, _, _ = experiment
+    cfg = _read(out / "experiment.json")
+    rounds, per_round, local = 2, 2, 1  # test scale: 2 rounds, 4 clients x 0.5, 1 step
+    assert cfg["budget"] == {"rounds": rounds, "clients_per_round": per_round,
+                             "local_steps": local, "client_steps": rounds * local,
+                             "total_steps": rounds * per_round * local}
+    # FedIT: what each sampled client did, round by round (the simulation's metrics)
+    metrics = _lines(out / "fedit" / "metrics.jsonl")
+    assert [m["round"] for m in metrics] == [0, 1, 2]
+    fedit_steps = 0
+    for m in metrics[1:]:
+        assert len(m["clients"]) == per_round
+        assert m["client_steps"] == [local] * per_round
+        fedit_steps += sum(m["client_steps"])
+    assert fedit_steps == rounds * per_round * local == _read(out / "fedit" / "arm.json")["steps"]
+    # local-only: each client trained alone as many steps as one client over all rounds
+    local_arm = _read(out / "local-only" / "arm.json")
+    assert len(local_arm["client_steps"]) == 2
+    for c, steps in local_arm["client_steps"].items():
+        assert steps == rounds * local
+        assert _read(out / "local-only" / f"client_{int(c):04d}" / "train.json")["steps"] == steps
+    # centralized: the same total as FedIT, on the union of every client's rows
+    central = _read(out / "centralized" / "arm.json")
+    assert central["steps"] == fedit_steps
+    stats = _read(out / "partitions" / "stats.json")
+    assert central["rows"] == stats["num_rows"]
+    assert _read(out / "base" / "arm.json")["steps"] == 0
+
+
+def test_arms_evaluate_the_adapter_they_trained(experiment):
+    out, _, _, _ = experiment
+    metrics = _lines(out / "fedit" / "metrics.jsonl")
+    base = _read(out / "base" / "eval.json")["overall"]["loss"]
+    fedit = _read(out / "fedit" / "eval.json")["overall"]["loss"]
+    # round 0 of the simulation is the untuned base; its last round is the final adapter
+    assert base == pytest.approx(metrics[0]["eval_loss"], rel=1e-5)
+    assert fedit == pytest.approx(metrics[-1]["eval_loss"], rel=1e-5)
+    assert fedit != pytest.approx(base, rel=1e-7)
+    # the local-only arm is the mean of its clients, category by category
+    clients = sorted((out / "local-only").glob("client_*/eval.json"))
+    per_client = [_read(p) for p in clients]
+    mean = _read(out / "local-only" / "eval.json")
+    assert len(clients) == 2
+    assert mean["overall"]["loss"] == pytest.approx(
+        np.mean([r["overall"]["loss"] for r in per_client]))
+    for cat, m in mean["by_category"].items():
+        assert m["loss"] == pytest.approx(np.mean([r["by_category"][cat]["loss"]
+                                                   for r in per_client]))
+    assert per_client[0]["overall"]["loss"] != pytest.approx(per_client[1]["overall"]["loss"])
+
+
+def test_a_second_run_skips_finished_arms(experiment):
+    out, args, _, _ = experiment
+    before = {arm: (out / arm / "eval.json").stat().st_mtime_ns for arm in ARMS}
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    for arm in ARMS:
+        assert f"[{arm}] done before (eval.json exists): skipped" in result.output
+        assert (out / arm / "eval.json").stat().st_mtime_ns == before[arm]
+
+
+def test_another_config_in_the_same_folder_is_refused(experiment):
+    out, args, _, _ = experiment
+    result = CliRunner().invoke(app, [*args, "--set", "train.lr=0.1"])
+    assert result.exit_code == 2
+    assert f"{out} holds an experiment with another config" in result.output
+
+
+def test_small_scale_budget_is_the_documented_arithmetic():
+    cfg, settings = experiment_config("fedit-paper", "small")
+    budget = plan_budget(cfg)
+    assert (budget.rounds, budget.clients_per_round, budget.local_steps) == (4, 4, 10)
+    assert budget.client_steps == 40 and budget.total_steps == 160
+    assert settings.local_clients == 2
+    total = budget.total_steps * 2 + settings.local_clients * budget.client_steps
+    assert total == 400  # the docstring's 400 optimizer steps
+    assert (cfg.data.cutoff_len, cfg.train.batch_size, cfg.model.name) == (
+        256, 8, "smollm2-135m")
+    assert cfg.partition.method == "dirichlet" and cfg.partition.alpha == 0.5
+
+
+def test_local_only_clients_are_seeded_and_distinct():
+    cfg, _ = experiment_config("fedit-paper", "small")
+    picked = local_only_clients(cfg, 5)
+    assert picked == local_only_clients(cfg, 5) and len(set(picked)) == 5
+    assert all(0 <= c < cfg.partition.clients for c in picked)
+
+
+@pytest.mark.parametrize(
+    ("name", "scale", "sets", "message"),
+    [
+        ("fedit-papr", "small", [], "unknown experiment 'fedit-papr'; use one of fedit-paper"),
+        ("fedit-paper", "huge", [], "--scale 'huge': use one of test, small, full"),
+        ("fedit-paper", "small", ["experiment.local_client=3"],
+         "--set: unknown key 'experiment.local_client'; use one of experiment.generate, "
+         "experiment.local_clients"),
+        ("fedit-paper", "small", ["experiment.local_clients=0"],
+         "--set: experiment.local_clients: must be >= 1"),
+        ("fedit-paper", "small", ["train.max_steps=0"],
+         "--set: train.max_steps: the experiment needs a step budget"),
+        ("fedit-paper", "small", ["train.lrr=1"], "--set: unknown key 'train.lrr'"),
+    ],
+)
+def test_bad_settings_name_the_key(name, scale, sets, message):
+    with pytest.raises(ConfigError) as e:
+        experiment_config(name, scale, sets)
+    assert str(e.value).startswith(message)
+
+
+def test_more_local_clients_than_clients_is_refused():
+    cfg, _ = experiment_config("fedit-paper", "test")
+    with pytest.raises(ConfigError, match="experiment.local_clients = 9 but partition.clients"):
+        local_only_clients(cfg, 9)
+
+
+def test_cli_reports_a_bad_scale_in_one_line(tmp_path):
+    result = CliRunner().invoke(app, ["experiment", "fedit-paper", "--scale", "huge",
+                                      "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2
+    assert "error: --scale 'huge': use one of test, small, full" in result.output
