@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,7 +164,9 @@ def load_eval_model(target: EvalTarget) -> tuple[Any, Any]:
     from peft import PeftModel
 
     try:
-        model = PeftModel.from_pretrained(model, str(target.adapter), is_trainable=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+            model = PeftModel.from_pretrained(model, str(target.adapter), is_trainable=False)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ModelError(f"{target.adapter}: cannot load the adapter onto {m.name} "
