@@ -252,7 +252,10 @@ def plot_category_curves(src: Source) -> bytes | None:
                if m["eval_loss_by_category"].get(c) is not None]
         if pts:
             ax.plot(*zip(*pts, strict=True), marker=".", label=c)
-    ax.set_xlabel("round")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round (0 = base model)")
     ax.set_ylabel("response-token loss")
     ax.set_title("Held-out loss per category per round")
     ax.grid(alpha=0.3)
@@ -359,6 +362,12 @@ def sample_rows(answers: dict[str, list[dict[str, Any]]], n: int) -> list[int]:
     return sorted(picked[:n])
 
 
+def _answer_header(src: Source, arm: str) -> str:
+    """The arm's name; for local-only, whose client answered (its numbers are a mean)."""
+    client = src.evals.get(arm, {}).get("settings", {}).get("answers_from_client")
+    return f"{arm} (client {client})" if client is not None else arm
+
+
 def answers_table(src: Source, n: int = 8) -> str:
     """Instruction, reference and every model's answer, side by side (all escaped)."""
     ids = sample_rows(src.answers, n)
@@ -366,7 +375,7 @@ def answers_table(src: Source, n: int = 8) -> str:
         return '<p class="muted">No answers.jsonl (run with generation to see answers).</p>'
     by_arm = {arm: {int(a["id"]): a for a in ans} for arm, ans in src.answers.items() if ans}
     ref = next(iter(by_arm.values()))
-    head = "".join(f"<th>{_esc(arm)}</th>" for arm in by_arm)
+    head = "".join(f"<th>{_esc(_answer_header(src, arm))}</th>" for arm in by_arm)
     rows = []
     for i in ids:
         r = ref[i]
