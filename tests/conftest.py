@@ -48,6 +48,38 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v)) if isinstance(v, Path) else json.dumps(v)
+
+
+def write_config(path: Path, model_dir: Path, data_file: Path, **sections: object) -> Path:
+    """A run config for the tiny model, written as TOML: the defaults below, with each
+    keyword merged in (``rounds=3``, ``train={"max_steps": 2}``, ``flower={...}``)."""
+    cfg: dict[str, object] = {
+        "output_dir": path.parent / "runs", "rounds": 2, "seed": 1,
+        "model": {"name": model_dir, "dtype": "fp32"},
+        "data": {"path": data_file, "test_per_label": 2, "cutoff_len": 128},
+        "partition": {"method": "iid", "clients": 2},
+        "train": {"batch_size": 4, "micro_batch_size": 4, "lr": 3e-3},
+        "strategy": {"fraction": 1.0},
+        "eval": {"batch_size": 8},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            cfg[key] = {**cfg.get(key, {}), **value}  # type: ignore[dict-item]
+        else:
+            cfg[key] = value
+    top = [f"{k} = {_toml_value(v)}" for k, v in cfg.items() if not isinstance(v, dict)]
+    tables = [f"[{k}]\n" + "".join(f"{kk} = {_toml_value(vv)}\n" for kk, vv in v.items())
+              for k, v in cfg.items() if isinstance(v, dict)]
+    path.write_text("\n".join(top) + "\n" + "".join(tables), encoding="utf-8")
+    return path
+
+
 def _build_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -25,7 +25,7 @@ from fedit.flower.local import LocalFederation  # noqa: E402
 from fedit.flower.secagg import quantisation_bound  # noqa: E402
 from fedit.model import load_adapter_arrays  # noqa: E402
 from fedit.simulation import Simulation, make_run_dir  # noqa: E402
-from tests.conftest import make_rows, write_jsonl  # noqa: E402
+from tests.conftest import make_rows, write_config, write_jsonl  # noqa: E402
 
 RUN_TIMEOUT = 240  # seconds one `flwr run` may take here (2 busy cores)
 
@@ -35,35 +35,9 @@ def job(tmp_path_factory, tiny_model_dir):
     """A config for two clients, and the in-process simulation of it (the reference)."""
     root = tmp_path_factory.mktemp("flower")
     data = write_jsonl(root / "rows.jsonl", make_rows(56, seed=7))
-    text = f"""
-output_dir = "{root / 'runs'}"
-rounds = 2
-seed = 11
-[model]
-name = "{tiny_model_dir}"
-dtype = "fp32"
-[data]
-path = "{data}"
-test_per_label = 2
-cutoff_len = 128
-[partition]
-method = "iid"
-clients = 2
-[train]
-batch_size = 4
-micro_batch_size = 4
-max_steps = 3
-lr = 3e-3
-[strategy]
-fraction = 1.0
-[eval]
-batch_size = 8
-[flower]
-round_timeout = 120
-node_timeout = 90
-"""
-    path = root / "job.toml"
-    path.write_text(text)
+    path = write_config(root / "job.toml", tiny_model_dir, data, seed=11,
+                        train={"max_steps": 3},
+                        flower={"round_timeout": 120, "node_timeout": 90})
     cfg = load_config(path, ["name=simulated"])
     Simulation(cfg, make_run_dir(cfg), log=lambda m: None).run()
     return path, root / "runs" / "simulated"

@@ -31,7 +31,7 @@ from fedit.model import load_adapter_arrays  # noqa: E402
 from fedit.simulation import make_run_dir, split_data  # noqa: E402
 from fedit.strategies import Reply  # noqa: E402
 from fedit.strategies import payload as P  # noqa: E402
-from tests.conftest import make_rows, write_jsonl  # noqa: E402
+from tests.conftest import make_rows, write_config, write_jsonl  # noqa: E402
 
 Behaviour = Callable[[Message, Message], Message | None]  # (message, good reply) -> reply
 
@@ -116,38 +116,10 @@ def _error(msg: Message, good: Message) -> Message:
 @pytest.fixture
 def cfg_path(tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "rows.jsonl", make_rows(60, seed=5))
-    text = f"""
-name = "fake"
-output_dir = "{tmp_path / 'runs'}"
-rounds = 2
-seed = 3
-[model]
-name = "{tiny_model_dir}"
-dtype = "fp32"
-[data]
-path = "{data}"
-test_per_label = 2
-cutoff_len = 128
-[partition]
-method = "iid"
-clients = 3
-[train]
-batch_size = 4
-micro_batch_size = 4
-max_steps = 2
-lr = 3e-3
-[strategy]
-fraction = 1.0
-[eval]
-batch_size = 8
-[flower]
-round_timeout = 1.0
-node_timeout = 0
-max_update_norm = 50.0
-"""
-    path = tmp_path / "fake.toml"
-    path.write_text(text)
-    return path
+    return write_config(tmp_path / "fake.toml", tiny_model_dir, data, name="fake", seed=3,
+                        partition={"clients": 3}, train={"max_steps": 2},
+                        flower={"round_timeout": 1.0, "node_timeout": 0,
+                                "max_update_norm": 50.0})
 
 
 def _run(cfg_path, grid, *sets):

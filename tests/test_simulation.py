@@ -15,38 +15,13 @@ from fedit.cli import app
 from fedit.config import load_config
 from fedit.model import load_adapter_arrays
 from fedit.simulation import Simulation, make_run_dir
-from tests.conftest import make_rows, write_jsonl
+from tests.conftest import make_rows, write_config, write_jsonl
 
 
 def _config(tmp_path, model_dir, data_file, rounds=2):
-    text = f"""
-name = "tiny"
-output_dir = "{tmp_path / 'runs'}"
-rounds = {rounds}
-seed = 1
-[model]
-name = "{model_dir}"
-dtype = "fp32"
-[data]
-path = "{data_file}"
-test_per_label = 3
-cutoff_len = 256
-[partition]
-method = "iid"
-clients = 2
-[train]
-local_epochs = 2
-batch_size = 8
-micro_batch_size = 4
-lr = 3e-3
-[strategy]
-fraction = 1.0
-[eval]
-batch_size = 8
-"""
-    path = tmp_path / "tiny.toml"
-    path.write_text(text)
-    return path
+    return write_config(tmp_path / "tiny.toml", model_dir, data_file, name="tiny",
+                        rounds=rounds, data={"test_per_label": 3, "cutoff_len": 256},
+                        train={"local_epochs": 2, "batch_size": 8, "micro_batch_size": 4})
 
 
 @pytest.fixture
