@@ -147,11 +147,15 @@ def test_run_folder_report(tmp_path):
     _write(run / "eval.json", _eval(2.8, 0.3))
     _write_lines(run / "answers.jsonl", _answers("run"))
     _write(run / "judge.json", {"mode": "single", "judge_model": "judge-x",
-                                "overall": {"score": 6.5, "items": 6}, "by_category": {},
+                                "overall": {"rows": 6, "mean_score": 6.5}, "by_category": {},
                                 "items": []})
+    _write(run / "judge-vs-base.json", {"mode": "pairwise", "judge_model": "judge-x",
+                                        "overall": {"rows": 6, "win_rate": 0.625},
+                                        "by_category": {}, "items": []})
     text = build_report(run).read_text(encoding="utf-8")
     assert "Overall metrics" in text and "2.8000" in text
-    assert "single judging by judge-x" in text and "6.500" in text
+    assert "<tr><th>run</th><td>single</td><td>judge-x</td>" in text and "6.500" in text
+    assert "<tr><th>run vs-base</th><td>pairwise</td>" in text and "0.625" in text
     assert "run answer 0 &lt;script&gt;" in text
     assert len(_images(text)) == 2  # + per-category bars
 
@@ -171,6 +175,10 @@ def test_broken_files_are_named(tmp_path, exp_dir):
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"round": 0}\n{oops\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"metrics.jsonl:2: not valid JSON"):
+        build_report(run)
+    (run / "metrics.jsonl").write_text('{"round": 0}\n', encoding="utf-8")
+    (run / "judge.json").write_text('{"mode": "single"}', encoding="utf-8")
+    with pytest.raises(DataError, match=r"judge.json: no 'overall' table"):
         build_report(run)
 
 

@@ -102,8 +102,7 @@ def _load_experiment(folder: Path) -> Source:
                                                     "by_category": info.get("by_category", {})}
         src.answers[arm] = ans
         src.arm_info[arm] = info
-        if (folder / arm / "judge.json").is_file():
-            src.judges[arm] = _read_json(folder / arm / "judge.json")
+        src.judges |= _read_judges(folder / arm, arm)
     if (folder / "fedit" / "metrics.jsonl").is_file():
         src.metrics = _read_jsonl(folder / "fedit" / "metrics.jsonl")
     budget = exp.get("budget", {})
@@ -128,8 +127,7 @@ def _load_run(folder: Path) -> Source:
     ev, ans = _read_arm(folder)
     if ev is not None:
         src.evals["run"], src.answers["run"] = ev, ans
-    if (folder / "judge.json").is_file():
-        src.judges["run"] = _read_json(folder / "judge.json")
+    src.judges = _read_judges(folder, "run")
     summary = _read_json(folder / "summary.json") if (folder / "summary.json").is_file() else {}
     trained = [m for m in metrics if m.get("round", 0) > 0]
     src.facts = [("rounds", str(len(trained))),
@@ -138,6 +136,18 @@ def _load_run(folder: Path) -> Source:
                  ("wall time", _duration(summary.get("seconds")))]
     src.partitions = _first_dir(folder / "partitions")
     return src
+
+
+def _read_judges(folder: Path, arm: str) -> dict[str, dict[str, Any]]:
+    """judge.json (single grading) and judge-vs-<other>.json (pairwise) of one model."""
+    out = {}
+    for path in sorted(folder.glob("judge*.json")):
+        label = arm if path.name == "judge.json" else f"{arm} {path.stem.removeprefix('judge-')}"
+        judge = _read_json(path)
+        if not isinstance(judge, dict) or not isinstance(judge.get("overall"), dict):
+            raise DataError(f"{path}: no 'overall' table; re-run `fedit judge` to rewrite it")
+        out[label] = judge
+    return out
 
 
 def _first_dir(*folders: Path) -> Path | None:
@@ -393,14 +403,20 @@ def answers_table(src: Source, n: int = 8) -> str:
 
 
 def judge_section(src: Source) -> str:
-    parts = []
-    for arm, judge in src.judges.items():
-        overall = judge.get("overall", {}) if isinstance(judge, dict) else {}
-        cells = "".join(f"<tr><th>{_esc(k)}</th><td>{_num(v, 3)}</td></tr>"
-                        for k, v in overall.items() if not isinstance(v, dict | list))
-        parts.append(f"<h3>{_esc(arm)}: {_esc(judge.get('mode', '?'))} judging by "
-                     f"{_esc(judge.get('judge_model', '?'))}</h3><table>{cells}</table>")
-    return "".join(parts)
+    """One row per judge file: its mode, judge model and overall numbers."""
+    keys: list[str] = []
+    for judge in src.judges.values():
+        keys += [k for k, v in judge["overall"].items()
+                 if k not in keys and not isinstance(v, dict | list)]
+    head = "".join(f"<th>{_esc(k)}</th>" for k in keys)
+    rows = "".join(
+        f"<tr><th>{_esc(label)}</th><td>{_esc(j.get('mode', '?'))}</td>"
+        f"<td>{_esc(j.get('judge_model', '?'))}</td>"
+        + "".join(f'<td class="num">{_num(j["overall"].get(k), 3)}</td>' for k in keys)
+        + "</tr>" for label, j in src.judges.items())
+    return (f"<table><tr><th>answers</th><th>mode</th><th>judge</th>{head}</tr>{rows}</table>"
+            '<p class="muted">single: mean 1-10 grade; pairwise: outcomes of these answers '
+            "against the other file's, each pair judged in both orders.</p>")
 
 
 def render_html(src: Source, images: dict[str, bytes]) -> str:
