@@ -81,7 +81,8 @@ async def chat_completions(request: Request) -> Any:
         return JSONResponse({"error": {"message": "overloaded"}}, status_code=500)
     if fault == "sleep":
         await asyncio.sleep(STATE.sleep)
-    content = "I cannot decide." if fault == "malformed" else _judge_reply(body)
+    content = _judge_reply(body) if fault is None or fault == "sleep" else (
+        "I cannot decide." if fault == "malformed" else f"No verdict ({fault}).")
     return {"id": "chatcmpl-1", "object": "chat.completion", "model": body["model"],
             "choices": [{"index": 0, "finish_reason": "stop",
                          "message": {"role": "assistant", "content": content}}]}
@@ -208,14 +209,17 @@ def test_malformed_reply_is_retried_then_counted(server, tmp_path):
     judge = make_judge(server, tmp_path)
     result = judge_single(answers([6]), judge, concurrency=1, log=lambda m: None)
     assert result["items"][0]["score"] == 6 and len(server.requests) == 2
-    server.script = ["malformed"] * 3  # parse_retries=2: three replies without a verdict
+    server.script = ["malformed", "m2", "m3"]  # parse_retries=2: three replies, no verdict
     result = judge_single(answers([8], categories=("other",)), judge, log=lambda m: None)
     assert result["items"][0]["score"] is None
-    assert result["items"][0]["judgment"] == "I cannot decide."
+    assert result["items"][0]["judgment"] == "No verdict (m3)."
     assert result["overall"]["unparsable"] == 1 and result["overall"]["mean_score"] is None
     assert len(server.requests) == 5
     result = judge_single(answers([8], categories=("other",)), judge, log=lambda m: None)
     assert result["items"][0]["score"] == 8 and len(server.requests) == 6  # not cached
+    server.script = ["malformed", "malformed", "m3"]  # the judge repeats itself: no 3rd try
+    result = judge_single(answers([2], categories=("other",)), judge, log=lambda m: None)
+    assert result["items"][0]["score"] is None and len(server.requests) == 8
 
 
 def test_server_error_then_success(server, tmp_path):

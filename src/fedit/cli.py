@@ -170,8 +170,8 @@ def judge_cmd(
         Path | None, typer.Option(help="default: judge.json (judge-vs-<other>.json) beside")
     ] = None,
     judge_key_env: Annotated[
-        str | None, typer.Option(help="env var holding the API key [default: OPENAI_API_KEY, "
-                                      "none sent when unset]")
+        str | None, typer.Option(help="env var holding the API key (default OPENAI_API_KEY; "
+                                      "no key, no Authorization header)")
     ] = None,
     concurrency: Annotated[int, typer.Option(help="requests in flight")] = 4,
     timeout: Annotated[float, typer.Option(help="seconds for one request")] = 60.0,
@@ -179,7 +179,7 @@ def judge_cmd(
     reference: Annotated[bool, typer.Option(help="show the judge the reference answer")] = True,
     cache: Annotated[
         Path | None,
-        typer.Option(help="reply cache file [default: $FEDIT_CACHE/judge/replies.sqlite]"),
+        typer.Option(help="reply cache file (default $FEDIT_CACHE/judge/replies.sqlite)"),
     ] = None,
 ) -> None:
     """Grade answers 1-10 with an LLM judge (MT-Bench prompts), or compare them with

@@ -284,7 +284,8 @@ class JudgeCache:
 
 @dataclass
 class Judge:
-    """A client, its cache, and how often a reply without a verdict is asked again."""
+    """A client, its cache, and how often a reply without a verdict is asked again (at most
+    ``parse_retries`` times, and no more once the judge repeats a reply word for word)."""
 
     client: JudgeClient
     cache: JudgeCache
@@ -301,13 +302,16 @@ class Judge:
             with self._lock:
                 self.cache_hits += 1
             return cached, parse(cached), True
-        reply = ""
+        reply, replies = "", set()
         for _ in range(self.parse_retries + 1):
             reply = self.client.chat(messages)
             verdict = parse(reply)
             if verdict is not None:
                 self.cache.put(key, self.client.model, reply)
                 return reply, verdict, False
+            if reply in replies:  # a deterministic judge at temperature 0 would only repeat it
+                break
+            replies.add(reply)
         return reply, None, False
 
 
