@@ -327,6 +327,14 @@ def test_mismatched_rows_and_bad_files(tmp_path, monkeypatch):
         load_answers(tmp_path / "bad.jsonl")
     with pytest.raises(DataError, match="no such answers file"):
         load_answers(tmp_path / "nowhere")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: 'instruction' and 'answer' must be"):
+        write(tmp_path / "bad.jsonl", [{"id": 0, "instruction": "q", "answer": None}])
+        load_answers(tmp_path / "bad.jsonl")
+    with pytest.raises(JudgeError, match=r"--judge-url '127.0.0.1:8080/v1': give an http://"):
+        run_judge(a, None, url="127.0.0.1:8080/v1", model="m")
+    with pytest.raises(JudgeError, match=r"a.jsonl/c.sqlite: cannot open the judge cache "
+                                         r"\(FileExistsError: .*\): point --cache or FEDIT_"):
+        run_judge(a, None, url="http://127.0.0.1:9/v1", model="m", cache_path=a / "c.sqlite")
     monkeypatch.delenv("NO_SUCH_KEY", raising=False)
     with pytest.raises(JudgeError, match="environment variable NO_SUCH_KEY"):
         run_judge(a, None, url="http://127.0.0.1:9/v1", model="m", key_env="NO_SUCH_KEY")

@@ -138,6 +138,9 @@ def parse_verdict(reply: str) -> str | None:
 def chat_endpoint(url: str) -> str:
     """``{url}/chat/completions``; a bare ``http://host:port`` gets ``/v1`` first."""
     url = url.rstrip("/")
+    if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+        raise JudgeError(f"--judge-url {url!r}: give an http:// or https:// URL, e.g. "
+                         "http://127.0.0.1:8080/v1")
     if url.endswith("/chat/completions"):
         return url
     if urlsplit(url).path in ("", "/"):
@@ -260,12 +263,16 @@ class JudgeCache:
     """Judge replies by :func:`cache_key`, in one SQLite file (safe across threads and runs)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(path, timeout=30, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, "
-                         "model TEXT, reply TEXT, created REAL)")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, timeout=30, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, "
+                             "model TEXT, reply TEXT, created REAL)")
+        except (OSError, sqlite3.Error) as exc:
+            raise JudgeError(f"{path}: cannot open the judge cache ({_one_line(exc)}): point "
+                             "--cache or FEDIT_CACHE at a writable place") from exc
         self._lock = threading.Lock()
 
     def get(self, key: str) -> str | None:
@@ -341,6 +348,8 @@ def load_answers(path: Path) -> list[dict[str, Any]]:
         if missing:
             raise DataError(f"{file}:{n}: missing field(s) {missing} (answers.jsonl of fedit "
                             "eval has id, instruction, answer, reference, category)")
+        if not isinstance(row["answer"], str) or not isinstance(row["instruction"], str):
+            raise DataError(f"{file}:{n}: 'instruction' and 'answer' must be text")
         if row["id"] in seen:
             raise DataError(f"{file}:{n}: id {row['id']} appears twice")
         seen.add(row["id"])
@@ -484,8 +493,9 @@ def run_judge(answers: Path, against: Path | None, *, url: str, model: str,
     rows = load_answers(answers)
     pairs = match_rows(rows, load_answers(against), answers, against) if against else None
     out = out or default_out(answers, against)
-    client = JudgeClient(url, model, api_key, timeout=timeout, retries=retries)
+    chat_endpoint(url)  # a bad URL fails before anything is opened
     cache = JudgeCache(cache_path or default_cache_path())
+    client = JudgeClient(url, model, api_key, timeout=timeout, retries=retries)
     judge = Judge(client, cache, parse_retries=parse_retries)
     try:
         if pairs is None:
