@@ -35,9 +35,13 @@ from fedit.evaluate.judge import (
     judge_single,
     load_answers,
     match_rows,
+    run_judge,
+)
+from fedit.evaluate.judge_prompts import (
+    pairwise_messages,
     parse_rating,
     parse_verdict,
-    run_judge,
+    single_messages,
 )
 
 
@@ -338,3 +342,73 @@ def test_mismatched_rows_and_bad_files(tmp_path, monkeypatch):
     monkeypatch.delenv("NO_SUCH_KEY", raising=False)
     with pytest.raises(JudgeError, match="environment variable NO_SUCH_KEY"):
         run_judge(a, None, url="http://127.0.0.1:9/v1", model="m", key_env="NO_SUCH_KEY")
+
+
+# FastChat llm_judge/data/judge_prompts.jsonl, verbatim (system prompt, prompt template)
+_FASTCHAT_CRITERIA_PAIR_V2 = (
+    "You should choose the assistant that follows the user's instructions and answers the "
+    "user's question better. Your evaluation should consider factors such as the helpfulness, "
+    "relevance, accuracy, depth, creativity, and level of detail of their responses. Begin "
+    "your evaluation by comparing the two responses and provide a short explanation. ")
+_FASTCHAT = {
+    "pair-math-v1": (
+        "Please act as an impartial judge and evaluate the quality of the responses provided "
+        "by two AI assistants to the user question displayed below. Your evaluation should "
+        "consider correctness and helpfulness. You will be given a reference answer, assistant "
+        "A's answer, and assistant B's answer. Your job is to evaluate which assistant's answer "
+        "is better. Begin your evaluation by comparing both assistants' answers with the "
+        "reference answer. Identify and correct any mistakes. Avoid any positional biases and "
+        "ensure that the order in which the responses were presented does not influence your "
+        "decision. Do not allow the length of the responses to influence your evaluation. Do "
+        "not favor certain names of the assistants. Be as objective as possible. After "
+        "providing your explanation, output your final verdict by strictly following this "
+        "format: \"[[A]]\" if assistant A is better, \"[[B]]\" if assistant B is better, and "
+        "\"[[C]]\" for a tie.",
+        "[User Question]\n{question}\n\n[The Start of Reference Answer]\n{ref_answer_1}\n[The "
+        "End of Reference Answer]\n\n[The Start of Assistant A's Answer]\n{answer_a}\n[The End "
+        "of Assistant A's Answer]\n\n[The Start of Assistant B's Answer]\n{answer_b}\n[The End "
+        "of Assistant B's Answer]"),
+    "single-math-v1": (
+        "You are a helpful assistant.",
+        "[Instruction]\nPlease act as an impartial judge and evaluate the quality of the "
+        "response provided by an AI assistant to the user question displayed below. Your "
+        "evaluation should consider correctness and helpfulness. You will be given a reference "
+        "answer and the assistant's answer. Begin your evaluation by comparing the assistant's "
+        "answer with the reference answer. Identify and correct any mistakes. Be as objective "
+        "as possible. After providing your explanation, you must rate the response on a scale "
+        "of 1 to 10 by strictly following this format: \"[[rating]]\", for example: \"Rating: "
+        "[[5]]\".\n\n[Question]\n{question}\n\n[The Start of Reference Answer]\n{ref_answer_1}"
+        "\n[The End of Reference Answer]\n\n[The Start of Assistant's Answer]\n{answer}\n[The "
+        "End of Assistant's Answer]"),
+    "single-v1": (
+        "You are a helpful assistant.",
+        "[Instruction]\nPlease act as an impartial judge and evaluate the quality of the "
+        "response provided by an AI assistant to the user question displayed below. Your "
+        "evaluation should consider factors such as the helpfulness, relevance, accuracy, "
+        "depth, creativity, and level of detail of the response. Begin your evaluation by "
+        "providing a short explanation. Be as objective as possible. After providing your "
+        "explanation, you must rate the response on a scale of 1 to 10 by strictly following "
+        "this format: \"[[rating]]\", for example: \"Rating: [[5]]\".\n\n[Question]\n{question}"
+        "\n\n[The Start of Assistant's Answer]\n{answer}\n[The End of Assistant's Answer]"),
+}
+
+
+def test_prompts_are_mt_bench_verbatim():
+    row = answers(["the answer"])[0] | {"instruction": "Why {x}?", "reference": "ref {y}"}
+    fill = {"question": "Why {x}?", "ref_answer_1": "ref {y}", "answer": "the answer",
+            "answer_a": "first", "answer_b": "second"}
+    for name, messages in [("single-math-v1", single_messages(row)),
+                           ("single-v1", single_messages(row, reference=False)),
+                           ("pair-math-v1", pairwise_messages(row, "first", "second"))]:
+        system, template = _FASTCHAT[name]
+        expected = template.replace("{question}", fill["question"])
+        for key in ("ref_answer_1", "answer", "answer_a", "answer_b"):
+            expected = expected.replace("{" + key + "}", fill[key])
+        assert messages == [{"role": "system", "content": system},
+                            {"role": "user", "content": expected}], name
+    system, template = _FASTCHAT["pair-math-v1"]
+    pair_v2 = pairwise_messages(row, "first", "second", reference=False)
+    assert pair_v2[0]["content"] == system.replace(
+        system[system.index("Your evaluation"):system.index("Avoid any")],
+        _FASTCHAT_CRITERIA_PAIR_V2)
+    assert "Reference" not in pair_v2[1]["content"]
