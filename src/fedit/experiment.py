@@ -32,14 +32,17 @@ Scales (``SCALES``, overridable with ``--set``):
     cutoff 256, lr 5e-4 (the pilot's settings, ``notes/paper-pilot.md``):
 
     - fedit 4 x 4 x 10 = 160 steps, centralized 160, local-only 2 clients x 40 = 80:
-      400 optimizer steps at ~8-12 s = 53-80 min;
+      400 optimizer steps at ~8-12 s (~1.1 TFLOP a step: ~110 GFLOP/s) = 53-80 min;
     - held-out loss, 48 rows (6 per category), once per round + once per arm: 10
-      no-grad passes of 48 rows, ~15 s each = ~2.5 min;
+      no-grad passes of 48 rows of <= 256 tokens, ~15 s each = ~2.5 min;
     - generation for ROUGE-L / similarity: 6 evaluations (base, 2 local clients, fedit,
-      centralized; the local-only mean reuses its clients') x 48 rows x <= 64 new tokens
-      in batches of 16, ~40-60 s each = ~5 min.
+      centralized; the local-only mean reuses its clients') of the 48 rows. Prompts are
+      not cut to the cutoff: this split's prompts run 35-1,883 tokens, so in length-sorted
+      batches of 8 the prefill is ~21.7k padded tokens (~5.9 TFLOP, ~55 s) plus 6 x 64
+      decoding steps of ~60-80 ms (~30 s): ~1.5-2 min each, ~9-12 min in all (batches of
+      16 would pad the longest prompt 16 times: 34k tokens).
 
-    Total ~61-88 min, inside the 2-hour limit with room for a slower machine.
+    Total ~65-95 min (~80 at 10 s a step), inside the 2-hour limit.
 ``full``
     The reference setting for a GPU: FederatedGPT-Shepherd's published example
     (README of github.com/JayZhang42/FederatedGPT-Shepherd: 10 clients, 10 rounds,
@@ -100,7 +103,8 @@ SCALES: dict[str, dict[str, Any]] = {
         "partition": {"method": "dirichlet", "clients": 20, "alpha": 0.5, "min_size": 40},
         "train": {"batch_size": 8, "micro_batch_size": 8, "max_steps": 10, "lr": 5e-4},
         "strategy": {"fraction": 0.2},
-        "eval": {"every": 1, "batch_size": 16, "max_new_tokens": 64},
+        "eval": {"every": 1, "batch_size": 16, "max_new_tokens": 64,
+                 "generate_batch_size": 8},
         "experiment": {"local_clients": 2},
     },
     "full": {
