@@ -83,6 +83,9 @@ async def chat_completions(request: Request) -> Any:
     fault = STATE.script.pop(0) if STATE.script else None
     if fault == "500":
         return JSONResponse({"error": {"message": "overloaded"}}, status_code=500)
+    if fault == "429":
+        return JSONResponse({"error": {"message": "slow down"}}, status_code=429,
+                            headers={"Retry-After": "0.3"})
     if fault == "sleep":
         await asyncio.sleep(STATE.sleep)
     content = _judge_reply(body) if fault is None or fault == "sleep" else (
@@ -232,6 +235,14 @@ def test_server_error_then_success(server, tmp_path):
     result = judge_single(answers([9]), judge, log=lambda m: None)
     assert result["items"][0]["score"] == 9
     assert len(server.requests) == 3 and judge.client.requests == 3
+
+
+def test_rate_limit_waits_retry_after(server, tmp_path):
+    server.script = ["429"]
+    judge = make_judge(server, tmp_path)  # back-off 0.01 s: the wait is the server's 0.3 s
+    start = time.monotonic()
+    assert judge_single(answers([4]), judge, log=lambda m: None)["items"][0]["score"] == 4
+    assert time.monotonic() - start >= 0.3 and len(server.requests) == 2
 
 
 def test_error_after_retries_names_the_status(server, tmp_path):
