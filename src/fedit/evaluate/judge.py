@@ -313,7 +313,7 @@ def judge_single(rows: list[dict[str, Any]], judge: Judge, *, reference: bool = 
     """Grade each answer 1-10; ``items`` keep each reply, ``score`` None when unparsable."""
     def one(row: dict[str, Any]) -> dict[str, Any]:
         reply, score, cached = judge.ask(single_messages(row, reference), parse_rating)
-        return {"id": row["id"], "category": row.get("category", ""), "score": score,
+        return {"id": row["id"], "category": str(row.get("category") or ""), "score": score,
                 "cached": cached, "judgment": reply}
 
     items = _run_all(one, rows, concurrency, log)
@@ -344,7 +344,8 @@ def judge_pairwise(pairs: list[tuple[dict[str, Any], dict[str, Any]]], judge: Ju
         g_ab = "tie" if v_ab == "C" else _WINNER.get(("ab", v_ab))
         g_ba = "tie" if v_ba == "C" else _WINNER.get(("ba", v_ba))
         outcome = None if g_ab is None or g_ba is None else g_ab if g_ab == g_ba else "tie"
-        items.append({"id": row["id"], "category": row.get("category", ""), "outcome": outcome,
+        items.append({"id": row["id"], "category": str(row.get("category") or ""),
+                      "outcome": outcome,
                       "consistent": None if outcome is None else g_ab == g_ba,
                       "verdict_ab": v_ab, "verdict_ba": v_ba, "cached": c_ab and c_ba,
                       "judgment_ab": r_ab, "judgment_ba": r_ba})
