@@ -129,8 +129,14 @@ class ExperimentSettings:
     generate: bool = True  # answers for ROUGE-L / similarity (False: loss only, faster)
 
     def __post_init__(self) -> None:
+        if type(self.local_clients) is not int:
+            raise ConfigError(f"experiment.local_clients: expected int, got "
+                              f"{self.local_clients!r}")
         if self.local_clients < 1:
             raise ConfigError("experiment.local_clients: must be >= 1")
+        if type(self.generate) is not bool:
+            raise ConfigError(f"experiment.generate: expected true or false, got "
+                              f"{self.generate!r}")
 
 
 @dataclass(frozen=True)
@@ -177,8 +183,6 @@ def experiment_config(
         cfg = config_from_dict(raw)
     except ConfigError as e:
         raise ConfigError(f"--set: {e}") from None
-    except TypeError as e:  # a wrong type in experiment.*
-        raise ConfigError(f"--set: experiment: {e}") from None
     if cfg.train.max_steps < 1:
         raise ConfigError("--set: train.max_steps: the experiment needs a step budget per "
                           "client round (>= 1); 0 would let data sizes decide")
