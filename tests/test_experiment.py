@@ -44,10 +44,18 @@ def experiment(tiny_model_dir, tmp_path_factory):
         loads.append(cfg.model.name)
         return real(cfg)
 
-    with pytest.MonkeyPatch.context() as mp:  # count base-model loads, wherever they happen
-        mp.setattr(fs, "load_model", counting_load)
-        mp.setattr(fe, "load_model", counting_load)
-        result = CliRunner().invoke(app, args)
+    import torch
+
+    threads = torch.get_num_threads()
+    # One thread: a 64-wide model gains nothing from two, and loses a lot on a busy machine
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:  # count base-model loads, wherever they happen
+            mp.setattr(fs, "load_model", counting_load)
+            mp.setattr(fe, "load_model", counting_load)
+            result = CliRunner().invoke(app, args)
+    finally:
+        torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
     return out, args, result.output, loads
 
