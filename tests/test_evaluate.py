@@ -312,3 +312,32 @@ def test_eval_config_keys_round_trip(tmp_path, tiny_model_dir):
     }
     (tmp_path / "resolved.toml").write_text(to_toml(cfg))
     assert load_config(tmp_path / "resolved.toml").eval == cfg.eval
+
+
+def test_rows_without_a_label_share_one_category(tmp_path, tiny_model_dir, lm, rows):
+    tokenizer, model = lm
+    unlabelled = [{k: v for k, v in r.items() if k != "category"} for r in rows[:4]]
+    cfg = _cfg(tmp_path, tiny_model_dir)
+    result, answers = evaluate_model(model, tokenizer, unlabelled, cfg, generate=False)
+    assert list(result["by_category"]) == ["(none)"]
+    assert result["by_category"]["(none)"]["loss"] == pytest.approx(result["overall"]["loss"])
+    assert {a["category"] for a in answers} == {"(none)"}
+
+
+def test_held_out_file_with_mapped_or_canonical_columns(tmp_path, tiny_model_dir):
+    from fedit.evaluate.runner import EvalTarget, load_eval_rows
+
+    cfg = _cfg(tmp_path, tiny_model_dir)
+    cfg.data.fields = {"response": "output"}
+    target = EvalTarget("base", cfg)
+    source = [{"instruction": "hi", "output": "hello", "category": "open_qa"}]
+    mapped = write_jsonl(tmp_path / "mapped.jsonl", source)
+    rows, where = load_eval_rows(str(mapped), target)
+    assert rows[0]["response"] == "hello" and where == str(mapped)
+    # a run's test.jsonl is written in canonical columns whatever data.fields mapped
+    canonical = write_jsonl(tmp_path / "test.jsonl", [{"instruction": "hi", "context": "",
+                                                       "response": "hello"}])
+    assert load_eval_rows(str(canonical), target)[0][0]["response"] == "hello"
+    neither = write_jsonl(tmp_path / "neither.jsonl", [{"instruction": "hi", "answer": "x"}])
+    with pytest.raises(DataError, match=r"neither.jsonl:1: field 'output' is missing"):
+        load_eval_rows(str(neither), target)
