@@ -123,17 +123,19 @@ def _load_experiment(folder: Path) -> Source:
 
 def _load_run(folder: Path) -> Source:
     metrics = _read_jsonl(folder / "metrics.jsonl") if (folder / "metrics.jsonl").is_file() else []
-    src = Source(folder, "run", f"run {folder.name}", [], metrics, {}, {})
+    title = f"run {folder.name}" if metrics else folder.name
+    src = Source(folder, "run", title, [], metrics, {}, {})
     ev, ans = _read_arm(folder)
     if ev is not None:
         src.evals["run"], src.answers["run"] = ev, ans
     src.judges = _read_judges(folder, "run")
     summary = _read_json(folder / "summary.json") if (folder / "summary.json").is_file() else {}
     trained = [m for m in metrics if m.get("round", 0) > 0]
-    src.facts = [("rounds", str(len(trained))),
-                 ("clients", str(summary.get("clients", "?"))),
-                 ("held-out rows", str(summary.get("test_rows", "?"))),
-                 ("wall time", _duration(summary.get("seconds")))]
+    rows = summary.get("test_rows", (ev or {}).get("overall", {}).get("rows"))
+    facts = [("rounds", len(trained) if metrics else None), ("clients", summary.get("clients")),
+             ("held-out rows", rows), ("wall time", summary.get("seconds"))]
+    src.facts = [(k, _duration(v) if k == "wall time" else str(v))
+                 for k, v in facts if v is not None]  # only what the folder says
     src.partitions = _first_dir(folder / "partitions")
     return src
 
@@ -238,8 +240,10 @@ def plot_category_bars(src: Source) -> bytes | None:
         ax.set_xticks(x, cats, rotation=20, ha="right", fontsize=9)
         values = [v for ev in src.evals.values() for v in
                   (ev.get("by_category", {}).get(c, {}).get(key) for c in cats) if v is not None]
-        # Losses differ by a few percent: start the axis near them, not at 0
-        low = 0.9 * min(values) if key == "loss" and values else 0.0
+        # Arms' losses differ by a few percent: start the axis near them, unless some
+        # category's loss is far below the others (then a cut axis would mislead)
+        close = bool(values) and min(values) > 0.6 * max(values)
+        low = 0.9 * min(values) if key == "loss" and close else 0.0
         ax.set_ylim(bottom=low, top=max(1e-3, max(values, default=0) * 1.05))
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
