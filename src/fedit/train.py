@@ -9,8 +9,10 @@ round, and computes logits only where a label is (the lm_head over a 49k vocabul
 from __future__ import annotations
 
 import math
+import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from fedit.config import TrainConfig
 from fedit.data.batching import Batch, collate, make_batches
 from fedit.data.prompts import IGNORE_INDEX, Example
+from fedit.errors import ConfigError
 
 
 @dataclass
@@ -62,6 +65,38 @@ def token_losses(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, to
     return losses, rows
 
 
+@contextmanager
+def compiled_layers(model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Inside the block, the decoder layers run compiled by ``torch.compile``.
+
+    Each layer is compiled once per process (dynamic shapes: batches of new lengths do not
+    recompile) and every layer shares the compiled code. Only training runs compiled:
+    outside the block, evaluation and KV-cache generation take the eager path. Inductor
+    fuses the elementwise work (RMSNorm, rotary, SiLU, residual adds, LoRA dropout) that
+    is ~40% of an eager fp32 step on CPU; the first step pays the compilation.
+    """
+    if not enabled:
+        yield
+        return
+    device = next(model.parameters()).device
+    if device.type == "cpu" and not (shutil.which("c++") or shutil.which("g++")):
+        raise ConfigError("train.compile needs a C++ compiler on CPU (torch.compile builds "
+                          "C++ kernels): install g++ or set train.compile = false")
+    decoder: Any = _decoder_and_head(model)[0]
+    layers = list(decoder.layers)
+    for layer in layers:
+        if not hasattr(layer, "_fedit_compiled"):
+            # what nn.Module.compile() stores; kept aside so it can be switched off
+            layer._fedit_compiled = torch.compile(layer._call_impl, dynamic=True)
+    try:
+        for layer in layers:
+            layer._compiled_call_impl = layer._fedit_compiled
+        yield
+    finally:
+        for layer in layers:
+            layer._compiled_call_impl = None
+
+
 def _lr_lambda(kind: str, total: int) -> Callable[[int], float]:
     if kind == "constant":
         return lambda step: 1.0
@@ -99,30 +134,31 @@ def train_adapter(
     sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(cfg.lr_scheduler, total))
     model.train()
     start, step, tokens, loss_sum, label_sum = time.perf_counter(), 0, 0, 0.0, 0
-    while step < total:
-        for batch in make_batches(examples, cfg.batch_size, rng=rng,
-                                  group_by_length=cfg.group_by_length):
-            if step >= total:
-                break
-            micro = [collate(batch[i : i + cfg.micro_batch_size], pad_id)
-                     for i in range(0, len(batch), cfg.micro_batch_size)]
-            n_labels = sum(m.num_labels for m in micro)
-            step_loss = 0.0
-            for m in micro:
-                losses, _ = token_losses(model, m)
-                loss = losses.sum() / n_labels
-                loss.backward()
-                step_loss += float(loss.detach())
-                tokens += m.num_tokens
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optim.step()
-            sched.step()
-            optim.zero_grad(set_to_none=True)
-            step += 1
-            loss_sum, label_sum = loss_sum + step_loss * n_labels, label_sum + n_labels
-            if progress is not None:
-                progress(step, total, step_loss)
+    with compiled_layers(model, cfg.compile):
+        while step < total:
+            for batch in make_batches(examples, cfg.batch_size, rng=rng,
+                                      group_by_length=cfg.group_by_length):
+                if step >= total:
+                    break
+                micro = [collate(batch[i : i + cfg.micro_batch_size], pad_id)
+                         for i in range(0, len(batch), cfg.micro_batch_size)]
+                n_labels = sum(m.num_labels for m in micro)
+                step_loss = 0.0
+                for m in micro:
+                    losses, _ = token_losses(model, m)
+                    loss = losses.sum() / n_labels
+                    loss.backward()
+                    step_loss += float(loss.detach())
+                    tokens += m.num_tokens
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optim.step()
+                sched.step()
+                optim.zero_grad(set_to_none=True)
+                step += 1
+                loss_sum, label_sum = loss_sum + step_loss * n_labels, label_sum + n_labels
+                if progress is not None:
+                    progress(step, total, step_loss)
     model.eval()
     return TrainResult(
         num_examples=len(examples),
