@@ -9,6 +9,8 @@ Arms, on the same rows, model, LoRA config (r=8 on q/k/v/o), cutoff and batch si
                 batches padded to the longest row
   fedit         fedit's trainer with its defaults (loss on response tokens only)
   fedit_inputs  fedit with train_on_inputs = true: the same work as the reference
+  fedit_compile fedit's defaults with train.compile = true (its seconds include compiling;
+                first_step_s shows what the first step, which compiles, took)
 
 Each prints one JSON line: tokens/s over real (non-pad) tokens, seconds, final loss, peak
 RSS. Then the ratios to the reference, the machine's measured matmul peaks (2048^3, bf16
@@ -194,7 +196,7 @@ def run_reference(model_dir: str, rows: list[dict[str, Any]], args: argparse.Nam
 
 
 def run_fedit(model_dir: str, rows: list[dict[str, Any]], args: argparse.Namespace,
-              train_on_inputs: bool, name: str) -> dict[str, Any]:
+              train_on_inputs: bool, name: str, compile: bool = False) -> dict[str, Any]:
     from fedit.config import TrainConfig
     from fedit.data.batching import tokenize_rows
     from fedit.model import LoraSpec, attach_lora, load_base_model, load_tokenizer
@@ -204,15 +206,25 @@ def run_fedit(model_dir: str, rows: list[dict[str, Any]], args: argparse.Namespa
     model = attach_lora(load_base_model(model_dir, dtype=args.dtype), LoraSpec(), seed=args.seed)
     dtype = next(p.dtype for n, p in model.named_parameters() if "lora" not in n)
     examples = tokenize_rows(tok, rows, cutoff_len=args.cutoff, train_on_inputs=train_on_inputs)
-    cfg = TrainConfig(batch_size=args.batch, micro_batch_size=args.batch, lr=3e-4)
+    cfg = TrainConfig(batch_size=args.batch, micro_batch_size=args.batch, lr=3e-4,
+                      compile=compile)
     last: list[float] = []
+    stamps: list[float] = []
+
+    def progress(step: int, total: int, loss: float) -> None:
+        last.append(loss)
+        stamps.append(time.perf_counter())
+
     with PeakRSS() as rss:
+        t0 = time.perf_counter()
         result = train_adapter(model, examples, cfg, pad_id=tok.pad_token_id, seed=args.seed,
-                               progress=lambda s, t, loss: last.append(loss))
+                               progress=progress)
     lengths = [len(e.input_ids) for e in examples]
     labelled = [e.num_labels - (e.labels[0] != -100) for e in examples]
-    return _result(name, model.config, lengths, labelled, result.seconds, last[-1], rss.peak,
-                   dtype)
+    out = _result(name, model.config, lengths, labelled, result.seconds, last[-1], rss.peak,
+                  dtype)
+    out["first_step_s"] = stamps[0] - t0
+    return out
 
 
 def _result(arm: str, config: Any, lengths: list[int], labelled: list[int], seconds: float,
@@ -238,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", default="auto", help="fedit's base weights: auto | bf16 | fp32")
-    p.add_argument("--arms", default="fedit,fedit_inputs,reference")
+    p.add_argument("--arms", default="fedit,fedit_compile,fedit_inputs,reference")
     args = p.parse_args(argv)
     args.tmp = Path(os.environ.get("TMPDIR", "/tmp")) / "fedit-bench"
 
@@ -253,6 +265,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "reference": lambda: run_reference(model_dir, rows, args),
         "fedit": lambda: run_fedit(model_dir, rows, args, False, "fedit"),
         "fedit_inputs": lambda: run_fedit(model_dir, rows, args, True, "fedit_inputs"),
+        "fedit_compile": lambda: run_fedit(model_dir, rows, args, False, "fedit_compile",
+                                           compile=True),
     }
     results = {}
     for name in args.arms.split(","):
@@ -265,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                "amx": info["amx"], "cpu": info["cpu"]}
     if "reference" in results:
         ref = results["reference"]["tokens_per_s"]
-        for name in ("fedit", "fedit_inputs"):
+        for name in ("fedit", "fedit_inputs", "fedit_compile"):
             if name in results:
                 summary[f"{name}/reference"] = results[name]["tokens_per_s"] / ref
     print(json.dumps(summary), flush=True)
