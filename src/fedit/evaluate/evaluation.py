@@ -100,9 +100,9 @@ def _metrics(answers: list[dict[str, Any]], sums: list[float], counts: list[int]
 
 
 def _answer_rows(
-    rows: Sequence[dict[str, Any]], labels: list[str], row_sums: list[float | None],
-    row_counts: list[int],
+    rows: Sequence[dict[str, Any]], labels: list[str], losses: dict[int, tuple[float, int]],
 ) -> list[dict[str, Any]]:
+    """One answer line a row, before generation; ``losses``: row -> (summed loss, tokens)."""
     return [
         {
             "id": i,
@@ -114,7 +114,7 @@ def _answer_rows(
             "rouge_l": None,
             "similarity": None,
             "exact_match": None,
-            "loss": None if row_sums[i] is None else float(row_sums[i] / row_counts[i]),  # type: ignore[operator]
+            "loss": losses[i][0] / losses[i][1] if i in losses else None,
         }
         for i, row in enumerate(rows)
     ]
@@ -180,11 +180,8 @@ def evaluate_model(
             f"same): the prompt alone fills data.cutoff_len = {cfg.data.cutoff_len}")
     sums, counts = example_losses(model, examples, cfg.eval.batch_size,
                                   int(tokenizer.pad_token_id))
-    row_sums: list[float | None] = [None] * len(rows)
-    row_counts = [0] * len(rows)
-    for j, i in enumerate(kept):
-        row_sums[i], row_counts[i] = float(sums[j]), int(counts[j])
-    answers = _answer_rows(rows, labels, row_sums, row_counts)
+    losses = {i: (float(sums[j]), int(counts[j])) for j, i in enumerate(kept)}
+    answers = _answer_rows(rows, labels, losses)
     # Answers: batched generation, then the metrics against the references
     new_tokens = 0
     if generate and rows:
@@ -205,8 +202,8 @@ def evaluate_model(
         "overall": _metrics(answers, [float(s) for s in sums], [int(c) for c in counts]),
         "by_category": {
             c: _metrics([a for a in answers if a["category"] == c],
-                        [row_sums[i] for i in kept if labels[i] == c],  # type: ignore[misc]
-                        [row_counts[i] for i in kept if labels[i] == c])
+                        [s for i, (s, _) in losses.items() if labels[i] == c],
+                        [n for i, (_, n) in losses.items() if labels[i] == c])
             for c in sorted(set(labels))
         },
         "settings": _settings(cfg, rows, kept, generate, new_tokens, start),
