@@ -72,8 +72,9 @@ def eval_cmd(
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="override a key: --set eval.max_new_tokens=64")] = None,
 ) -> None:
-    """Evaluate on held-out rows: loss and perplexity per category, and ROUGE-L, embedding
-    similarity and exact match of batched greedy answers; writes eval.json, answers.jsonl."""
+    """Evaluate TARGET (a run folder, a PEFT adapter folder, or base / base:MODEL) on
+    held-out rows: loss and perplexity per category, and ROUGE-L, embedding similarity and
+    exact match of batched greedy answers; writes eval.json and answers.jsonl."""
     from fedit.evaluate.evaluation import format_table
     from fedit.evaluate.runner import run_eval
 
