@@ -3,7 +3,9 @@ from what the run recorded, resume, and the config errors."""
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +79,11 @@ def test_every_arm_writes_its_eval_and_the_summary(experiment):
         answers = _lines(out / arm / "answers.jsonl")
         assert [a["instruction"] for a in answers] == [r["instruction"] for r in test_rows]
     assert (out / "partitions" / "stats.json").is_file()
-    assert (out / "report.html").is_file() and "report:" in output
+    assert "report:" in output
+    report = (out / "report.html").read_text(encoding="utf-8")
+    png = base64.b64decode(re.findall(r'src="data:image/png;base64,([^"]+)"', report)[0])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    assert all(f"<th>{arm}</th>" in report for arm in ARMS)
     for arm in ARMS:
         assert arm in output  # the summary table
 

@@ -265,7 +265,7 @@ def flower_worker(
 def experiment_cmd(
     name: Annotated[str, typer.Argument(help="the experiment: fedit-paper")],
     scale: Annotated[
-        str, typer.Option(help="test (tiny, for tests) | small (~80 min on a 2-core CPU) | "
+        str, typer.Option(help="test (tiny, for tests) | small (~90 min on a 2-core CPU) | "
                                "full (the reference setting, for a GPU)")
     ] = "small",
     out: Annotated[

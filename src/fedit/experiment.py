@@ -27,30 +27,32 @@ Scales (``SCALES``, overridable with ``--set``):
 ``test``
     A few steps for the test suite; pass a tiny model with ``--set model.name=DIR``.
 ``small``
-    SmolLM2-135M on this 2-core CPU in about 75-90 minutes. 20 clients (Dirichlet 0.5,
+    SmolLM2-135M on this 2-core CPU in ~71-98 minutes. 20 clients (Dirichlet 0.5,
     >= 40 rows each), 4 rounds x 4 clients (fraction 0.2) x 10 steps of batch 8 at
     cutoff 256, lr 5e-4 (the pilot's settings, ``notes/paper-pilot.md``):
 
     - fedit 4 x 4 x 10 = 160 steps, centralized 160, local-only 2 clients x 40 = 80:
-      400 optimizer steps at ~8-12 s (~1.1 TFLOP a step: ~110 GFLOP/s) = 53-80 min;
-    - held-out loss, 48 rows (6 per category), once per round + once per arm: 10
-      no-grad passes of 48 rows of <= 256 tokens, ~15 s each = ~2.5 min;
+      400 optimizer steps at ~8-12 s = 53-80 min;
+    - held-out loss on the 48 rows (6 per category; 42 fit cutoff 256): measured 39 s of
+      CPU on one thread (fp32, this AMD EPYC has no bf16 path), ~23 s on two; 5 passes
+      in the FedIT run (rounds 0-4) + 6 arm evaluations = 11 passes, ~4 min;
     - generation for ROUGE-L / similarity: 6 evaluations (base, 2 local clients, fedit,
-      centralized; the local-only mean reuses its clients') of the 48 rows. Prompts are
-      not cut to the cutoff: this split's prompts run 35-1,883 tokens, so in length-sorted
-      batches of 8 the prefill is ~21.7k padded tokens (~5.9 TFLOP, ~55 s) plus 6 x 64
-      decoding steps of ~60-80 ms (~30 s): ~1.5-2 min each, ~9-12 min in all (batches of
-      16 would pad the longest prompt 16 times: 34k tokens).
+      centralized; the local-only mean reuses its clients'). Prompts are not cut to the
+      cutoff: this split's run 35-1,883 tokens, so length-sorted batches of 8 prefill
+      ~21.7k padded tokens (batches of 16: 34k). Measured for the 48 rows, <= 64 new
+      tokens: 242 s of CPU on one thread (2,516 new tokens), ~140 s on two: ~14 min.
 
-    Total ~65-95 min (~80 at 10 s a step), inside the 2-hour limit.
+    Total ~71-98 min (~88 at 10 s a step), inside the 2-hour limit. To shorten it, lower
+    ``eval.max_new_tokens`` (decoding is ~45% of generation) or ``rounds``.
 ``full``
     The reference setting for a GPU: FederatedGPT-Shepherd's published example
     (README of github.com/JayZhang42/FederatedGPT-Shepherd: 10 clients, 10 rounds,
     ``client_selection_frac 0.1``, batch 64 / micro-batch 32, lr 3e-4, LoRA r=8 on
     q/k/v/o, cutoff 512, 10 held-out rows per category) with the issue's Dirichlet(0.5)
     split. Shepherd trains 2 local epochs a round; here 50 steps a round (about 2 epochs
-    of a 1,500-row client at batch 64) so that every arm's budget is exact. The paper
-    itself used LLaMA-7B; pass ``--set model.name=...`` for a larger model.
+    of a 1,500-row client at batch 64) so that every arm's budget is exact. That example
+    tunes ``chavinlo/alpaca-native`` (a LLaMA-7B); the model stays SmolLM2 here, pass
+    ``--set model.name=...`` for a larger one.
 """
 
 from __future__ import annotations
