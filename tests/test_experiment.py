@@ -157,6 +157,23 @@ def test_another_config_in_the_same_folder_is_refused(experiment):
     assert f"{out} holds an experiment with another config" in result.output
 
 
+def test_a_killed_experiment_resumes_with_the_same_numbers(experiment):
+    out, args, _, _ = experiment
+    before = {arm: _read(out / arm / "eval.json")["overall"]["loss"] for arm in ARMS}
+    # killed after FedIT trained but before it was evaluated; centralized never started
+    (out / "fedit" / "eval.json").unlink()
+    (out / "fedit" / "arm.json").unlink()
+    for f in (out / "centralized").iterdir():
+        f.unlink()
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "[fedit] trained before: evaluating its final adapter" in result.output
+    assert "[centralized] starting" in result.output
+    after = {arm: _read(out / arm / "eval.json")["overall"]["loss"] for arm in ARMS}
+    assert after == pytest.approx(before, rel=1e-6)  # seeded: the same adapter again
+    assert _read(out / "fedit" / "arm.json")["steps"] == 4
+
+
 def test_small_scale_budget_is_the_documented_arithmetic():
     cfg, settings = experiment_config("fedit-paper", "small")
     budget = plan_budget(cfg)
