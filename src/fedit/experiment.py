@@ -231,6 +231,7 @@ class Experiment:
 
     def __init__(self, cfg: RunConfig, settings: ExperimentSettings, out: Path,
                  scale: str = "", log: Log = print) -> None:
+        self.start = time.perf_counter()  # wall time from here: data, model load, arms
         self.cfg, self.settings, self.out, self.scale, self.log = cfg, settings, out, scale, log
         self.budget = plan_budget(cfg)
         self.local_clients = local_only_clients(cfg, settings.local_clients)
@@ -268,7 +269,6 @@ class Experiment:
     # -- the arms ------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        start = time.perf_counter()
         arms = {
             "base": self._arm_base,
             "local-only": self._arm_local_only,
@@ -284,7 +284,7 @@ class Experiment:
             set_adapter_arrays(self.model, self.initial)
             record = run_arm(folder)
             atomic_write_json(folder / "arm.json", record)
-        summary = self.summary(time.perf_counter() - start)
+        summary = self.summary(time.perf_counter() - self.start)
         atomic_write_json(self.out / "experiment.json", summary)
         return summary
 

@@ -115,7 +115,7 @@ def _load_experiment(folder: Path) -> Source:
         ("steps a client / in all", f"{budget.get('client_steps', '?')} / "
                                     f"{budget.get('total_steps', '?')}"),
         ("local-only clients", ", ".join(map(str, exp.get("local_clients", [])))),
-        ("wall time", _duration(exp.get("seconds"))),
+        ("wall time (last command)", _duration(exp.get("seconds"))),
     ]
     src.partitions = _first_dir(folder / "partitions", folder / "fedit" / "partitions")
     return src
