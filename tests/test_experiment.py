@@ -187,6 +187,15 @@ def test_small_scale_budget_is_the_documented_arithmetic():
     assert cfg.partition.method == "dirichlet" and cfg.partition.alpha == 0.5
 
 
+def test_full_scale_is_shepherds_published_setting():
+    cfg, settings = experiment_config("fedit-paper", "full")
+    budget = plan_budget(cfg)
+    assert (cfg.partition.clients, cfg.rounds, cfg.strategy.fraction) == (10, 10, 0.1)
+    assert (cfg.train.batch_size, cfg.train.micro_batch_size, cfg.train.lr) == (64, 32, 3e-4)
+    assert (cfg.lora.r, cfg.data.cutoff_len, cfg.data.test_per_label) == (8, 512, 10)
+    assert (budget.clients_per_round, budget.client_steps, budget.total_steps) == (1, 500, 500)
+
+
 def test_local_only_clients_are_seeded_and_distinct():
     cfg, _ = experiment_config("fedit-paper", "small")
     picked = local_only_clients(cfg, 5)
