@@ -47,14 +47,18 @@ def job(tmp_path_factory, tiny_model_dir):
 def federation(job, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("federation")
     fed = LocalFederation(workdir, tls=True, auth=True, isolation="process", log=lambda m: None)
-    try:
-        fed.start_superlink(nodes=2)
-        for k in range(2):
-            fed.register(k)
-            fed.start_node(k, f"partition-id={k} num-partitions=2")
-        yield fed
-    finally:
-        fed.stop()
+    # Flower splits every array into chunks of at most this many bytes; the tiny adapter's
+    # arrays (2 KiB) then cross the wire in pieces, as a large model's adapter would.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE", "512")
+        try:
+            fed.start_superlink(nodes=2)
+            for k in range(2):
+                fed.register(k)
+                fed.start_node(k, f"partition-id={k} num-partitions=2")
+            yield fed
+        finally:
+            fed.stop()
 
 
 def _logs(fed: LocalFederation) -> str:
