@@ -139,6 +139,7 @@ class EvalConfig:
     # `fedit eval`: generation and the metrics on the answers
     max_new_tokens: int = 128  # answer length cap
     generate_batch_size: int = 16  # prompts generated together (KV cache, left-padded)
+    generate_batch_tokens: int = 8192  # and at most this many positions (padding included)
     do_sample: bool = False  # False: greedy decoding (temperature and top_p unused)
     temperature: float = 1.0
     top_p: float = 1.0
@@ -151,6 +152,7 @@ class EvalConfig:
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
         _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
         _check(self.generate_batch_size >= 1, "eval.generate_batch_size", "must be >= 1")
+        _check(self.generate_batch_tokens >= 1, "eval.generate_batch_tokens", "must be >= 1")
         _check(self.temperature > 0, "eval.temperature", "must be > 0")
         _check(0 < self.top_p <= 1, "eval.top_p", "must be in (0, 1]")
 

@@ -28,14 +28,17 @@ def generate_answers(
     template: str = "alpaca",
     max_new_tokens: int = 128,
     batch_size: int = 16,
+    max_batch_tokens: int = 8192,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
 ) -> Generations:
-    """Answer every row's prompt (greedy by default), ``batch_size`` prompts at a time.
+    """Answer every row's prompt (greedy by default), up to ``batch_size`` prompts at a time.
 
     Prompts of similar length share a batch and are padded on the left, so every row's
-    answer starts at the same position and the KV cache serves the whole batch.
+    answer starts at the same position and the KV cache serves the whole batch. A batch
+    also holds at most ``max_batch_tokens`` prompt + answer positions (padding included),
+    so one very long prompt does not pad a whole batch to its length (it goes alone).
     """
     prompts = [build_prompt(r, template, tokenizer) for r in rows]
     lengths = [len(tokenizer(p, add_special_tokens=template != "chat")["input_ids"])
@@ -50,8 +53,7 @@ def generate_answers(
         else {"do_sample": False}
     new_tokens = 0
     try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+        for idx in _batches(order, lengths, batch_size, max_batch_tokens, max_new_tokens):
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
                             add_special_tokens=template != "chat").to(device)
             out = model.generate(
@@ -68,3 +70,17 @@ def generate_answers(
         tokenizer.padding_side = side
         model.train(was_training)
     return Generations(answers, new_tokens)
+
+
+def _batches(order: list[int], lengths: list[int], batch_size: int, max_tokens: int,
+             new_tokens: int) -> list[list[int]]:
+    """Consecutive runs of ``order`` (ascending lengths), each within both limits: the
+    row joining a batch is its longest, so the batch's width is that row's length."""
+    out: list[list[int]] = []
+    for i in order:
+        width = lengths[i] + new_tokens
+        if out and len(out[-1]) < batch_size and width * (len(out[-1]) + 1) <= max_tokens:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out

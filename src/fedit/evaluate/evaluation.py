@@ -191,7 +191,8 @@ def evaluate_model(
         t0 = time.perf_counter()
         gen = generate_answers(model, tokenizer, rows, template=cfg.data.template,
                                max_new_tokens=ev.max_new_tokens,
-                               batch_size=ev.generate_batch_size, do_sample=ev.do_sample,
+                               batch_size=ev.generate_batch_size,
+                               max_batch_tokens=ev.generate_batch_tokens, do_sample=ev.do_sample,
                                temperature=ev.temperature, top_p=ev.top_p)
         new_tokens = gen.new_tokens
         log(f"generated {len(rows)} answers, {new_tokens} tokens in "
