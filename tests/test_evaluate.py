@@ -307,7 +307,7 @@ def test_eval_config_keys_round_trip(tmp_path, tiny_model_dir):
                exact_match_categories=["classification"])
     assert dataclasses.asdict(cfg.eval) == {
         "every": 1, "batch_size": 4, "max_new_tokens": 6, "generate_batch_size": 5,
-        "do_sample": True, "temperature": 0.7, "top_p": 1.0,
+        "generate_batch_tokens": 8192, "do_sample": True, "temperature": 0.7, "top_p": 1.0,
         "exact_match_categories": ["classification"], "similarity": True,
     }
     (tmp_path / "resolved.toml").write_text(to_toml(cfg))
