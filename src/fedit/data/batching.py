@@ -52,15 +52,29 @@ def tokenize_rows(
 ) -> list[Example]:
     """Tokenise every row; rows whose response was cut away entirely carry no label and are
     dropped (they would add nothing but compute)."""
-    out = []
-    for row in rows:
+    return tokenize_rows_indexed(tokenizer, rows, template=template, cutoff_len=cutoff_len,
+                                 train_on_inputs=train_on_inputs)[0]
+
+
+def tokenize_rows_indexed(
+    tokenizer: Any,
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    template: str = "alpaca",
+    cutoff_len: int = 512,
+    train_on_inputs: bool = False,
+) -> tuple[list[Example], list[int]]:
+    """``tokenize_rows``, plus the index in ``rows`` of each example kept."""
+    out, kept = [], []
+    for i, row in enumerate(rows):
         ex = tokenize_row(
             tokenizer, row, template=template, cutoff_len=cutoff_len,
             train_on_inputs=train_on_inputs,
         )
         if ex.num_labels > 1:
             out.append(ex)
-    return out
+            kept.append(i)
+    return out, kept
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> Batch:
