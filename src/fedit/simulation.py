@@ -39,7 +39,7 @@ from fedit.model import (
     set_adapter_arrays,
 )
 from fedit.strategies import Reply, StrategyParams, build_strategy
-from fedit.train import example_losses
+from fedit.train import example_losses, mean_token_loss
 
 Log = Callable[[str], None]
 
@@ -176,11 +176,11 @@ class Simulation:
 
     def evaluate(self, arrays: list[np.ndarray]) -> float:
         set_adapter_arrays(self.model, arrays)
-        # One pass gives both: the per-example sums of fedit.train.evaluate_loss, by label too
+        # One pass gives both: the loss of fedit.train.evaluate_loss, and by label
         sums, counts = example_losses(self.model, self.test_examples, self.cfg.eval.batch_size,
                                       self.pad_id)
         self.eval_loss_by_category = loss_by_category(sums, counts, self.test_labels)
-        return float(sums.sum() / max(1, counts.sum()))
+        return mean_token_loss(sums, counts)
 
     def train_round(self, server_round: int, global_arrays: list[np.ndarray]) -> list[Reply]:
         # Sample clients, then train each in turn on the one shared base model

@@ -195,5 +195,9 @@ def evaluate_loss(
     model: torch.nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int
 ) -> float:
     """Held-out response-token loss: summed over every label token, divided by their count."""
-    sums, counts = example_losses(model, examples, batch_size, pad_id)
+    return mean_token_loss(*example_losses(model, examples, batch_size, pad_id))
+
+
+def mean_token_loss(sums: np.ndarray, counts: np.ndarray) -> float:
+    """Summed token losses over the number of label tokens (``example_losses``' outputs)."""
     return float(sums.sum() / max(1, counts.sum()))
