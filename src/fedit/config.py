@@ -104,6 +104,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 = no clipping
     max_steps: int = 0  # cap on optimizer steps per client round; 0 = epochs decide
     group_by_length: bool = True
+    fused: bool = True  # fused LoRA / attention / loss kernels (see docs/performance.md)
     compile: bool = False  # torch.compile the decoder layers for training (see docs/performance.md)
 
     def __post_init__(self) -> None:

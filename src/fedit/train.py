@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fedit.config import TrainConfig
 from fedit.data.batching import Batch, collate, make_batches
 from fedit.data.prompts import IGNORE_INDEX, Example
 from fedit.errors import ConfigError
+from fedit.fused import fused_training, labelled_cross_entropy
 
 
 @dataclass
@@ -59,8 +59,7 @@ def token_losses(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, to
     hidden = decoder(input_ids=ids).last_hidden_state
     targets = batch.labels[:, 1:].to(device)
     keep = targets != IGNORE_INDEX
-    logits = head(hidden[:, :-1][keep]).float()
-    losses = F.cross_entropy(logits, targets[keep], reduction="none")
+    losses = labelled_cross_entropy(hidden[:, :-1][keep], head, targets[keep])
     rows = torch.arange(ids.shape[0], device=device).unsqueeze(1).expand_as(keep)[keep]
     return losses, rows
 
@@ -126,7 +125,7 @@ def train_adapter(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters; attach a LoRA adapter first")
-    torch.manual_seed(seed)  # LoRA dropout
+    torch.manual_seed(seed)  # LoRA dropout on the stock path (the fused one has its own)
     rng = np.random.default_rng(seed)
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.local_epochs * _steps_per_epoch(len(examples), cfg.batch_size)
@@ -134,7 +133,8 @@ def train_adapter(
     sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(cfg.lr_scheduler, total))
     model.train()
     start, step, tokens, loss_sum, label_sum = time.perf_counter(), 0, 0, 0.0, 0
-    with compiled_layers(model, cfg.compile):
+    fused = cfg.fused and not cfg.compile  # compiled layers trace the stock modules
+    with compiled_layers(model, cfg.compile), fused_training(model, seed, enabled=fused):
         while step < total:
             for batch in make_batches(examples, cfg.batch_size, rng=rng,
                                       group_by_length=cfg.group_by_length):
