@@ -16,6 +16,7 @@ from fedit.fused import (
     DropoutMasks,
     LabelledCrossEntropyFunction,
     LoraLinearFunction,
+    RMSNormFunction,
     fused_training,
 )
 from fedit.model import LoraSpec, attach_lora, get_adapter_arrays, load_base_model, load_tokenizer
@@ -158,8 +159,9 @@ def test_fused_training_gives_the_stock_gradients(tiny_model_dir, tiny_batch):
 
 def test_fused_training_gives_the_stock_gradients_on_long_rows(tiny_model_dir, monkeypatch):
     # 3 query blocks of attention; rows of different real lengths (right padding)
-    calls = {"attention": 0, "lora": 0}
-    for fn, key in ((CausalAttentionFunction, "attention"), (LoraLinearFunction, "lora")):
+    calls = {"attention": 0, "lora": 0, "norm": 0}
+    for fn, key in ((CausalAttentionFunction, "attention"), (LoraLinearFunction, "lora"),
+                    (RMSNormFunction, "norm")):
         def counted(*args, _apply=fn.apply, _key=key):
             calls[_key] += 1
             return _apply(*args)
@@ -177,10 +179,10 @@ def test_fused_training_gives_the_stock_gradients_on_long_rows(tiny_model_dir, m
         return token_losses(model, batch)[0].mean()
 
     stock = _grads(loss, *params)
-    assert calls == {"attention": 0, "lora": 0}
+    assert calls == {"attention": 0, "lora": 0, "norm": 0}
     with fused_training(model):
         ours = _grads(loss, *params)
-    assert calls == {"attention": 2, "lora": 8}  # 2 layers x (1 attention, 4 LoRA linears)
+    assert calls == {"attention": 2, "lora": 8, "norm": 5}  # 2 layers + the final norm
     for a, b in zip(ours, stock, strict=True):
         _close(a, b)
 
@@ -196,7 +198,9 @@ def test_fused_training_restores_the_stock_modules(tiny_model_dir):
         raise RuntimeError("boom")
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa
     layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
-    assert len(layers) == 8 and all("forward" not in vars(m) for m in layers)
+    norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
+    assert len(layers) == 8 and len(norms) == 5  # 2 per layer + the final one
+    assert all("forward" not in vars(m) for m in layers + norms)
 
 
 def test_fused_dropout_is_seeded_and_off_in_eval(tiny_model_dir, tiny_batch):

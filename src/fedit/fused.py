@@ -167,6 +167,47 @@ def _fused_lora_forward(layer: Any, masks: DropoutMasks) -> Any:
     return forward
 
 
+# --- RMSNorm --------------------------------------------------------------------------------
+
+# RMSNorms that compute exactly ``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)``
+RMSNORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """Llama's RMSNorm with a frozen weight: statistics in fp32, output in ``x``'s dtype.
+
+    Keeps only ``x`` and the per-row ``rsqrt`` for the backward pass, which is written out
+    (``dx = rstd * (g w - x_hat * mean(g w x_hat))``) instead of replayed op by op."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.float()
+        norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
+        rstd = torch.rsqrt(norm.square_().div_(x.shape[-1]).add_(eps))
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (xf * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        x, weight, rstd = ctx.saved_tensors
+        gw = (grad_out * weight).float()
+        x_hat = x.float() * rstd
+        dot = (gw * x_hat).mean(-1, keepdim=True)
+        grad_x = gw.sub_(x_hat.mul_(dot)).mul_(rstd)
+        return grad_x.to(x.dtype), None, None
+
+
+def _fused_rmsnorm_forward(norm: Any) -> Any:
+    stock = norm.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if norm.weight.requires_grad or not torch.is_grad_enabled():
+            return stock(x)
+        return RMSNormFunction.apply(x, norm.weight, norm.variance_epsilon)
+
+    return forward
+
+
 # --- causal attention ----------------------------------------------------------------------
 
 
@@ -191,8 +232,9 @@ class CausalAttentionFunction(torch.autograd.Function):
             n = end - start
             qb = (q[:, :, start:end] * scaling).reshape(batch, kv, groups * n, dim)
             scores = qb @ k[:, :, :end].transpose(-1, -2)  # (B, KV, G n, end)
-            mask = torch.ones(n, end, dtype=torch.bool, device=q.device).triu_(start + 1)
-            scores.view(batch, kv, groups, n, end).masked_fill_(mask, float("-inf"))
+            # only the block's own (diagonal) columns hold keys after some of its queries
+            above = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1)
+            scores.view(batch, kv, groups, n, end)[..., start:].masked_fill_(above, float("-inf"))
             probs = torch.softmax(scores, dim=-1)
             ob = probs @ v[:, :, :end]  # (B, KV, G n, D)
             out[:, start:end] = ob.view(batch, heads, n, dim).transpose(1, 2)
@@ -257,7 +299,8 @@ def _fused_attention(sdpa: Any) -> Any:
 @contextmanager
 def fused_training(model: torch.nn.Module, seed: int = 0, enabled: bool = True
                    ) -> Iterator[None]:
-    """Inside the block, PEFT LoRA linears and the model's SDPA attention run fused.
+    """Inside the block, PEFT LoRA linears, Llama-style RMSNorms and the model's SDPA
+    attention run fused.
 
     LoRA dropout masks come from ``DropoutMasks(seed)``. Only a causal forward with
     gradients and no attention mask takes the fused attention (training); evaluation,
@@ -271,13 +314,16 @@ def fused_training(model: torch.nn.Module, seed: int = 0, enabled: bool = True
 
     masks = DropoutMasks(seed)
     layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    norms = [m for m in model.modules() if type(m).__name__ in RMSNORM_CLASSES]
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
     try:
         for layer in layers:
             layer.forward = _fused_lora_forward(layer, masks)  # type: ignore[method-assign]
+        for norm in norms:
+            norm.forward = _fused_rmsnorm_forward(norm)
         ALL_ATTENTION_FUNCTIONS["sdpa"] = _fused_attention(sdpa)
         yield
     finally:
         ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa
-        for layer in layers:
-            layer.__dict__.pop("forward", None)
+        for module in layers + norms:
+            module.__dict__.pop("forward", None)
