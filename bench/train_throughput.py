@@ -9,8 +9,18 @@ Arms, on the same rows, model, LoRA config (r=8 on q/k/v/o), cutoff and batch si
                 batches padded to the longest row
   fedit         fedit's trainer with its defaults (loss on response tokens only)
   fedit_inputs  fedit with train_on_inputs = true: the same work as the reference
-  fedit_compile fedit's defaults with train.compile = true (its seconds include compiling;
-                first_step_s shows what the first step, which compiles, took)
+  fedit_unfused (not by default) fedit's defaults with train.fused = false: the stock
+                PEFT / SDPA / cross-entropy modules in fedit's loop
+  fedit_compile (not by default) train.compile = true, which trains unfused (its seconds
+                include compiling; first_step_s shows what the first step took)
+  eval_generate held-out loss (one row at a time with transformers' loss vs fedit's no-grad
+                batches of 32) and greedy generation (one prompt at a time vs batches of
+                16, left-padded, KV cache), tokens/s of each and the ratio
+
+Before its timed epoch, every arm takes one untimed step on its longest batch and then
+restores its LoRA weights (``--no-warmup`` skips it): on these VMs the first touch of
+memory costs ~1 ms per MB, so whichever arm ran first would otherwise pay for the process
+growing to its peak (~13 s for fedit's first epoch of 64 rows here).
 
 Each prints one JSON line: tokens/s over real (non-pad) tokens, seconds, final loss, peak
 RSS. Then the ratios to the reference, the machine's measured matmul peaks (2048^3, bf16
@@ -29,13 +39,16 @@ import platform
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+ARMS = ("reference", "fedit", "fedit_inputs", "fedit_unfused", "fedit_compile", "eval_generate")
 SHARED_DOLLY = ROOT.parent / "shared" / "data" / "databricks-dolly-15k.jsonl"
 
 
@@ -134,6 +147,25 @@ def model_flops(config: Any, lengths: Sequence[int], labelled: Sequence[int], lo
 # --- the arms --------------------------------------------------------------------------
 
 
+@contextmanager
+def untouched_trainables(model: torch.nn.Module) -> Iterator[None]:
+    """Whatever the block does to the trainable (LoRA) weights is undone on exit."""
+    saved = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in saved:
+                    p.copy_(saved[n])
+                    p.grad = None
+
+
+def longest(items: Sequence[Any], n: int, length: Callable[[Any], int]) -> list[Any]:
+    """The ``n`` longest items: one warm-up batch that reaches the arm's peak memory."""
+    return sorted(items, key=length)[-n:]
+
+
 def load_rows(n: int, seed: int) -> list[dict[str, Any]]:
     from fedit.data.load import load_rows as fedit_load
 
@@ -183,6 +215,13 @@ def run_reference(model_dir: str, rows: list[dict[str, Any]], args: argparse.Nam
     )
     collator = DataCollatorForSeq2Seq(tok, pad_to_multiple_of=8, return_tensors="pt",
                                       padding=True)
+    if args.warmup:  # one untimed step on the longest rows, then the weights as they were
+        warm_args = TrainingArguments(**{**targs.to_dict(), "max_steps": 1})
+        warm = Trainer(model=model, args=warm_args, data_collator=collator,
+                       train_dataset=longest(data, args.batch, lambda d: len(d["input_ids"])))
+        warm.remove_callback(PrinterCallback)
+        with untouched_trainables(model):
+            warm.train()
     trainer = Trainer(model=model, args=targs, train_dataset=data, data_collator=collator)
     trainer.remove_callback(PrinterCallback)  # keep stdout to our JSON lines
     with PeakRSS() as rss:
@@ -196,7 +235,8 @@ def run_reference(model_dir: str, rows: list[dict[str, Any]], args: argparse.Nam
 
 
 def run_fedit(model_dir: str, rows: list[dict[str, Any]], args: argparse.Namespace,
-              train_on_inputs: bool, name: str, compile: bool = False) -> dict[str, Any]:
+              train_on_inputs: bool, name: str, compile: bool = False, fused: bool = True
+              ) -> dict[str, Any]:
     from fedit.config import TrainConfig
     from fedit.data.batching import tokenize_rows
     from fedit.model import LoraSpec, attach_lora, load_base_model, load_tokenizer
@@ -207,7 +247,7 @@ def run_fedit(model_dir: str, rows: list[dict[str, Any]], args: argparse.Namespa
     dtype = next(p.dtype for n, p in model.named_parameters() if "lora" not in n)
     examples = tokenize_rows(tok, rows, cutoff_len=args.cutoff, train_on_inputs=train_on_inputs)
     cfg = TrainConfig(batch_size=args.batch, micro_batch_size=args.batch, lr=3e-4,
-                      compile=compile)
+                      compile=compile, fused=fused)
     last: list[float] = []
     stamps: list[float] = []
 
@@ -215,6 +255,10 @@ def run_fedit(model_dir: str, rows: list[dict[str, Any]], args: argparse.Namespa
         last.append(loss)
         stamps.append(time.perf_counter())
 
+    if args.warmup:  # one untimed step on the longest rows, then the weights as they were
+        warm = longest(examples, args.batch, lambda e: len(e.input_ids))
+        with untouched_trainables(model):
+            train_adapter(model, warm, replace(cfg, max_steps=1), pad_id=tok.pad_token_id)
     with PeakRSS() as rss:
         t0 = time.perf_counter()
         result = train_adapter(model, examples, cfg, pad_id=tok.pad_token_id, seed=args.seed,
@@ -224,6 +268,46 @@ def run_fedit(model_dir: str, rows: list[dict[str, Any]], args: argparse.Namespa
     out = _result(name, model.config, lengths, labelled, result.seconds, last[-1], rss.peak,
                   dtype)
     out["first_step_s"] = stamps[0] - t0
+    return out
+
+
+def run_eval_generate(model_dir: str, rows: list[dict[str, Any]], args: argparse.Namespace
+                      ) -> dict[str, Any]:
+    """Held-out loss and greedy generation, one row at a time against fedit's batching.
+
+    Same model (fedit's dtype) on both sides. Loss: transformers' own loss on each row
+    alone, against ``example_losses`` in no-grad batches of 32 sorted by length. Generation:
+    ``generate_answers`` with batch_size 1 against its default (16 prompts a batch, left
+    padded, KV cache), ``--gen-rows`` prompts and ``--gen-tokens`` new tokens each."""
+    from fedit.data.batching import tokenize_rows
+    from fedit.generate import generate_answers
+    from fedit.model import LoraSpec, attach_lora, load_base_model, load_tokenizer
+    from fedit.train import example_losses
+
+    tok = load_tokenizer(model_dir)
+    model = attach_lora(load_base_model(model_dir, dtype=args.dtype), LoraSpec(), seed=args.seed)
+    examples = tokenize_rows(tok, rows[: args.eval_rows], cutoff_len=args.cutoff)
+    tokens = sum(len(e.input_ids) for e in examples)
+    out: dict[str, Any] = {"arm": "eval_generate", "eval_rows": len(examples),
+                           "eval_tokens": tokens}
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        for e in examples:
+            model(input_ids=torch.tensor([e.input_ids]), labels=torch.tensor([e.labels]))
+        one = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    example_losses(model, examples, batch_size=32, pad_id=tok.pad_token_id)
+    batched = time.perf_counter() - t0
+    out |= {"eval_tokens_per_s_one_by_one": tokens / one, "eval_tokens_per_s": tokens / batched,
+            "eval_speedup": one / batched}
+    prompts = rows[: args.gen_rows]
+    for name, batch in (("one_by_one", 1), ("batched", 16)):
+        t0 = time.perf_counter()
+        gen = generate_answers(model, tok, prompts, max_new_tokens=args.gen_tokens,
+                               batch_size=batch)
+        out[f"gen_tokens_per_s_{name}"] = gen.new_tokens / (time.perf_counter() - t0)
+        out[f"gen_new_tokens_{name}"] = gen.new_tokens
+    out["gen_speedup"] = out["gen_tokens_per_s_batched"] / out["gen_tokens_per_s_one_by_one"]
     return out
 
 
@@ -250,8 +334,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", default="auto", help="fedit's base weights: auto | bf16 | fp32")
-    p.add_argument("--arms", default="fedit,fedit_compile,fedit_inputs,reference")
+    p.add_argument("--arms", default="reference,fedit,fedit_inputs,eval_generate",
+                   help="comma-separated, in order: reference, fedit, fedit_inputs, "
+                        "fedit_unfused, fedit_compile, eval_generate")
+    p.add_argument("--eval-rows", type=int, default=64, help="rows for the eval timing")
+    p.add_argument("--gen-rows", type=int, default=32, help="prompts for the generation timing")
+    p.add_argument("--gen-tokens", type=int, default=32, help="new tokens per prompt")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="skip each arm's untimed warm-up step on its longest batch")
     args = p.parse_args(argv)
+    unknown = [a for a in args.arms.split(",") if a not in ARMS]
+    if unknown:
+        p.error(f"--arms: unknown arm {unknown[0]!r}; choose from {', '.join(ARMS)}")
     args.tmp = Path(os.environ.get("TMPDIR", "/tmp")) / "fedit-bench"
 
     from fedit.model import resolve_model
@@ -265,12 +359,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         "reference": lambda: run_reference(model_dir, rows, args),
         "fedit": lambda: run_fedit(model_dir, rows, args, False, "fedit"),
         "fedit_inputs": lambda: run_fedit(model_dir, rows, args, True, "fedit_inputs"),
+        "fedit_unfused": lambda: run_fedit(model_dir, rows, args, False, "fedit_unfused",
+                                           fused=False),
         "fedit_compile": lambda: run_fedit(model_dir, rows, args, False, "fedit_compile",
                                            compile=True),
     }
+    arms["eval_generate"] = lambda: run_eval_generate(model_dir, rows, args)
     results = {}
     for name in args.arms.split(","):
         r = arms[name]()
+        if name == "eval_generate":
+            print(json.dumps(r), flush=True)
+            continue
         r["mfu"] = r["model_tflop"] / r["seconds"] / peaks[r["dtype"]]
         r["mfu_vs_best_peak"] = r["model_tflop"] / r["seconds"] / max(peaks.values())
         results[name] = r
@@ -279,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                "amx": info["amx"], "cpu": info["cpu"]}
     if "reference" in results:
         ref = results["reference"]["tokens_per_s"]
-        for name in ("fedit", "fedit_inputs", "fedit_compile"):
+        for name in ("fedit", "fedit_inputs", "fedit_unfused", "fedit_compile"):
             if name in results:
                 summary[f"{name}/reference"] = results[name]["tokens_per_s"] / ref
     print(json.dumps(summary), flush=True)

@@ -10,6 +10,7 @@ import torch
 
 from fedit.config import TrainConfig
 from fedit.data.batching import collate, tokenize_rows
+from fedit.fused import fused_training
 from fedit.model import (
     LoraSpec,
     adapter_names,
@@ -158,29 +159,31 @@ def test_one_smollm2_client_step(smollm2_cache, monkeypatch):
 
 
 def test_lora_gradients_match_the_reference_recipe(tiny_model_dir, tiny_rows):
-    """fp32: fedit's loss path (no attention mask, lm_head only where labelled) gives the
-    gradients of transformers' own loss with the padded batch and its mask (the reference
-    recipe), on the same data from the same init, to 1e-4 relative."""
+    """fp32: fedit's loss path (no attention mask, lm_head only where labelled; stock or
+    fused kernels) gives the gradients of transformers' own loss with the padded batch and
+    its mask (the reference recipe), on the same data from the same init, to 1e-4 relative."""
     tok = load_tokenizer(str(tiny_model_dir))
     examples = tokenize_rows(tok, tiny_rows[:8], cutoff_len=256, train_on_inputs=True)
     batch = collate(examples, tok.pad_token_id)
     assert batch.attention_mask.min() == 0  # the batch really is padded
 
-    def grads(loss_fn):
+    def grads(loss_fn, fused=False):
         model = attach_lora(load_base_model(str(tiny_model_dir), dtype="fp32"),
-                            LoraSpec(dropout=0.0), seed=0)
+                            LoraSpec(dropout=0.0), seed=0).train()
         _perturb_lora_b(model)
-        loss_fn(model).backward()
+        with fused_training(model, enabled=fused):
+            loss_fn(model).backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    ours = grads(lambda m: token_losses(m, batch)[0].mean())
     ref = grads(lambda m: m(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                             labels=batch.labels).loss)
-    assert ours.keys() == ref.keys() and len(ours) == 16
-    for name in ours:
-        scale = ref[name].abs().max()
-        assert scale > 0, name
-        assert (ours[name] - ref[name]).abs().max() <= 1e-4 * scale, name
+    for fused in (False, True):  # fedit's loss on the stock modules, and on the fused kernels
+        ours = grads(lambda m: token_losses(m, batch)[0].mean(), fused=fused)
+        assert ours.keys() == ref.keys() and len(ours) == 16
+        for name in ours:
+            scale = ref[name].abs().max()
+            assert scale > 0, name
+            assert (ours[name] - ref[name]).abs().max() <= 1e-4 * scale, (fused, name)
 
 
 def test_bf16_base_trains_to_within_2_percent_of_fp32(tiny_model_dir, tiny_rows):
