@@ -228,3 +228,23 @@ def test_fused_and_stock_trainers_give_the_same_adapter(tiny_model_dir, tiny_bat
     assert a.train_loss == pytest.approx(b.train_loss, rel=1e-5)
     for x, y in zip(get_adapter_arrays(model), get_adapter_arrays(other), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_equals_llamas(dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, 48))
+    norm = norm.to(dtype).requires_grad_(False)
+    x = (torch.randn(3, 20, 48) * 3).to(dtype).requires_grad_()
+    w = torch.randn(3, 20, 48).to(dtype)
+    ours = RMSNormFunction.apply(x, norm.weight, norm.variance_epsilon)
+    stock = norm(x)
+    assert ours.dtype == stock.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    _close(ours.float(), stock.float(), rtol=1e-6 if dtype == torch.float32 else 1e-2)
+    (got,) = _grads(lambda: (RMSNormFunction.apply(x, norm.weight, 1e-5) * w).float().sum(), x)
+    (want,) = _grads(lambda: (norm(x) * w).float().sum(), x)
+    _close(got.float(), want.float(), rtol=tol)

@@ -1,4 +1,4 @@
-"""Hand-written forward + backward for the three hot spots of a LoRA training step.
+"""Hand-written forward + backward for the hot spots of a LoRA training step on CPU.
 
 Profiled on a 2-core CPU with a bf16 matmul path (SmolLM2-135M, batch 8 x 146, bf16 base;
 see docs/performance.md), eager PyTorch + PEFT spent ~13% of a step drawing LoRA dropout
@@ -16,10 +16,11 @@ every LoRA matmul. The functions below do the same mathematics with fewer passes
   sequences so that blocks above the diagonal are never computed;
 - ``LabelledCrossEntropyFunction``: lm_head + cross-entropy over the labelled positions in
   chunks of rows, the vocabulary-wide gradient ``softmax - onehot`` folded into the
-  hidden-state gradient while the chunk's logits are still in cache (logits are never kept).
+  hidden-state gradient while the chunk's logits are still in cache (logits are never kept);
+- ``RMSNormFunction``: Llama's RMSNorm with a frozen weight, its backward written out.
 
-``fused_training(model)`` switches the first two on for PEFT LoRA layers and the model's
-SDPA attention while training; ``labelled_cross_entropy`` is called by the loss itself.
+``fused_training(model)`` switches LoRA, RMSNorm and attention on for a CPU model while
+it trains; ``labelled_cross_entropy`` is called by the loss itself, on any device.
 The mathematics is that of the modules they replace: tests compare every gradient with
 the eager path in fp32.
 """
@@ -312,9 +313,10 @@ def fused_training(model: torch.nn.Module, seed: int = 0, enabled: bool = True
     LoRA dropout masks come from ``DropoutMasks(seed)``. Only a causal forward with
     gradients and no attention mask takes the fused attention (training); evaluation,
     generation and anything unusual (merged or several adapters, DoRA, masks, caches) take
-    the stock path. Everything is restored on exit."""
-    if not enabled:
-        yield
+    the stock path. Everything is restored on exit. CPU only: on other devices the block
+    changes nothing (``labelled_cross_entropy`` serves every device)."""
+    if not enabled or next(model.parameters()).device.type != "cpu":
+        yield  # on CUDA, SDPA's flash kernels and the device's own RNG are the fast path
         return
     from peft.tuners.lora.layer import Linear as LoraLinear
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
