@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 CE_CHUNK = 128  # rows of logits at a time: 128 x 49,152 bf16 = 12.6 MB, inside the L3 cache
-ATTN_BLOCK = 128  # query rows per block once a sequence is longer than 2 blocks
+ATTN_BLOCK = 64  # query rows a block beyond 2 blocks (1.5-2x faster than 128 here: L2)
 
 
 # --- lm_head + cross-entropy -------------------------------------------------------------
