@@ -14,6 +14,7 @@ from fedit.data.batching import Batch, collate, tokenize_rows
 from fedit.fused import (
     CausalAttentionFunction,
     DropoutMasks,
+    GatedMLPFunction,
     LabelledCrossEntropyFunction,
     LoraLinearFunction,
     RMSNormFunction,
@@ -159,9 +160,9 @@ def test_fused_training_gives_the_stock_gradients(tiny_model_dir, tiny_batch):
 
 def test_fused_training_gives_the_stock_gradients_on_long_rows(tiny_model_dir, monkeypatch):
     # 3 query blocks of attention; rows of different real lengths (right padding)
-    calls = {"attention": 0, "lora": 0, "norm": 0}
+    calls = {"attention": 0, "lora": 0, "norm": 0, "mlp": 0}
     for fn, key in ((CausalAttentionFunction, "attention"), (LoraLinearFunction, "lora"),
-                    (RMSNormFunction, "norm")):
+                    (RMSNormFunction, "norm"), (GatedMLPFunction, "mlp")):
         def counted(*args, _apply=fn.apply, _key=key):
             calls[_key] += 1
             return _apply(*args)
@@ -179,10 +180,10 @@ def test_fused_training_gives_the_stock_gradients_on_long_rows(tiny_model_dir, m
         return token_losses(model, batch)[0].mean()
 
     stock = _grads(loss, *params)
-    assert calls == {"attention": 0, "lora": 0, "norm": 0}
+    assert calls == {"attention": 0, "lora": 0, "norm": 0, "mlp": 0}
     with fused_training(model):
         ours = _grads(loss, *params)
-    assert calls == {"attention": 2, "lora": 8, "norm": 5}  # 2 layers + the final norm
+    assert calls == {"attention": 2, "lora": 8, "norm": 5, "mlp": 2}  # 2 layers + final norm
     for a, b in zip(ours, stock, strict=True):
         _close(a, b)
 
@@ -199,8 +200,9 @@ def test_fused_training_restores_the_stock_modules(tiny_model_dir):
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa
     layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
     norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
-    assert len(layers) == 8 and len(norms) == 5  # 2 per layer + the final one
-    assert all("forward" not in vars(m) for m in layers + norms)
+    mlps = [m for m in model.modules() if type(m).__name__ == "LlamaMLP"]
+    assert len(layers) == 8 and len(norms) == 5 and len(mlps) == 2  # 2 norms a layer + 1
+    assert all("forward" not in vars(m) for m in layers + norms + mlps)
 
 
 def test_fused_dropout_is_seeded_and_off_in_eval(tiny_model_dir, tiny_batch):
@@ -248,3 +250,24 @@ def test_rmsnorm_equals_llamas(dtype):
     (got,) = _grads(lambda: (RMSNormFunction.apply(x, norm.weight, 1e-5) * w).float().sum(), x)
     (want,) = _grads(lambda: (norm(x) * w).float().sum(), x)
     _close(got.float(), want.float(), rtol=tol)
+
+
+def test_gated_mlp_equals_llamas():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=24, intermediate_size=40, num_attention_heads=4)
+    mlp = LlamaMLP(config).requires_grad_(False)
+    x = torch.randn(2, 30, 24, requires_grad=True)
+    w = torch.randn(2, 30, 24)
+    gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+
+    def ours():
+        return (GatedMLPFunction.apply(x, gate_up, mlp.down_proj.weight) * w).sum()
+
+    def stock():
+        return (mlp(x) * w).sum()
+
+    assert ours().item() == pytest.approx(stock().item(), rel=1e-5)
+    _close(_grads(ours, x)[0], _grads(stock, x)[0])

@@ -17,9 +17,10 @@ every LoRA matmul. The functions below do the same mathematics with fewer passes
 - ``LabelledCrossEntropyFunction``: lm_head + cross-entropy over the labelled positions in
   chunks of rows, the vocabulary-wide gradient ``softmax - onehot`` folded into the
   hidden-state gradient while the chunk's logits are still in cache (logits are never kept);
-- ``RMSNormFunction``: Llama's RMSNorm with a frozen weight, its backward written out.
+- ``RMSNormFunction``: Llama's RMSNorm with a frozen weight, its backward written out;
+- ``GatedMLPFunction``: the SiLU-gated MLP with gate and up as one GEMM.
 
-``fused_training(model)`` switches LoRA, RMSNorm and attention on for a CPU model while
+``fused_training(model)`` switches LoRA, RMSNorm, MLP and attention on for a CPU model while
 it trains; ``labelled_cross_entropy`` is called by the loss itself, on any device.
 The mathematics is that of the modules they replace: tests compare every gradient with
 the eager path in fp32.
@@ -216,6 +217,63 @@ def _fused_rmsnorm_forward(norm: Any) -> Any:
     return forward
 
 
+# --- MLP ------------------------------------------------------------------------------------
+
+# MLPs that compute exactly ``down(silu(gate(x)) * up(x))`` with bias-free linears
+MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
+
+
+class GatedMLPFunction(torch.autograd.Function):
+    """``down(silu(x Wg^T) * x Wu^T)`` with frozen weights, gate and up in one GEMM.
+
+    ``gate_up`` is ``cat([Wg, Wu])``: one (tokens x 2I) product instead of two, and one
+    (tokens x 2I) @ (2I x h) product for the input gradient instead of two and an add.
+    Only that product is kept for the backward pass (the activation is recomputed)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, gate_up: torch.Tensor,
+                down: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        gu = x2 @ gate_up.t()
+        inter = gate_up.shape[0] // 2
+        gate, up = gu[:, :inter], gu[:, inter:]
+        out = (F.silu(gate).mul_(up)) @ down.t()
+        ctx.save_for_backward(gu, gate_up, down)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        gu, gate_up, down = ctx.saved_tensors
+        inter = gate_up.shape[0] // 2
+        gate, up = gu[:, :inter], gu[:, inter:]
+        grad_h = grad_out.reshape(-1, grad_out.shape[-1]) @ down
+        grad_gu = torch.empty_like(gu)
+        torch.ops.aten.silu_backward(grad_h * up, gate, grad_input=grad_gu[:, :inter])
+        torch.mul(grad_h, F.silu(gate), out=grad_gu[:, inter:])
+        grad_x = grad_gu @ gate_up
+        return grad_x.view(*grad_out.shape[:-1], grad_x.shape[-1]), None, None
+
+
+def _plain_mlp(mlp: Any) -> bool:
+    projections = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
+    silu = type(getattr(mlp, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
+    return (type(mlp).__name__ in MLP_CLASSES and silu
+            and all(type(p) is torch.nn.Linear and p.bias is None
+                    and not p.weight.requires_grad for p in projections))
+
+
+def _fused_mlp_forward(mlp: Any) -> Any:
+    stock = mlp.forward
+    gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return stock(x)
+        return GatedMLPFunction.apply(x, gate_up, mlp.down_proj.weight)
+
+    return forward
+
+
 # --- causal attention ----------------------------------------------------------------------
 
 
@@ -324,15 +382,18 @@ def fused_training(model: torch.nn.Module, seed: int = 0, enabled: bool = True
     masks = DropoutMasks(seed)
     layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
     norms = [m for m in model.modules() if type(m).__name__ in RMSNORM_CLASSES]
+    mlps = [m for m in model.modules() if _plain_mlp(m)]  # a LoRA on gate/up/down: stock
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
     try:
         for layer in layers:
             layer.forward = _fused_lora_forward(layer, masks)  # type: ignore[method-assign]
         for norm in norms:
             norm.forward = _fused_rmsnorm_forward(norm)
+        for mlp in mlps:
+            mlp.forward = _fused_mlp_forward(mlp)
         ALL_ATTENTION_FUNCTIONS["sdpa"] = _fused_attention(sdpa)
         yield
     finally:
         ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa
-        for module in layers + norms:
+        for module in layers + norms + mlps:
             module.__dict__.pop("forward", None)
