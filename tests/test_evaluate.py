@@ -252,9 +252,10 @@ def test_eval_adapter_folder_and_base(run, tiny_model_dir, tmp_path):
     assert ev["settings"]["adapter"] == str(adapter) and ev["settings"]["run"] == str(run)
     assert all(a["answer"] is None and a["loss"] is not None for a in answers)
     assert ev["overall"]["loss"] == pytest.approx(_metrics(run)[-1]["eval_loss"], rel=1e-5)
-    # The untuned base model: the run's round-0 loss
+    # The untuned base model, in the run's dtype (auto would be bf16 on a bf16 CPU): the
+    # run's round-0 loss
     result = _invoke(f"base:{tiny_model_dir}", "--on", run / "test.jsonl", "--out",
-                     tmp_path / "b", "--no-generate")
+                     tmp_path / "b", "--no-generate", "--set", "model.dtype=fp32")
     assert result.exit_code == 0, result.output
     ev, _ = load_eval(tmp_path / "b")
     assert ev["settings"]["adapter"] is None and ev["settings"]["model"] == str(tiny_model_dir)
