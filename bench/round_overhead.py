@@ -5,7 +5,8 @@
 1. Overhead: the same K clients, the same seeds and the same steps, timed twice in one
    process: (a) each client's local training alone (``train_adapter`` on a model that
    already holds the global adapter), summed; (b) a whole simulated round (adapter in,
-   train, adapter out for each client, FedAvg, checkpoint). Target: (b) <= 1.05 x (a).
+   train, adapter out for each client, FedAvg, checkpoint), the two interleaved ``--reps``
+   times. Target: (b) <= 1.05 x (a).
 2. Memory: peak RSS of a one-round run with 10 and with 100 clients configured over the
    full corpus (each in a fresh process, 2 clients trained a round). Target: equal within
    10%, since only the sampled clients' data is tokenised and one base model is shared.
@@ -72,8 +73,11 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
             save_adapter(sim.model, Path(tmp) / "ckpt" / "adapter")
             return time.perf_counter() - t0
 
-        alone_s = [alone(), alone()]
-        round_s = [whole_round(), whole_round()]
+        # Interleaved, so a drift in the machine's speed hits both alike
+        alone_s, round_s = [], []
+        for _ in range(args.reps):
+            alone_s.append(alone())
+            round_s.append(whole_round())
     a, b = float(np.mean(alone_s)), float(np.mean(round_s))
     return {"clients": clients, "steps": args.steps, "alone_s": alone_s, "round_s": round_s,
             "round/alone": b / a}
@@ -101,6 +105,7 @@ def main() -> None:
     p.add_argument("--clients-per-round", type=int, default=3)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--cutoff", type=int, default=256)
+    p.add_argument("--reps", type=int, default=4, help="interleaved (alone, round) pairs")
     p.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--skip-rss", action="store_true", help="only the overhead part")
     p.add_argument("--skip-overhead", action="store_true", help="only the memory part")
