@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from fedit.data.batching import capped_batches as _batches
 from fedit.data.prompts import build_prompt
 
 
@@ -70,17 +71,3 @@ def generate_answers(
         tokenizer.padding_side = side
         model.train(was_training)
     return Generations(answers, new_tokens)
-
-
-def _batches(order: list[int], lengths: list[int], batch_size: int, max_tokens: int,
-             new_tokens: int) -> list[list[int]]:
-    """Consecutive runs of ``order`` (ascending lengths), each within both limits: the
-    row joining a batch is its longest, so the batch's width is that row's length."""
-    out: list[list[int]] = []
-    for i in order:
-        width = lengths[i] + new_tokens
-        if out and len(out[-1]) < batch_size and width * (len(out[-1]) + 1) <= max_tokens:
-            out[-1].append(i)
-        else:
-            out.append([i])
-    return out

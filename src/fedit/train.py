@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from fedit.config import TrainConfig
-from fedit.data.batching import Batch, collate, make_batches
+from fedit.data.batching import Batch, capped_batches, collate, make_batches
 from fedit.data.prompts import IGNORE_INDEX, Example
 from fedit.errors import ConfigError
 from fedit.fused import fused_training, labelled_cross_entropy
@@ -186,8 +186,8 @@ def example_losses(
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     sums, counts = np.zeros(len(examples)), np.zeros(len(examples), dtype=np.int64)
-    for idx in _eval_batches(order, [len(e.input_ids) for e in examples], batch_size,
-                             max_batch_tokens):
+    lengths = [len(e.input_ids) for e in examples]
+    for idx in map(np.asarray, capped_batches(order, lengths, batch_size, max_batch_tokens)):
         batch = collate([examples[i] for i in idx], pad_id)
         losses, rows = token_losses(model, batch)
         per_row = torch.zeros(batch.num_examples).index_add_(0, rows.cpu(), losses.cpu())
@@ -195,20 +195,6 @@ def example_losses(
         counts[idx] = np.bincount(rows.cpu().numpy(), minlength=batch.num_examples)
     model.train(was_training)
     return sums, counts
-
-
-def _eval_batches(order: list[int], lengths: list[int], batch_size: int,
-                  max_tokens: int) -> list[np.ndarray]:
-    """Consecutive runs of ``order`` (shortest first) under both caps; a row longer than
-    ``max_tokens`` goes alone."""
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and len(batches[-1]) < batch_size \
-                and lengths[i] * (len(batches[-1]) + 1) <= max_tokens:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return [np.asarray(b) for b in batches]
 
 
 def evaluate_loss(

@@ -119,3 +119,19 @@ def make_batches(
     order = batch_order(lengths, batch_size, rng, group_by_length)
     return [[examples[i] for i in idx] for idx in order]
 
+
+
+def capped_batches(order: Sequence[int], lengths: Sequence[int], batch_size: int,
+                   max_tokens: int, extra_tokens: int = 0) -> list[list[int]]:
+    """Consecutive runs of ``order`` (ascending lengths), each of at most ``batch_size`` rows
+    and ``max_tokens`` positions: the row joining a batch is its longest, so the batch's
+    width is that row's length (+ ``extra_tokens``, e.g. tokens to generate). A row wider
+    than ``max_tokens`` goes alone."""
+    out: list[list[int]] = []
+    for i in order:
+        width = lengths[i] + extra_tokens
+        if out and len(out[-1]) < batch_size and width * (len(out[-1]) + 1) <= max_tokens:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
