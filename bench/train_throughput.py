@@ -276,7 +276,8 @@ def run_eval_generate(model_dir: str, rows: list[dict[str, Any]], args: argparse
     """Held-out loss and greedy generation, one row at a time against fedit's batching.
 
     Same model (fedit's dtype) on both sides. Loss: transformers' own loss on each row
-    alone, against ``example_losses`` in no-grad batches of 32 sorted by length. Generation:
+    alone, against ``example_losses`` in no-grad batches sorted by length (up to 32 rows
+    and its 2,048-position cap). Generation:
     ``generate_answers`` with batch_size 1 against its default (16 prompts a batch, left
     padded, KV cache), ``--gen-rows`` prompts and ``--gen-tokens`` new tokens each."""
     from fedit.data.batching import tokenize_rows
@@ -363,8 +364,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                            fused=False),
         "fedit_compile": lambda: run_fedit(model_dir, rows, args, False, "fedit_compile",
                                            compile=True),
+        "eval_generate": lambda: run_eval_generate(model_dir, rows, args),
     }
-    arms["eval_generate"] = lambda: run_eval_generate(model_dir, rows, args)
     results = {}
     for name in args.arms.split(","):
         r = arms[name]()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fedit.data.batching import capped_batches
 from fedit.data.prompts import build_prompt
-from fedit.generate import _batches, generate_answers
+from fedit.generate import generate_answers
 from fedit.model import LoraSpec, attach_lora, load_base_model, load_tokenizer
 
 
@@ -37,7 +38,7 @@ def test_batches_keep_within_rows_and_tokens():
     lengths = [10, 12, 12, 30, 30, 100, 11]
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])  # 0 6 1 2 3 4 5
     # 8 rows at most, 130 positions (padding included, 10 new tokens each) at most
-    assert _batches(order, lengths, 8, 130, 10) == [[0, 6, 1, 2], [3, 4], [5]]
+    assert capped_batches(order, lengths, 8, 130, 10) == [[0, 6, 1, 2], [3, 4], [5]]
     # three rows at most; every row fits alone even when over the budget
-    assert _batches(order, lengths, 3, 10_000, 10) == [[0, 6, 1], [2, 3, 4], [5]]
-    assert _batches(order, lengths, 8, 5, 10) == [[i] for i in order]
+    assert capped_batches(order, lengths, 3, 10_000, 10) == [[0, 6, 1], [2, 3, 4], [5]]
+    assert capped_batches(order, lengths, 8, 5, 10) == [[i] for i in order]

@@ -365,8 +365,8 @@ def _fused_attention(sdpa: Any) -> Any:
 @contextmanager
 def fused_training(model: torch.nn.Module, seed: int = 0, enabled: bool = True
                    ) -> Iterator[None]:
-    """Inside the block, PEFT LoRA linears, Llama-style RMSNorms and the model's SDPA
-    attention run fused.
+    """Inside the block, PEFT LoRA linears, Llama-style RMSNorms and gated MLPs, and the
+    model's SDPA attention run fused.
 
     LoRA dropout masks come from ``DropoutMasks(seed)``. Only a causal forward with
     gradients and no attention mask takes the fused attention (training); evaluation,

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from fedit.data.batching import capped_batches as _batches
+from fedit.data.batching import capped_batches
 from fedit.data.prompts import build_prompt
 
 
@@ -54,7 +54,8 @@ def generate_answers(
         else {"do_sample": False}
     new_tokens = 0
     try:
-        for idx in _batches(order, lengths, batch_size, max_batch_tokens, max_new_tokens):
+        for idx in capped_batches(order, lengths, batch_size, max_batch_tokens,
+                                  max_new_tokens):
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
                             add_special_tokens=template != "chat").to(device)
             out = model.generate(

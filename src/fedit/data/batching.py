@@ -120,7 +120,6 @@ def make_batches(
     return [[examples[i] for i in idx] for idx in order]
 
 
-
 def capped_batches(order: Sequence[int], lengths: Sequence[int], batch_size: int,
                    max_tokens: int, extra_tokens: int = 0) -> list[list[int]]:
     """Consecutive runs of ``order`` (ascending lengths), each of at most ``batch_size`` rows
