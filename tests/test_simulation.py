@@ -11,9 +11,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
+from fedit.adapter import load_adapter_arrays
 from fedit.cli import app
 from fedit.config import load_config
-from fedit.model import load_adapter_arrays
 from fedit.simulation import Simulation, make_run_dir
 from tests.conftest import make_rows, write_config, write_jsonl
 
@@ -96,13 +96,54 @@ def test_final_adapter_reloads_with_plain_peft(tmp_path, tiny_model_dir, data_fi
     assert (plain - untuned).abs().max() > 1e-3  # the adapter is not a no-op
 
 
-def test_existing_run_folder_is_refused(tmp_path, tiny_model_dir, data_file):
+def test_a_folder_with_committed_rounds_is_refused_and_resume_is_named(
+        tmp_path, tiny_model_dir, data_file):
+    # Prepare: a finished one-round run
+    cfg_path = _config(tmp_path, tiny_model_dir, data_file, rounds=1)
+    assert CliRunner().invoke(app, ["train", str(cfg_path)]).exit_code == 0
+    # Execute: the same command again
+    result = CliRunner().invoke(app, ["train", str(cfg_path)])
+    # Assert: one line that names --resume
+    run = tmp_path / "runs" / "tiny"
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        f"error: run folder {run} holds a run that already committed rounds: continue it "
+        f"with `fedit train --resume {run}`, or choose another name (--set name=...)")
+
+
+def test_a_folder_that_is_not_a_run_is_refused(tmp_path, tiny_model_dir, data_file):
     cfg_path = _config(tmp_path, tiny_model_dir, data_file)
     (tmp_path / "runs" / "tiny").mkdir(parents=True)
-    (tmp_path / "runs" / "tiny" / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "runs" / "tiny" / "notes.txt").write_text("mine\n")
     result = CliRunner().invoke(app, ["train", str(cfg_path)])
     assert result.exit_code == 2
-    assert "already exists; choose another name (--set name=...)" in result.output
+    assert "runs/tiny exists and is not a fedit run folder" in result.output
+    assert (tmp_path / "runs" / "tiny" / "notes.txt").read_text() == "mine\n"  # untouched
+
+
+def test_a_run_that_failed_on_its_data_can_be_run_again(tmp_path, tiny_model_dir, data_file):
+    # Prepare: a typo in data.path
+    cfg_path = _config(tmp_path, tiny_model_dir, data_file, rounds=1)
+    bad = CliRunner().invoke(app, ["train", str(cfg_path), "--set",
+                                   f"data.path={tmp_path / 'rowz.jsonl'}"])
+    assert bad.exit_code == 2 and "rowz.jsonl" in bad.output
+    # Execute: the same command with the typo fixed
+    good = CliRunner().invoke(app, ["train", str(cfg_path)])
+    # Assert: no "already exists", the run completes in the same folder
+    assert good.exit_code == 0, good.output
+    assert (tmp_path / "runs" / "tiny" / "summary.json").is_file()
+
+
+def test_no_held_out_set_trains_and_says_so(tmp_path, tiny_model_dir, data_file):
+    cfg_path = _config(tmp_path, tiny_model_dir, data_file, rounds=1)
+    result = CliRunner().invoke(app, ["train", str(cfg_path), "--set",
+                                      "data.test_per_label=0"])
+    assert result.exit_code == 0, result.output
+    assert "no held-out rows (data.test_per_label = 0): no held-out loss" in result.output
+    run = tmp_path / "runs" / "tiny"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["eval_loss"] for m in lines] == [None, None]
+    assert (run / "final" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_bad_override_is_one_line(tmp_path, tiny_model_dir, data_file):

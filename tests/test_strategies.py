@@ -21,7 +21,8 @@ def test_fedavg_weights_by_example_count():
     w1 = [np.array([5.0, 6.0], np.float32), np.array([[4.0]], np.float32)]
     replies = [Reply(0, w0, num_examples=1), Reply(1, w1, num_examples=3)]
     # Execute
-    out = FedAvg().aggregate_train(1, w0, replies)
+    s = FedAvg()
+    out, _ = s.server_update(1, w0, s.combine(1, replies), s.init_state(w0))
     # Assert: (w0 * 1 + w1 * 3) / 4
     np.testing.assert_allclose(out[0], [(1 + 15) / 4, (2 + 18) / 4])
     np.testing.assert_allclose(out[1], [[12 / 4]])

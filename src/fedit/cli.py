@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -28,30 +28,51 @@ def _fail(e: Exception) -> NoReturn:
 
 @app.command()
 def train(
-    config: Annotated[Path, typer.Argument(help="TOML run config, e.g. configs/quickstart.toml")],
+    config: Annotated[Path | None, typer.Argument(
+        help="TOML run config, e.g. configs/quickstart.toml (not with --resume)")] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="override a key: --set rounds=5 --set train.lr=1e-4"),
     ] = None,
+    resume: Annotated[Path | None, typer.Option(
+        "--resume", help="continue the run in this folder after its last committed round "
+                         "(its own config.toml)")] = None,
 ) -> None:
-    """Run a federated job in one process (the embedded simulation) and print a summary."""
+    """Run a federated job in one process (the in-process runtime) and print a summary;
+    --resume RUN_DIR continues a run that was stopped, from its last committed round."""
     from fedit.config import load_config
-    from fedit.simulation import run_federated
+    from fedit.simulation import resume_federated, run_federated
 
+    log = lambda m: typer.echo(m, err=True)  # noqa: E731
     try:
-        cfg = load_config(config, set_ or [])
-        summary = run_federated(cfg, stem=config.stem, log=lambda m: typer.echo(m, err=True))
+        if resume is not None:
+            if config is not None or set_:
+                raise FeditError("--resume takes the run's own config.toml: give no CONFIG "
+                                 "and no --set")
+            summary = resume_federated(resume, log=log)
+        elif config is None:
+            raise FeditError("give a CONFIG file (e.g. configs/quickstart.toml) or --resume "
+                             "RUN_DIR")
+        else:
+            summary = run_federated(load_config(config, set_ or []), stem=config.stem, log=log)
     except (FeditError, ValueError) as e:
         _fail(e)
+    typer.echo("\n" + format_train_summary(summary))
+
+
+def format_train_summary(summary: dict[str, Any]) -> str:
+    """What `fedit train` prints at the end (a run with no held-out rows says so)."""
     base, final = summary["base_eval_loss"], summary["final_eval_loss"]
-    change = 100 * (final - base) / base
-    typer.echo(
-        f"\nheld-out response loss on {summary['test_rows']} rows: base model {base:.4f} -> "
-        f"global adapter {final:.4f} ({change:+.1f}%)\n"
-        f"{summary['rounds']} rounds over {summary['clients']} clients in "
-        f"{summary['seconds']:.0f} s\nrun folder: {summary['run_dir']}\n"
-        f"final adapter: {summary['final_adapter']}"
-    )
+    if base is None or final is None:
+        held_out = "no held-out rows (data.test_per_label = 0): no held-out loss"
+    else:
+        change = 100 * (final - base) / base if base else 0.0
+        held_out = (f"held-out response loss on {summary['test_rows']} rows: base model "
+                    f"{base:.4f} -> global adapter {final:.4f} ({change:+.1f}%)")
+    dropped = f"; {summary['dropped']} client replies dropped" if summary.get("dropped") else ""
+    return (f"{held_out}\n{summary['rounds']} rounds over {summary['clients']} clients in "
+            f"{summary['seconds']:.0f} s{dropped}\nrun folder: {summary['run_dir']}\n"
+            f"final adapter: {summary['final_adapter']}")
 
 
 @app.command("eval")

@@ -1,5 +1,6 @@
-"""One client's round, the same function for the simulation and the Flower ClientApp:
-adapter in -> local training on the client's own examples -> adapter out + metrics."""
+"""One client's round, the same function for the in-process runtime and the Flower
+ClientApp: global adapter + instruction + client state in -> local training on the
+client's own examples (with the strategy's trainer hook) -> reply + new client state."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedit.config import TrainConfig
+from fedit.adapter import get_adapter_arrays, set_adapter_arrays
+from fedit.config import RunConfig, TrainConfig
 from fedit.data.prompts import Example
-from fedit.model import get_adapter_arrays, set_adapter_arrays
-from fedit.strategies import Reply
+from fedit.device import pick_device
+from fedit.model import LoraSpec, attach_lora, load_base_model, load_tokenizer
+from fedit.strategies import ClientState, Instruction, Reply, Strategy
 from fedit.strategies import payload as P
 from fedit.train import train_adapter
 
@@ -20,6 +23,18 @@ from fedit.train import train_adapter
 def client_seed(seed: int, server_round: int, client: int) -> int:
     """A distinct, reproducible seed per (run seed, round, client)."""
     return int(np.random.SeedSequence([seed, server_round, client]).generate_state(1)[0])
+
+
+def load_model(cfg: RunConfig) -> tuple[Any, torch.nn.Module]:
+    """Tokenizer and the base model with a fresh LoRA adapter (loaded once per process)."""
+    tokenizer = load_tokenizer(cfg.model.name)
+    device = pick_device(cfg.model.device)
+    base = load_base_model(cfg.model.name, dtype=cfg.model.dtype, device=device,
+                           quantization=cfg.model.quantization or None)
+    lora = cfg.lora
+    spec = LoraSpec(r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                    target_modules=tuple(lora.target_modules))
+    return tokenizer, attach_lora(base, spec, seed=cfg.seed)
 
 
 def run_client_round(
@@ -32,21 +47,30 @@ def run_client_round(
     server_round: int,
     seed: int,
     pad_id: int,
-    round_config: dict[str, Any] | None = None,
+    strategy: Strategy,
+    instruction: Instruction | None = None,
+    state: ClientState | None = None,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> Reply:
     """Load the global adapter into ``model``, train it on ``examples``, return the reply.
 
-    ``round_config`` carries what a strategy adds for the round (unused by FedAvg)."""
+    ``instruction`` is what the strategy sent this client; ``state`` is this client's
+    state from its earlier rounds, updated in place by the strategy's ``after_train``
+    (the caller saves it)."""
+    instruction = instruction or Instruction()
+    state = state if state is not None else ClientState()
     set_adapter_arrays(model, global_arrays)
     result = train_adapter(
         model, examples, cfg, pad_id=pad_id,
         seed=client_seed(seed, server_round, client), progress=progress,
+        hook=strategy.train_hook(instruction, state),
     )
+    trained = get_adapter_arrays(model)
+    extra = strategy.after_train(instruction, state, global_arrays, trained)
     metrics = {
         P.TRAIN_LOSS: result.train_loss,
         P.STEPS: float(result.steps),
         P.TOKENS: float(result.tokens),
         P.SECONDS: result.seconds,
     }
-    return Reply(client, get_adapter_arrays(model), result.num_examples, metrics)
+    return Reply(client, trained, result.num_examples, metrics, extra)

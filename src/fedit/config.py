@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from fedit.errors import ConfigError
-from fedit.evaluate.metrics import EXACT_MATCH_CATEGORIES
+
+#: Dolly categories whose reference answers are short enough for exact match to mean
+#: something (a label, a name, a number); the default of ``[eval] exact_match_categories``.
+EXACT_MATCH_CATEGORIES = ("classification", "closed_qa")
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
@@ -121,16 +124,42 @@ class TrainConfig:
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
 
 
+#: strategies with a module in fedit.strategies (a test checks the two agree)
+STRATEGY_NAMES = ("fedavg", "fedavgm")
+
+
 @dataclass
 class StrategyConfig:
-    name: str = "fedavg"
+    """The strategy and the round loop's rules, the same in both runtimes."""
+
+    name: str = "fedavg"  # fedavg | fedavgm (see `fedit strategies`)
     fraction: float = 0.1  # share of clients sampled each round
     min_clients: int = 1  # at least this many clients a round
+    min_replies: int = 1  # valid replies a round needs to aggregate; fewer: global unchanged
+    max_update_norm: float = 0.0  # drop a reply farther (L2) from the global; 0 = no bound
+    server_lr: float = 1.0  # fedavgm: the server's step on its momentum
+    server_momentum: float = 0.9  # fedavgm: the momentum's decay (0 = FedAvg)
 
     def __post_init__(self) -> None:
-        _check(self.name in ("fedavg",), "strategy.name", "use fedavg")
+        _check(self.name in STRATEGY_NAMES, "strategy.name",
+               f"use one of {', '.join(STRATEGY_NAMES)}")
         _check(0 < self.fraction <= 1, "strategy.fraction", "must be in (0, 1]")
         _check(self.min_clients >= 1, "strategy.min_clients", "must be >= 1")
+        _check(self.min_replies >= 1, "strategy.min_replies", "must be >= 1")
+        _check(self.max_update_norm >= 0, "strategy.max_update_norm", "must be >= 0 (0 = off)")
+        _check(self.server_lr > 0, "strategy.server_lr", "must be > 0")
+        _check(0 <= self.server_momentum < 1, "strategy.server_momentum", "must be in [0, 1)")
+
+
+@dataclass
+class CheckpointConfig:
+    """What each committed round keeps on disk (see docs/architecture.md)."""
+
+    keep_last: int = 0  # keep the newest N round checkpoints (>= 2: one to fall back to); 0 = all
+
+    def __post_init__(self) -> None:
+        _check(self.keep_last == 0 or self.keep_last >= 2, "checkpoint.keep_last",
+               "must be 0 (keep all) or >= 2 (a corrupt newest one falls back to the one before)")
 
 
 @dataclass
@@ -162,20 +191,16 @@ class EvalConfig:
 class FlowerConfig:
     """Only read by the Flower runtime (``fedit flower``, ``flwr run``); ignored in-process."""
 
-    min_replies: int = 1  # valid replies a round needs to aggregate; fewer: global unchanged
     round_timeout: float = 600.0  # seconds the server waits for a round's replies
     node_timeout: float = 120.0  # seconds to wait at the start for partition.clients nodes
-    max_update_norm: float = 0.0  # reject a reply farther (L2) from the global; 0 = no bound
     secure_aggregation: bool = False  # SecAgg+: the server only sees the weighted sum
     secagg_clipping_range: float = 8.0  # SecAgg+: values clipped to +-this before quantising
     secagg_quantization_range: int = 4194304  # SecAgg+: 2**22 levels over the clipping range
     secagg_max_weight: float = 1000.0  # SecAgg+: above any client's examples (precision)
 
     def __post_init__(self) -> None:
-        _check(self.min_replies >= 1, "flower.min_replies", "must be >= 1")
         _check(self.round_timeout > 0, "flower.round_timeout", "must be > 0 (seconds)")
         _check(self.node_timeout >= 0, "flower.node_timeout", "must be >= 0 (seconds)")
-        _check(self.max_update_norm >= 0, "flower.max_update_norm", "must be >= 0 (0 = off)")
         _check(self.secagg_clipping_range > 0, "flower.secagg_clipping_range", "must be > 0")
         _check(0 < self.secagg_quantization_range < 2**32, "flower.secagg_quantization_range",
                "must be in (0, 2**32)")
@@ -195,6 +220,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
 
     def __post_init__(self) -> None:

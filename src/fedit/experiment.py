@@ -10,7 +10,8 @@ category, every arm on the same base model, loaded once:
    takes part in every round of the federated run; the arm's numbers are the mean over
    those clients (each client's own eval sits in ``local-only/client_NNNN/``);
 3. ``fedit``: FedAvg over the clients, run by :class:`fedit.simulation.Simulation`
-   (``rounds x clients-a-round x train.max_steps`` steps in all);
+   (``rounds x clients-a-round x train.max_steps`` steps in all); killed mid-way, it
+   continues after its last committed round (``--resume`` semantics);
 4. ``centralized``: one adapter trained on the union of every client's rows for the same
    total number of steps as ``fedit``.
 
@@ -58,7 +59,6 @@ Scales (``SCALES``, overridable with ``--set``):
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,22 +66,16 @@ from typing import Any
 
 import numpy as np
 
-from fedit.client import client_seed
+from fedit.adapter import get_adapter_arrays, load_adapter_arrays, set_adapter_arrays
+from fedit.client import client_seed, load_model
 from fedit.config import RunConfig, apply_overrides, config_from_dict, to_toml
-from fedit.data.partition import write_partitions
+from fedit.data.batching import tokenize_for_run
+from fedit.data.federated import FederatedData, split_data, write_split
 from fedit.errors import ConfigError
-from fedit.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
-from fedit.model import get_adapter_arrays, load_adapter_arrays, set_adapter_arrays
-from fedit.simulation import (
-    FederatedData,
-    Log,
-    Simulation,
-    load_model,
-    split_data,
-    tokenize_examples,
-)
-from fedit.strategies import Reply, num_sampled
-from fedit.strategies import payload as P
+from fedit.io import atomic_write_json, atomic_write_text
+from fedit.rounds import Log
+from fedit.simulation import Simulation
+from fedit.strategies import num_sampled
 from fedit.train import train_adapter
 
 EXPERIMENTS = ("fedit-paper",)
@@ -212,20 +206,6 @@ def _train_cfg(cfg: RunConfig, steps: int) -> Any:
     return dataclasses.replace(cfg.train, max_steps=steps, local_epochs=steps)
 
 
-class _StepCountingSimulation(Simulation):
-    """The simulation, recording each sampled client's optimizer steps in metrics.jsonl."""
-
-    _steps: list[int] = []
-
-    def train_round(self, server_round: int, global_arrays: list[np.ndarray]) -> list[Reply]:
-        replies = super().train_round(server_round, global_arrays)
-        self._steps = [int(r.metrics[P.STEPS]) for r in replies]
-        return replies
-
-    def round_fields(self, server_round: int) -> dict[str, Any]:
-        return {"client_steps": self._steps}
-
-
 class Experiment:
     """The four arms on one base model and one data split. ``run()`` -> experiment.json."""
 
@@ -257,14 +237,7 @@ class Experiment:
         atomic_write_text(saved, text)
 
     def _write_data(self, data: FederatedData) -> None:
-        atomic_write_jsonl(self.out / "test.jsonl", data.test_rows)
-        rows = [r for client in data.client_rows for r in client]
-        bounds = np.cumsum([0] + [len(c) for c in data.client_rows])
-        parts = [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        label = self.cfg.partition.by or self.cfg.data.label_field
-        has_label = bool(rows) and label in rows[0]
-        write_partitions(self.out / "partitions", rows, parts, label if has_label else None,
-                         write_rows=False)
+        write_split(data, self.out)
 
     # -- the arms ------------------------------------------------------------------------
 
@@ -303,7 +276,7 @@ class Experiment:
         return result, answers, seconds
 
     def _train(self, rows: list[dict[str, Any]], steps: int, seed: int, who: str) -> dict[str, Any]:
-        examples = tokenize_examples(self.tokenizer, rows, self.cfg.data, who, self.log)
+        examples = tokenize_for_run(self.tokenizer, rows, self.cfg.data, who, self.log)[0]
         result = train_adapter(self.model, examples, _train_cfg(self.cfg, steps),
                                pad_id=self.pad_id, seed=seed)
         self.log(f"{who}: {result.steps} steps on {len(examples)} rows, train loss "
@@ -357,14 +330,10 @@ class Experiment:
             self.log("[fedit] trained before: evaluating its final adapter")
             set_adapter_arrays(self.model, load_adapter_arrays(folder / "final" / "adapter"))
         else:
-            if folder.exists():
-                self.log(f"[fedit] removing the unfinished run {folder}")
-                shutil.rmtree(folder)
-            folder.mkdir(parents=True)
-            atomic_write_text(folder / "config.toml", to_toml(cfg))
-            sim = _StepCountingSimulation(cfg, folder, self.log,
-                                          loaded=(self.tokenizer, self.model))
-            sim.run()  # leaves the final global adapter in self.model
+            # A run killed mid-way continues after its last committed round
+            sim = Simulation(cfg, folder, self.log, loaded=(self.tokenizer, self.model),
+                             data=self.data)
+            sim.run(resume=True)  # leaves the final global adapter in self.model
         lines = [_json_line(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
         steps: dict[str, int] = {}
         train_s = 0.0

@@ -24,6 +24,7 @@ from fedit.data.batching import Batch, capped_batches, collate, make_batches
 from fedit.data.prompts import IGNORE_INDEX, Example
 from fedit.errors import ConfigError
 from fedit.fused import fused_training, labelled_cross_entropy
+from fedit.strategies.base import TrainHook
 
 
 @dataclass
@@ -96,6 +97,15 @@ def compiled_layers(model: torch.nn.Module, enabled: bool = True) -> Iterator[No
             layer._compiled_call_impl = None
 
 
+def _hook_steps(hook: TrainHook | None) -> tuple[Any, Any]:
+    """The hook's ``loss`` and ``correct`` where its class overrides them, else None."""
+    if hook is None:
+        return None, None
+    loss = hook.loss if type(hook).loss is not TrainHook.loss else None
+    correct = hook.correct if type(hook).correct is not TrainHook.correct else None
+    return loss, correct
+
+
 def _lr_lambda(kind: str, total: int) -> Callable[[int], float]:
     if kind == "constant":
         return lambda step: 1.0
@@ -114,13 +124,18 @@ def train_adapter(
     pad_id: int,
     seed: int = 0,
     progress: Callable[[int, int, float], None] | None = None,
+    hook: TrainHook | None = None,
 ) -> TrainResult:
     """Train the model's trainable (LoRA) parameters on ``examples`` for one client round.
 
     A fresh AdamW each call (as the reference code builds a new Trainer per round); the
     gradient of a step is averaged over every label token of its ``batch_size`` examples,
     however many micro-batches it is split into. ``progress(step, total, loss)`` is
-    called after each optimizer step.
+    called after each optimizer step. ``hook`` (a strategy's, e.g. FedProx's proximal term
+    or SCAFFOLD's correction) adds ``hook.loss(params)`` to each step's loss and calls
+    ``hook.correct(params)`` after its backward, before clipping; ``params`` are the
+    adapter's tensors in the order its arrays travel. Without a hook nothing is added to
+    the step (fused or stock path alike).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -134,6 +149,7 @@ def train_adapter(
     model.train()
     start, step, tokens, loss_sum, label_sum = time.perf_counter(), 0, 0, 0.0, 0
     fused = cfg.fused and not cfg.compile  # compiled layers trace the stock modules
+    extra_loss, correct = _hook_steps(hook)
     with compiled_layers(model, cfg.compile), fused_training(model, seed, enabled=fused):
         while step < total:
             for batch in make_batches(examples, cfg.batch_size, rng=rng,
@@ -150,6 +166,10 @@ def train_adapter(
                     loss.backward()
                     step_loss += float(loss.detach())
                     tokens += m.num_tokens
+                if extra_loss is not None:
+                    extra_loss(params).backward()
+                if correct is not None:
+                    correct(params)
                 if cfg.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optim.step()

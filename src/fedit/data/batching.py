@@ -7,7 +7,7 @@ length, so padding (which costs compute and carries no label) stays small.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +75,22 @@ def tokenize_rows_indexed(
             out.append(ex)
             kept.append(i)
     return out, kept
+
+
+def tokenize_for_run(
+    tokenizer: Any, rows: Sequence[Mapping[str, Any]], data: Any, who: str,
+    log: Callable[[str], None] | None = print,
+) -> tuple[list[Example], list[int]]:
+    """Tokenise rows as a run's data config (``data.template``, ``cutoff_len``,
+    ``train_on_inputs``) says; tell ``log`` how many did not fit. Returns the examples and
+    the index of each kept row."""
+    examples, kept = tokenize_rows_indexed(tokenizer, rows, template=data.template,
+                                           cutoff_len=data.cutoff_len,
+                                           train_on_inputs=data.train_on_inputs)
+    if log is not None and len(kept) < len(rows):
+        log(f"{who}: {len(rows) - len(kept)} of {len(rows)} rows skipped: the prompt "
+            f"alone fills data.cutoff_len = {data.cutoff_len}, leaving no response token")
+    return examples, kept
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> Batch:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from fedit.config import DataConfig, RunConfig
-from fedit.data.batching import tokenize_rows_indexed
+from fedit.data.batching import tokenize_for_run
 from fedit.data.prompts import Example
 from fedit.errors import DataError
 from fedit.evaluate.metrics import SIMILARITY_MODEL, exact_match, perplexity, rouge_l, similarity
@@ -49,17 +49,9 @@ def tokenize_held_out(
     tokenizer: Any, rows: Sequence[dict[str, Any]], data: DataConfig,
     log: Log | None = None,
 ) -> tuple[list[Example], list[int]]:
-    """The examples of the rows that keep a response token, and those rows' indices.
-
-    The same examples as ``fedit.simulation.tokenize_examples`` (the same rows are
-    dropped, with the same message to ``log``), plus which row each one is."""
-    examples, kept = tokenize_rows_indexed(tokenizer, rows, template=data.template,
-                                           cutoff_len=data.cutoff_len,
-                                           train_on_inputs=data.train_on_inputs)
-    if log is not None and len(kept) < len(rows):
-        log(f"held-out set: {len(rows) - len(kept)} of {len(rows)} rows skipped: the prompt "
-            f"alone fills data.cutoff_len = {data.cutoff_len}, leaving no response token")
-    return examples, kept
+    """The examples of the rows that keep a response token, and those rows' indices (the
+    same examples a run trains on; skipped rows are reported to ``log``)."""
+    return tokenize_for_run(tokenizer, rows, data, "held-out set", log)
 
 
 def loss_by_category(

@@ -9,9 +9,11 @@ comes from the server: the node config says where it is, either
 - ``partition-id=K num-partitions=N`` (demos): partition K of the run's own split of
   ``data.path``, exactly the rows the in-process simulation gives client K.
 
-The base model and the tokenised data are kept per process: with Flower's default
-isolation a process lives for one message; with a long-lived process
-(``fedit.flower.worker``) they are loaded once.
+The base model and the tokenised data are kept per process: with a long-lived process
+(``fedit flower worker``, the recommended mode) they are loaded once; with Flower's
+default isolation a process lives for one message. A client's state (a strategy's
+``ClientState``) is saved on this machine, under the node config's ``state-dir``, one
+file per round, and never sent.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import logging
 import tomllib
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -27,7 +30,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from fedit.config import RunConfig, config_from_dict
 from fedit.errors import ConfigError
 from fedit.flower import wire
-from fedit.strategies import Reply
+from fedit.strategies import ClientState, Instruction, Reply
 from fedit.strategies import payload as P
 
 log = logging.getLogger("flwr")
@@ -56,8 +59,8 @@ def node_partition_id(node_config: dict[str, Any]) -> int | None:
 
 def node_rows(cfg: RunConfig, node_config: dict[str, Any]) -> list[dict[str, Any]]:
     """This node's training rows, found through its node config (see the module doc)."""
+    from fedit.data.federated import split_data
     from fedit.data.load import load_rows
-    from fedit.simulation import split_data
 
     path = node_config.get(P.DATA_PATH)
     if path:
@@ -80,7 +83,7 @@ def _key(*parts: Any) -> str:
 
 
 def _model(cfg: RunConfig) -> tuple[Any, Any]:
-    from fedit.simulation import load_model
+    from fedit.client import load_model
 
     key = _key(asdict(cfg.model), asdict(cfg.lora))
     if key not in _models:
@@ -90,26 +93,63 @@ def _model(cfg: RunConfig) -> tuple[Any, Any]:
 
 
 def _node_examples(cfg: RunConfig, node_config: dict[str, Any], tokenizer: Any) -> list[Any]:
-    from fedit.simulation import tokenize_examples
+    from fedit.data.batching import tokenize_for_run
 
     key = _key(cfg.model.name, asdict(cfg.data), asdict(cfg.partition), cfg.seed,
                dict(node_config))
     if key not in _examples:
         _examples.clear()
         rows = node_rows(cfg, node_config)
-        _examples[key] = tokenize_examples(tokenizer, rows, cfg.data, "this node's data",
-                                           lambda m: log.warning("fedit: %s", m))
+        _examples[key] = tokenize_for_run(tokenizer, rows, cfg.data, "this node's data",
+                                          lambda m: log.warning("fedit: %s", m))[0]
     return _examples[key]
 
 
-def train_on_node(
-    global_arrays: list[Any], config: dict[str, Any], node_config: dict[str, Any]
-) -> Reply:
-    """One client round on this node: the same ``run_client_round`` as the simulation.
+def state_folder(cfg: RunConfig, node_config: dict[str, Any], client: int) -> Path:
+    """Where this node keeps client ``client``'s state for this run: ``state-dir`` from
+    the node config (default ``$FEDIT_CACHE/client-state``) / run name / client."""
+    from fedit.convert import cache_dir
 
-    ``config``: the round's config record (round, client id, run config, and what the
-    strategy adds); ``node_config``: this SuperNode's ``--node-config``."""
+    root = node_config.get(P.STATE_DIR) or cache_dir() / "client-state"
+    return Path(str(root)).expanduser() / (cfg.name or "run") / f"client_{client:05d}"
+
+
+def load_node_state(folder: Path, state_round: int) -> ClientState:
+    """The state saved in round ``state_round`` (0: a new client)."""
+    from fedit.checkpoint import decode_state
+
+    if state_round <= 0:
+        return ClientState()
+    path = folder / f"round_{state_round:04d}.safetensors"
+    if not path.is_file():
+        raise ConfigError(f"client state {path} is missing: the server expects this node's "
+                          f"state of round {state_round}")
+    return ClientState(*decode_state(path.read_bytes()))
+
+
+def save_node_state(folder: Path, server_round: int, state: ClientState) -> None:
+    """Save this round's state; keep only it and the newest older one (a resumed server
+    may ask for the round before)."""
+    from fedit.checkpoint import encode_state
+    from fedit.io import atomic_write_bytes
+
+    atomic_write_bytes(folder / f"round_{server_round:04d}.safetensors",
+                       encode_state(state.arrays, state.scalars))
+    for old in sorted(folder.glob("round_*.safetensors"))[:-2]:
+        old.unlink(missing_ok=True)
+
+
+def train_on_node(
+    global_arrays: list[Any], config: dict[str, Any], node_config: dict[str, Any],
+    instruction_arrays: dict[str, list[Any]] | None = None,
+) -> Reply:
+    """One client round on this node: the same ``run_client_round`` as in-process.
+
+    ``config``: the round's config record (round, client id, run config, and the
+    strategy's instruction); ``node_config``: this SuperNode's ``--node-config``; the
+    client's state stays on this machine (``state-dir``)."""
     from fedit.client import run_client_round
+    from fedit.strategies import strategy_from_config
 
     config = dict(config)
     cfg = run_config_from_text(str(config.pop(P.RUN_CONFIG)))
@@ -119,12 +159,19 @@ def train_on_node(
         raise ConfigError(f"the server sent client id {client}, this node is {claimed}")
     tokenizer, model = _model(cfg)
     examples = _node_examples(cfg, node_config, tokenizer)
+    folder = state_folder(cfg, node_config, client)
+    state = load_node_state(folder, int(config.pop(P.STATE_ROUND, 0)))
     log.info("fedit: client %d round %d: training on %d examples", client, server_round,
              len(examples))
-    return run_client_round(
+    reply = run_client_round(
         model, global_arrays, examples, cfg.train, client=client, server_round=server_round,
-        seed=cfg.seed, pad_id=int(tokenizer.pad_token_id), round_config=config,
+        seed=cfg.seed, pad_id=int(tokenizer.pad_token_id), strategy=strategy_from_config(cfg),
+        instruction=Instruction(config, instruction_arrays or {}), state=state,
     )
+    if state:
+        save_node_state(folder, server_round, state)
+        reply.metrics[P.STATE_SAVED] = 1.0
+    return reply
 
 
 def handle_train(message: Message, context: Context) -> Message:
@@ -132,11 +179,11 @@ def handle_train(message: Message, context: Context) -> Message:
     from fedit.flower import secagg
 
     if secagg.is_secagg_message(message):
-        return secagg.legacy_client_app()(message, context)
+        return secagg.legacy_client_app(train_on_node)(message, context)
     content = message.content
     reply = train_on_node(wire.record_to_arrays(content.array_records[P.ARRAYS]),
                           dict(content.config_records[P.CONFIG_RECORD]),
-                          dict(context.node_config))
+                          dict(context.node_config), wire.named_arrays(content))
     return Message(wire.reply_content(reply), reply_to=message)
 
 

@@ -7,28 +7,31 @@ legacy ``NumPyClient`` on the SuperNode, whose ``fit`` is ``client.train_on_node
 
 Each client uploads ``[w, w * adapter]`` (w = its examples / ``max_weight``) quantised to
 integers and masked; the server learns only the sum, hence the example-weighted mean:
-FedAvg, up to the quantisation error (see :func:`quantisation_bound`). It cannot check a
-single reply (shapes, finiteness, norm) as the plain path does: it checks the mean. The
-numbers of examples and the train losses still travel in clear.
+the strategy's ``combine``, up to the quantisation error (see :func:`quantisation_bound`),
+on which the round loop then runs the strategy's ``server_update`` in the clear (so
+FedAvgM's momentum works under SecAgg+; a strategy that needs single replies is refused
+before the run). The loop cannot check a single reply (shapes, finiteness, norm): it
+checks the mean. The numbers of examples and the train losses still travel in clear.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
+from fedit.config import RunConfig
 from fedit.flower import wire
-from fedit.strategies import Reply
+from fedit.replies import Dropped
+from fedit.rounds import RoundResult
+from fedit.strategies import Combined, Instruction, Reply
 from fedit.strategies import payload as P
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid
-
-    from fedit.flower.server import FlowerServer
 
 SECAGG_RECORD = "secaggplus_configs"  # flwr.common.secure_aggregation.secaggplus_constants
 NUM_SHARES = 1.0  # every sampled client holds a share of every other's secrets
@@ -55,13 +58,12 @@ def quantisation_bound(weights: Iterable[float], max_weight: float, clipping_ran
 
 
 # -- SuperNode side ------------------------------------------------------------------------
-def legacy_client_app() -> ClientApp:
-    """The legacy ClientApp that ``secaggplus_mod`` wraps; ``fit`` = ``train_on_node``."""
+def legacy_client_app(train_on_node: Callable[..., Reply]) -> ClientApp:
+    """The legacy ClientApp that ``secaggplus_mod`` wraps; its ``fit`` is
+    ``train_on_node(arrays, config, node_config)`` (``fedit.flower.client``'s)."""
     from flwr.client import NumPyClient
     from flwr.client.mod import secaggplus_mod
     from flwr.clientapp import ClientApp
-
-    from fedit.flower.client import train_on_node
 
     class FeditClient(NumPyClient):  # type: ignore[misc]
         def __init__(self, node_config: dict[str, Any]) -> None:
@@ -79,15 +81,6 @@ def legacy_client_app() -> ClientApp:
 
 
 # -- server side ---------------------------------------------------------------------------
-def _content_bytes(content: RecordDict) -> int:
-    n = sum(len(a.data) for rec in content.array_records.values() for a in rec.values())
-    for rec in content.config_records.values():
-        for v in rec.values():
-            items = v if isinstance(v, list) else [v]
-            n += sum(len(x) for x in items if isinstance(x, bytes | str))
-    return n
-
-
 class _MeteredGrid:
     """The Grid as SecAggPlusWorkflow uses it, with fedit's polling and a byte count."""
 
@@ -96,12 +89,10 @@ class _MeteredGrid:
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> list[Message]:
-        from fedit.flower.server import exchange
-
         messages = list(messages)
-        self.bytes_down += sum(_content_bytes(m.content) for m in messages)
-        replies = [r for r in exchange(self.grid, messages, timeout or 3600) if r is not None]
-        self.bytes_up += sum(_content_bytes(r.content) for r in replies if r.has_content())
+        self.bytes_down += sum(wire.content_bytes(m.content) for m in messages)
+        replies = [r for r in wire.exchange(self.grid, messages, timeout or 3600) if r is not None]
+        self.bytes_up += sum(wire.content_bytes(r.content) for r in replies if r.has_content())
         return replies
 
     def __getattr__(self, name: str) -> Any:
@@ -147,24 +138,25 @@ def _legacy_strategy(fitins: dict[int, tuple[Any, Any]]) -> Any:
 
 
 def secure_round(
-    server: FlowerServer, server_round: int, clients: list[int],
-    global_arrays: list[np.ndarray], round_config: dict[str, Any],
-) -> tuple[list[Reply], list[np.ndarray] | None, dict[str, Any]]:
-    """One SecAgg+ round: (the clients' replies without arrays, the mean or None, fields)."""
+    grid: Grid, nodes: dict[int, int], cfg: RunConfig, config_toml: str, server_round: int,
+    global_arrays: list[np.ndarray], instructions: dict[int, Instruction],
+) -> RoundResult:
+    """One SecAgg+ round over ``nodes`` (client -> node id): the clients' replies without
+    arrays (their numbers only), the masked weighted mean as ``combined``, what dropped."""
     from flwr.common import FitIns, ndarrays_to_parameters
     from flwr.server.compat.grid_client_proxy import GridClientProxy
     from flwr.server.compat.legacy_context import LegacyContext
     from flwr.server.workflow import SecAggPlusWorkflow
 
-    f, grid = server.cfg.flower, _MeteredGrid(server.grid)
+    f, metered = cfg.flower, _MeteredGrid(grid)
     params = ndarrays_to_parameters(global_arrays)
     fitins = {
-        server.nodes[c]: (
-            GridClientProxy(server.nodes[c], grid, 0),  # type: ignore[arg-type]
-            FitIns(params, {P.SERVER_ROUND: server_round, P.CLIENT: c,
-                            P.RUN_CONFIG: server.config_toml, **round_config}),
+        nodes[c]: (
+            GridClientProxy(nodes[c], metered, 0),  # type: ignore[arg-type]
+            FitIns(params, {**instruction.config, P.SERVER_ROUND: server_round, P.CLIENT: c,
+                            P.RUN_CONFIG: config_toml}),
         )
-        for c in clients
+        for c, instruction in sorted(instructions.items())
     }
     strategy = _legacy_strategy(fitins)
     context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
@@ -176,40 +168,18 @@ def secure_round(
         clipping_range=f.secagg_clipping_range, quantization_range=f.secagg_quantization_range,
         modulus_range=MODULUS_RANGE, timeout=f.round_timeout,
     )
-    workflow(grid, context)  # type: ignore[arg-type]
-    node_client = {n: c for c, n in server.nodes.items()}
+    workflow(metered, context)  # type: ignore[arg-type]
+    node_client = {n: c for c, n in nodes.items()}
     replies = sorted((Reply(node_client[nid], [], int(res.num_examples),
                             {k: float(v) for k, v in res.metrics.items()})
                       for nid, res in strategy.results), key=lambda r: r.client)
-    mean = _checked_mean(strategy.mean, global_arrays, server, server_round)
     got = {r.client for r in replies}
-    aggregated = mean is not None and len(replies) >= f.min_replies
-    if not aggregated:
-        server.log(f"round {server_round}: secure aggregation gave no usable mean from "
-                   f"{len(replies)} replies (flower.min_replies = {f.min_replies}): the "
-                   "global adapter is kept")
-    fields = {
-        "sampled": clients,
-        "missing": [c for c in clients if c not in got],
-        "missing_reasons": [{"client": c, "reason": "dropped out of SecAgg+"}
-                            for c in clients if c not in got],
-        "rejected": [],
-        "aggregated": aggregated,
-        "secure_aggregation": True,
-        "bytes_up": grid.bytes_up,
-        "bytes_down": grid.bytes_down,
-    }
-    return (replies if aggregated else []), (mean if aggregated else None), fields
-
-
-def _checked_mean(mean: list[np.ndarray] | None, global_arrays: list[np.ndarray],
-                  server: FlowerServer, server_round: int) -> list[np.ndarray] | None:
-    if mean is None:
-        return None
-    out = [np.asarray(m, dtype=np.float32) for m in mean]
-    try:
-        wire.check_reply(Reply(-1, out, 1, {}), global_arrays)
-    except wire.BadReply as e:
-        server.log(f"round {server_round}: the secure mean is rejected: {e}")
-        return None
-    return out
+    combined = None
+    if strategy.mean is not None and replies:
+        combined = Combined([np.asarray(m, dtype=np.float32) for m in strategy.mean],
+                            num_examples=sum(r.num_examples for r in replies),
+                            num_replies=len(replies))
+    dropped = [Dropped(c, "dropped out of SecAgg+") for c in sorted(instructions)
+               if c not in got]
+    return RoundResult(replies, dropped, combined, bytes_up=metered.bytes_up,
+                       bytes_down=metered.bytes_down)

@@ -1,17 +1,17 @@
-"""The ServerApp's round loop, on Flower's Grid, with fedit's strategies.
+"""The Flower runtime: a round's instructions go to SuperNodes over the Grid.
 
-It is the simulation's loop (``fedit.simulation.Simulation.run``: evaluation, checkpoints,
-metrics.jsonl, summary.json) with one step swapped: instead of training the sampled
-clients in turn, a round sends each sampled node the global adapter and waits for the
-replies at most ``flower.round_timeout`` seconds. A node that is gone, silent, or sends
-an error counts as missing; a reply with wrong shapes, non-finite values or an update
-norm above ``flower.max_update_norm`` is rejected; both are logged and written in the
-round's metrics line. The round aggregates when at least ``flower.min_replies`` valid
-replies came, and keeps the global adapter otherwise.
+The round loop is :class:`fedit.rounds.RoundLoop`, the same as in-process; this runtime
+only sends each sampled node the global adapter and its instruction and waits for the
+replies at most ``flower.round_timeout`` seconds. A node that is gone, silent, or sends an
+error is dropped from the round with a reason (the loop writes it in the metrics line).
+Under SecAgg+ (``flower.secure_aggregation``) the round goes through
+:mod:`fedit.flower.secagg` and the loop only learns the masked mean.
 
-Clients are identified as in the simulation: a node that claims ``partition-id=K`` is
-client K (so the same seed gives the same sampling and the same per-client training
-seeds); nodes without one get the lowest free ids in node-id order.
+Clients are identified as in-process: a node that claims ``partition-id=K`` is client K
+(so the same seed gives the same sampling and the same per-client training seeds); nodes
+without one get the lowest free ids in node-id order. A client's state stays on its node;
+the server only records the round of each client's newest committed state
+(``state-round``), so a resumed run asks every node for the state it had then.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import shlex
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,49 +26,30 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedit import checkpoint as ckpt
+from fedit.client import load_model
 from fedit.config import RunConfig, load_config, to_toml
+from fedit.data.federated import split_data, write_split
 from fedit.errors import FeditError
 from fedit.flower import wire
-from fedit.simulation import Log, Simulation, make_run_dir
-from fedit.strategies import Reply
+from fedit.replies import BadReply, Dropped
+from fedit.rounds import Evaluator, Log, RoundLoop, RoundResult, check_new_run_dir, run_dir_for
+from fedit.strategies import Instruction, Reply, strategy_from_config
 from fedit.strategies import payload as P
 
 HELLO_TIMEOUT = 60.0  # seconds a new node has to say which client it is
-POLL_SECONDS = 0.5  # between pulls for replies (Grid.send_and_receive sleeps 3 s)
 TTL_MARGIN = 5.0  # a message outlives the round's wait a little: our timeout speaks first
+NODE_STATE = "node:"  # a client state kept on its node: "node:<round>" in the manifest
 
 
-def exchange(
-    grid: Grid, messages: Sequence[Message], timeout: float
-) -> list[Message | None]:
-    """Send ``messages``; their replies, in order, None where none came within ``timeout``.
+class FlowerRuntime:
+    """The clients are Flower SuperNodes reached through ``grid``."""
 
-    Returns early when every message has a reply; a node the SuperLink declares gone
-    (no heartbeat for ~60 s) gets an error reply, so a dead node costs at most that.
-    """
-    ids = list(grid.push_messages(messages))
-    replies: dict[str, Message] = {}
-    deadline = time.monotonic() + timeout
-    while len(replies) < len(ids):
-        pending = [i for i in ids if i not in replies]
-        for reply in grid.pull_messages(pending):
-            replies[reply.metadata.reply_to_message_id] = reply
-        if len(replies) == len(ids) or time.monotonic() >= deadline:
-            break
-        time.sleep(POLL_SECONDS)
-    return [replies.get(i) for i in ids]
-
-
-class FlowerServer(Simulation):
-    """A federated run whose clients are Flower SuperNodes reached through ``grid``."""
-
-    def __init__(self, grid: Grid, cfg: RunConfig, run_dir: Path, log: Log = print) -> None:
-        super().__init__(cfg, run_dir, log)
-        self.grid = grid
+    def __init__(self, grid: Grid, cfg: RunConfig, log: Log = print) -> None:
+        self.grid, self.cfg, self.log = grid, cfg, log
         self.config_toml = to_toml(cfg)
         self.nodes: dict[int, int] = {}  # client id -> node id
-        self._fields: dict[int, dict[str, Any]] = {}  # round -> what it adds to metrics
-        self._secure_mean: dict[int, list[np.ndarray]] = {}  # round -> SecAgg+ result
+        self.state_rounds: dict[int, int] = {}  # client -> round of its newest state
 
     # -- nodes ---------------------------------------------------------------------------
     def refresh_nodes(self) -> None:
@@ -85,7 +65,7 @@ class FlowerServer(Simulation):
         hello = [Message(RecordDict({P.CONFIG_RECORD: ConfigRecord({})}), dst_node_id=n,
                          message_type=MessageType.QUERY, group_id="hello",
                          ttl=HELLO_TIMEOUT) for n in new]
-        answers = exchange(self.grid, hello, min(HELLO_TIMEOUT, self.cfg.flower.round_timeout))
+        answers = wire.exchange(self.grid, hello, min(HELLO_TIMEOUT, self.cfg.flower.round_timeout))
         claims: list[tuple[int, int]] = []  # (node, claimed client id or -1)
         for node, answer in zip(new, answers, strict=True):
             if answer is None or answer.has_error():
@@ -116,103 +96,102 @@ class FlowerServer(Simulation):
             if len(self.nodes) >= want or time.monotonic() >= deadline:
                 break
             time.sleep(1.0)
-        if len(self.nodes) < f.min_replies:
+        need = self.cfg.strategy.min_replies
+        if len(self.nodes) < need:
             raise FeditError(f"only {len(self.nodes)} node(s) joined within flower.node_timeout"
-                             f" = {f.node_timeout:g} s; flower.min_replies = {f.min_replies}")
+                             f" = {f.node_timeout:g} s; strategy.min_replies = {need}")
         if len(self.nodes) < want:
             self.log(f"starting with {len(self.nodes)} of {want} nodes")
 
-    # -- a round -------------------------------------------------------------------------
-    def train_round(self, server_round: int, global_arrays: list[np.ndarray]) -> list[Reply]:
+    def start(self) -> None:
+        self.wait_for_nodes()
+
+    def available(self) -> list[int]:
         # Sample among the clients whose nodes are connected now
         self.refresh_nodes()
-        clients = self.strategy.sample(server_round, sorted(self.nodes))
-        round_config = self.strategy.configure_train(server_round)
-        if self.cfg.flower.secure_aggregation:
+        return sorted(self.nodes)
+
+    def train(self, server_round: int, global_arrays: list[np.ndarray],
+              instructions: dict[int, Instruction], secure: bool) -> RoundResult:
+        for c, instruction in instructions.items():
+            instruction.config[P.STATE_ROUND] = self.state_rounds.get(c, 0)
+        if secure:
             from fedit.flower import secagg
 
-            secure, mean, fields = secagg.secure_round(self, server_round, clients,
-                                                       global_arrays, round_config)
-            if mean is not None:
-                self._secure_mean[server_round] = mean
-            self._fields[server_round] = fields
-            return secure  # type: ignore[no-any-return]
-        # Send each sampled node the global adapter; wait at most round_timeout
+            result = secagg.secure_round(self.grid, self.nodes, self.cfg, self.config_toml,
+                                         server_round, global_arrays, instructions)
+        else:
+            result = self._exchange(server_round, global_arrays, instructions)
+        for r in result.replies:
+            if r.metrics.get(P.STATE_SAVED):
+                self.state_rounds[r.client] = server_round
+        return result
+
+    def _exchange(self, server_round: int, global_arrays: list[np.ndarray],
+                  instructions: dict[int, Instruction]) -> RoundResult:
+        # Send each sampled node the global adapter and its instruction
         f = self.cfg.flower
+        clients = sorted(instructions)
         messages = [
             Message(wire.train_content(global_arrays, server_round, c, self.config_toml,
-                                       round_config),
+                                       instructions[c]),
                     dst_node_id=self.nodes[c], message_type=MessageType.TRAIN,
                     group_id=str(server_round), ttl=f.round_timeout + TTL_MARGIN)
             for c in clients
         ]
-        answers = exchange(self.grid, messages, f.round_timeout)
-        # Keep the replies that pass the checks; log and record the others
+        down = sum(wire.content_bytes(m.content) for m in messages)
+        answers = wire.exchange(self.grid, messages, f.round_timeout)
+        # Decode what came back; the loop checks the replies
         replies: list[Reply] = []
-        missing: list[dict[str, Any]] = []
-        rejected: list[dict[str, Any]] = []
-        bytes_up = 0
+        dropped: list[Dropped] = []
+        up = 0
         for client, answer in zip(clients, answers, strict=True):
             if answer is None:
-                missing.append({"client": client, "reason": f"no reply in {f.round_timeout:g} s"})
+                dropped.append(Dropped(client, f"no reply in {f.round_timeout:g} s"))
                 continue
             try:
-                reply = wire.decode_reply(answer, client)
-                bytes_up += sum(a.nbytes for a in reply.arrays)
-                reply.metrics["update-norm"] = wire.check_reply(reply, global_arrays,
-                                                                f.max_update_norm)
-            except wire.BadReply as e:
-                bad = missing if answer.has_error() else rejected
-                bad.append({"client": client, "reason": str(e)})
-                continue
-            replies.append(reply)
-        for kind, items in (("missing", missing), ("rejected", rejected)):
-            for item in items:
-                self.log(f"round {server_round}: client {item['client']} {kind}: "
-                         f"{item['reason']}")
-        aggregated = len(replies) >= f.min_replies
-        if not aggregated:
-            self.log(f"round {server_round}: {len(replies)} valid replies < flower.min_replies "
-                     f"= {f.min_replies}: the global adapter is kept")
-        self._fields[server_round] = {
-            "sampled": clients,
-            "missing": [m["client"] for m in missing],
-            "missing_reasons": missing,
-            "rejected": rejected,
-            "aggregated": aggregated,
-            "bytes_up": bytes_up,
-            "bytes_down": sum(a.nbytes for a in global_arrays) * len(clients),
-            "update_norms": {str(r.client): r.metrics["update-norm"] for r in replies},
-        }
-        return replies if aggregated else []
+                if answer.has_content():
+                    up += wire.content_bytes(answer.content)
+                replies.append(wire.decode_reply(answer, client))
+            except BadReply as e:
+                dropped.append(Dropped(client, str(e)))
+        return RoundResult(replies, dropped, bytes_up=up, bytes_down=down)
 
-    def aggregate(
-        self, server_round: int, global_arrays: list[np.ndarray], replies: list[Reply]
-    ) -> list[np.ndarray]:
-        if self.cfg.flower.secure_aggregation:  # the server only ever saw the weighted mean
-            return self._secure_mean.pop(server_round, global_arrays)
-        return super().aggregate(server_round, global_arrays, replies)
+    def client_states(self) -> dict[int, ckpt.Blob]:
+        return {c: ckpt.Blob(f"{NODE_STATE}{r}", "") for c, r in self.state_rounds.items()}
 
-    def round_fields(self, server_round: int) -> dict[str, Any]:
-        return self._fields.pop(server_round, {})
-
-    def run(self) -> dict[str, Any]:
-        self.wait_for_nodes()
-        return super().run()
+    def restore_client_states(self, refs: dict[int, ckpt.Blob]) -> None:
+        self.state_rounds = {c: int(b.path.removeprefix(NODE_STATE)) for c, b in refs.items()}
 
 
 def server_main(grid: Grid, context: Context, log: Log = print) -> dict[str, Any]:
-    """What the ServerApp runs: the run config names the fedit config file (``config``) and
-    optional overrides (``set``: "key=value key=value", like ``fedit train --set``)."""
+    """What the ServerApp runs: the run config names the fedit config file (``config``),
+    optional overrides (``set``: "key=value key=value", like ``fedit train --set``) and
+    ``resume`` (a run folder: continue it after its last committed round)."""
     run_config = dict(context.run_config)
-    if not run_config.get("config"):
-        raise FeditError("flwr run: set the fedit config file, e.g. "
-                         "-c 'config=\"/abs/path/run.toml\"'")
-    path = Path(str(run_config["config"]))
-    cfg = load_config(path, shlex.split(str(run_config.get("set", ""))))
-    cfg = dataclasses.replace(cfg)
-    run_dir = make_run_dir(cfg, path.stem)
+    resume = str(run_config.get("resume", "") or "")
+    if resume:
+        run_dir = Path(resume)
+        if not (run_dir / "config.toml").is_file():
+            raise FeditError(f"resume={resume}: no config.toml there; is it a run folder?")
+        cfg = load_config(run_dir / "config.toml")
+        cfg.output_dir, cfg.name = str(run_dir.parent), run_dir.name
+    else:
+        if not run_config.get("config"):
+            raise FeditError("flwr run: set the fedit config file, e.g. "
+                             "-c 'config=\"/abs/path/run.toml\"'")
+        path = Path(str(run_config["config"]))
+        cfg = dataclasses.replace(load_config(path, shlex.split(str(run_config.get("set", "")))))
+        run_dir = run_dir_for(cfg, path.stem)
+        check_new_run_dir(run_dir)
+    data = split_data(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_split(data, run_dir)
     log(f"run folder {run_dir}")
-    summary = FlowerServer(grid, cfg, run_dir, log).run()
+    tokenizer, model = load_model(cfg)  # the server evaluates the global adapter
+    runtime = FlowerRuntime(grid, cfg, log)
+    evaluator = Evaluator(cfg, tokenizer, model, data.test_rows, log)
+    loop = RoundLoop(cfg, run_dir, runtime, strategy_from_config(cfg), evaluator, log)
+    summary = loop.run(resume=bool(resume))
     log(f"final adapter: {summary['final_adapter']}")
     return summary

@@ -1,36 +1,70 @@
-"""Server-side strategies: pure functions on lists of adapter arrays plus small objects.
+"""Server-side strategies: the contract in :mod:`fedit.strategies.base`, one module per
+algorithm, the shared math as plain functions in :mod:`fedit.strategies.utils`.
 
-A strategy samples the clients of a round, gives each its round config, and aggregates
-their replies into the next global adapter. The simulation and the Flower ServerApp call
-the very same objects.
+The in-process runtime and the Flower runtime drive the very same objects through
+:class:`fedit.rounds.RoundLoop`.
 """
 
-from collections.abc import Callable
+from __future__ import annotations
 
-from fedit.strategies.base import Reply, Strategy, StrategyParams
+import dataclasses
+from typing import Any
+
+from fedit.strategies.base import (
+    ClientState,
+    Combined,
+    Instruction,
+    Reply,
+    ServerState,
+    Strategy,
+    StrategyParams,
+    TrainHook,
+)
 from fedit.strategies.fedavg import FedAvg
-from fedit.strategies.utils import aggregate_weighted, num_sampled, sample_clients
+from fedit.strategies.fedavgm import FedAvgM, FedAvgMParams
+from fedit.strategies.utils import aggregate_weighted, combine_weighted, num_sampled, sample_clients
 
-STRATEGIES: dict[str, Callable[[StrategyParams], Strategy]] = {"fedavg": FedAvg}
+#: name -> (strategy class, its parameters dataclass)
+STRATEGIES: dict[str, tuple[type[Strategy], type[StrategyParams]]] = {
+    "fedavg": (FedAvg, StrategyParams),
+    "fedavgm": (FedAvgM, FedAvgMParams),
+}
 
 
-def build_strategy(name: str, params: StrategyParams) -> Strategy:
-    """The strategy registered under ``name`` (``strategy.name`` in the config)."""
+def build_strategy(name: str, options: dict[str, Any]) -> Strategy:
+    """The strategy registered under ``name``, its parameters taken from ``options`` (the
+    ``[strategy]`` table, plus ``seed``): keys its dataclass does not have are ignored."""
     try:
-        cls = STRATEGIES[name]
+        cls, params_cls = STRATEGIES[name]
     except KeyError:
         raise ValueError(f"unknown strategy {name!r}; use one of {sorted(STRATEGIES)}") from None
-    return cls(params)
+    known = {f.name for f in dataclasses.fields(params_cls)}
+    return cls(params_cls(**{k: v for k, v in options.items() if k in known}))  # type: ignore[call-arg]
+
+
+def strategy_from_config(cfg: Any) -> Strategy:
+    """The run's strategy: ``cfg.strategy`` (a StrategyConfig) and the run's seed."""
+    return build_strategy(cfg.strategy.name, {**dataclasses.asdict(cfg.strategy),
+                                              "seed": cfg.seed})
 
 
 __all__ = [
+    "ClientState",
+    "Combined",
     "FedAvg",
+    "FedAvgM",
+    "FedAvgMParams",
+    "Instruction",
     "Reply",
     "STRATEGIES",
+    "ServerState",
     "Strategy",
     "StrategyParams",
+    "TrainHook",
     "aggregate_weighted",
     "build_strategy",
+    "combine_weighted",
     "num_sampled",
     "sample_clients",
+    "strategy_from_config",
 ]

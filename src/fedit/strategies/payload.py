@@ -15,3 +15,7 @@ DATA_PATH = "data-path"  # node-config key: the party's own training file, never
 # Record names inside a Flower message
 CONFIG_RECORD = "config"
 METRICS_RECORD = "metrics"
+# Client state on a SuperNode (it never leaves the party's machine)
+STATE_DIR = "state-dir"  # node-config key: where this node keeps client states
+STATE_ROUND = "state-round"  # instruction key: start from the state saved in this round (0: none)
+STATE_SAVED = "state-saved"  # reply metric: 1.0 when the client saved a state this round

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fedit.strategies.base import Combined, Reply
+
 
 def aggregate_weighted(
     arrays_per_client: Sequence[Sequence[np.ndarray]], weights: Sequence[float]
@@ -51,3 +53,14 @@ def sample_clients(
     rng = np.random.default_rng([seed, server_round])
     picked = rng.choice(len(clients), size=k, replace=False)
     return sorted(int(clients[i]) for i in picked)
+
+
+def combine_weighted(replies: Sequence[Reply]) -> Combined:
+    """The example-weighted mean of the replies' adapters and of each extra array."""
+    if not replies:
+        raise ValueError("nothing to combine: no client replies")
+    weights = [r.num_examples for r in replies]
+    extra = {name: aggregate_weighted([r.extra[name] for r in replies], weights)
+             for name in replies[0].extra}
+    return Combined(aggregate_weighted([r.arrays for r in replies], weights),
+                    num_examples=int(sum(weights)), num_replies=len(replies), extra=extra)
