@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from fedit.adapter import get_adapter_arrays, save_adapter, set_adapter_arrays
 from fedit.client import client_seed
 from fedit.config import load_config
-from fedit.model import get_adapter_arrays, save_adapter, set_adapter_arrays
 from fedit.simulation import Simulation, make_run_dir
 from fedit.train import train_adapter
 

@@ -349,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.error(f"--arms: unknown arm {unknown[0]!r}; choose from {', '.join(ARMS)}")
     args.tmp = Path(os.environ.get("TMPDIR", "/tmp")) / "fedit-bench"
 
-    from fedit.model import resolve_model
+    from fedit.convert import resolve_model
 
     info = cpu_info()
     peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}

@@ -158,11 +158,11 @@ def smollm2_cache(tmp_path_factory):
     Slow (one GGUF conversion, ~45 s on 2 cores): shared by every ``slow`` test."""
     import time
 
-    import fedit.model as fm
+    from fedit import convert
 
     cache = tmp_path_factory.mktemp("fedit-cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FEDIT_CACHE", str(cache))
         start = time.perf_counter()
-        fm.resolve_model("smollm2-135m")
+        convert.resolve_model("smollm2-135m")
     return cache, time.perf_counter() - start

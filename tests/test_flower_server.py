@@ -22,12 +22,12 @@ from flwr.app import (  # noqa: E402
 )
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
+from fedit.adapter import load_adapter_arrays  # noqa: E402
 from fedit.config import load_config  # noqa: E402
 from fedit.errors import ConfigError  # noqa: E402
 from fedit.flower import wire  # noqa: E402
 from fedit.flower.client import handle_query, handle_train, node_rows  # noqa: E402
 from fedit.flower.server import FlowerServer  # noqa: E402
-from fedit.model import load_adapter_arrays  # noqa: E402
 from fedit.simulation import make_run_dir, split_data  # noqa: E402
 from fedit.strategies import Reply  # noqa: E402
 from fedit.strategies import payload as P  # noqa: E402

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fedit.adapter import get_adapter_arrays
 from fedit.config import TrainConfig
 from fedit.data.batching import Batch, collate, tokenize_rows
 from fedit.fused import (
@@ -20,7 +21,7 @@ from fedit.fused import (
     RMSNormFunction,
     fused_training,
 )
-from fedit.model import LoraSpec, attach_lora, get_adapter_arrays, load_base_model, load_tokenizer
+from fedit.model import LoraSpec, attach_lora, load_base_model, load_tokenizer
 from fedit.train import token_losses, train_adapter
 
 

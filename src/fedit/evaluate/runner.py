@@ -153,7 +153,8 @@ def load_eval_rows(
 
 def load_eval_model(target: EvalTarget) -> tuple[Any, Any]:
     """Tokenizer and the model to evaluate: the base, with the adapter loaded if any."""
-    from fedit.model import load_base_model, load_tokenizer, pick_device
+    from fedit.device import pick_device
+    from fedit.model import load_base_model, load_tokenizer
 
     m = target.cfg.model
     tokenizer = load_tokenizer(m.name)
