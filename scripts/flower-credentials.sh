@@ -3,6 +3,8 @@
 # certificate signed by it, and one ECDSA key pair per SuperNode (node authentication).
 #   scripts/flower-credentials.sh OUT_DIR [NODES] [EXTRA_SANS]
 #   scripts/flower-credentials.sh creds 2 "DNS:fl.example.org,IP:10.0.0.5"
+#   scripts/flower-credentials.sh /etc/fedit/creds 0 "DNS:fl.example.org"   # no node keys
+# NODES (default 2) may be 0: in a real deployment each party makes its own key pair.
 # OUT_DIR/ca.crt          give to every SuperNode and `flwr` user (--root-certificates)
 # OUT_DIR/ca.key          keep offline: it signs the next server certificate (rotation)
 # OUT_DIR/server.pem/.key the SuperLink's certificate and key (--ssl-certfile/--ssl-keyfile)
@@ -15,6 +17,7 @@ set -euo pipefail
 out=${1:?usage: $0 OUT_DIR [NODES] [EXTRA_SANS]}
 nodes=${2:-2}
 extra=${3:-}
+[[ $nodes =~ ^[0-9]+$ ]] || { echo "$0: NODES must be a number >= 0, got '$nodes'" >&2; exit 2; }
 days=${FEDIT_CERT_DAYS:-365}
 mkdir -p "$out"
 cd "$out"
@@ -39,8 +42,14 @@ rm -f server.csr server.ext
 ln -sf "server-$stamp.pem" server.pem
 ln -sf "server-$stamp.key" server.key
 
+pubs=()
 for ((k = 0; k < nodes; k++)); do
   [[ -f node-$k ]] || ssh-keygen -q -t ecdsa -b 384 -N "" -C "fedit node $k" -f "node-$k"
+  pubs+=("node-$k.pub")
 done
-chmod 644 ca.crt server-*.pem ./*.pub
-echo "credentials in $out: ca.crt, server.pem (SAN $sans), server.key, node-0..$((nodes - 1))"
+# public files readable by all; with NODES = 0 there is no node key (a valid request:
+# each party makes its own key pair on its own machine)
+chmod 644 ca.crt "server-$stamp.pem" ${pubs[@]+"${pubs[@]}"}
+keys=", no node keys"
+if ((nodes > 0)); then keys=", node-0..$((nodes - 1)) (+ .pub)"; fi
+echo "credentials in $out: ca.crt, server.pem (SAN $sans), server.key$keys"
