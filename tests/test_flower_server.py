@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,11 +25,12 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from fedit.adapter import load_adapter_arrays  # noqa: E402
 from fedit.config import load_config  # noqa: E402
+from fedit.data.federated import split_data  # noqa: E402
 from fedit.errors import ConfigError  # noqa: E402
 from fedit.flower import wire  # noqa: E402
 from fedit.flower.client import handle_query, handle_train, node_rows  # noqa: E402
-from fedit.flower.server import FlowerServer  # noqa: E402
-from fedit.simulation import make_run_dir, split_data  # noqa: E402
+from fedit.flower.server import server_main  # noqa: E402
+from fedit.replies import BadReply, check_reply  # noqa: E402
 from fedit.strategies import Reply  # noqa: E402
 from fedit.strategies import payload as P  # noqa: E402
 from tests.conftest import make_rows, write_config, write_jsonl  # noqa: E402
@@ -118,16 +120,23 @@ def cfg_path(tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "rows.jsonl", make_rows(60, seed=5))
     return write_config(tmp_path / "fake.toml", tiny_model_dir, data, name="fake", seed=3,
                         partition={"clients": 3}, train={"max_steps": 2},
-                        flower={"round_timeout": 1.0, "node_timeout": 0,
-                                "max_update_norm": 50.0})
+                        strategy={"max_update_norm": 50.0},
+                        flower={"round_timeout": 1.0, "node_timeout": 0})
 
 
-def _run(cfg_path, grid, *sets):
-    cfg = load_config(cfg_path, list(sets))
-    server = FlowerServer(grid, cfg, make_run_dir(cfg), log=lambda m: None)  # type: ignore[arg-type]
-    server.run()
-    lines = (server.run_dir / "metrics.jsonl").read_text().splitlines()
-    return server.run_dir, [json.loads(x) for x in lines]
+def _run(cfg_path, grid, *sets, resume=""):
+    """What `flwr run` makes the ServerApp do, with the fake Grid."""
+    run_config = {"config": str(cfg_path), "set": " ".join(sets), "resume": resume}
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=run_config)
+    summary = server_main(grid, context, log=lambda m: None)  # type: ignore[arg-type]
+    run_dir = Path(summary["run_dir"])
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return run_dir, [json.loads(x) for x in lines]
+
+
+def _reasons(line):
+    return {d["client"]: d["reason"] for d in line["dropped"]}
 
 
 def test_bad_or_missing_replies_are_logged_not_averaged(cfg_path):
@@ -137,11 +146,11 @@ def test_bad_or_missing_replies_are_logged_not_averaged(cfg_path):
     # Assert: the round aggregates client 0 alone and says why each other one is out
     line = lines[1]
     assert line["sampled"] == [0, 1, 2, 3, 4, 5] and line["clients"] == [0]
-    assert line["aggregated"] is True and line["missing"] == [4, 5]
-    why = {r["client"]: r["reason"] for r in line["rejected"] + line["missing_reasons"]}
+    assert line["aggregated"] is True and [d["client"] for d in line["dropped"]] == [1, 2, 3, 4, 5]
+    why = _reasons(line)
     assert "array 0 has non-finite values" in why[1]
     assert "arrays, expected" in why[2]
-    assert "> flower.max_update_norm 50" in why[3]
+    assert "> strategy.max_update_norm 50" in why[3]
     assert why[4] == "no reply in 1 s"
     assert "out of memory" in why[5]
     assert set(line["update_norms"]) == {"0"}
@@ -156,10 +165,11 @@ def test_bad_or_missing_replies_are_logged_not_averaged(cfg_path):
 def test_too_few_replies_keep_the_global_adapter(cfg_path):
     # Execute: two of three clients silent, two valid replies required
     grid = FakeGrid(3, {0: _silent, 2: _silent})
-    run_dir, lines = _run(cfg_path, grid, "rounds=1", "flower.min_replies=2")
+    run_dir, lines = _run(cfg_path, grid, "rounds=1", "strategy.min_replies=2")
     # Assert: nothing aggregated; the checkpoint is the starting adapter (B = 0)
     line = lines[1]
-    assert line["aggregated"] is False and line["clients"] == [] and line["missing"] == [0, 2]
+    assert line["aggregated"] is False and line["clients"] == [] and line["sampled"] == [0, 1, 2]
+    assert sorted(_reasons(line)) == [0, 2]
     assert line["train_loss"] is None
     final = load_adapter_arrays(run_dir / "final/adapter")
     assert all(not a.any() for a in final[1::2])  # lora_B arrays are still zero
@@ -178,8 +188,8 @@ def test_a_node_that_rejoins_gets_the_current_global_adapter(cfg_path):
     run_dir, lines = _run(cfg_path, grid, "partition.clients=2")
     # Assert: round 1 misses client 1; round 2 trains it on the new node, from the
     # global adapter of round 1
-    assert lines[1]["clients"] == [0] and lines[1]["missing"] == [1]
-    assert lines[2]["clients"] == [0, 1] and lines[2]["missing"] == []
+    assert lines[1]["clients"] == [0] and sorted(_reasons(lines[1])) == [1]
+    assert lines[2]["clients"] == [0, 1] and lines[2]["dropped"] == []
     sent = [m for node, m in grid.sent if node == 202 and
             m.metadata.message_type == MessageType.TRAIN]
     assert len(sent) == 1
@@ -224,10 +234,12 @@ def test_flower_local_checks_nodes_against_partitions(cfg_path):
 def test_check_reply_accepts_a_good_reply_and_measures_its_distance():
     g = [np.zeros((2, 3), np.float32), np.ones(4, np.float32)]
     r = Reply(0, [np.full((2, 3), 1.0, np.float32), np.ones(4, np.float32)], 5, {})
-    assert wire.check_reply(r, g, max_update_norm=3.0) == pytest.approx(6 ** 0.5)
+    assert check_reply(r, g, max_update_norm=3.0) == pytest.approx(6 ** 0.5)
+    with pytest.raises(BadReply, match=r"update norm 2.449 > strategy.max_update_norm 2"):
+        check_reply(r, g, max_update_norm=2.0)
     r.arrays[1] = r.arrays[1].astype(np.float64)
-    with pytest.raises(wire.BadReply, match=r"array 1 is float64\[4\], expected float32\[4\]"):
-        wire.check_reply(r, g)
+    with pytest.raises(BadReply, match=r"array 1 is float64\[4\], expected float32\[4\]"):
+        check_reply(r, g)
 
 
 def test_reply_round_trips_through_flower_records():

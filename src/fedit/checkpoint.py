@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from fedit.errors import FeditError
-from fedit.io import atomic_write_bytes, atomic_write_jsonl
+from fedit.io import atomic_write_bytes, atomic_write_jsonl, canonical_safetensors
 from fedit.strategies.base import Arrays, ClientState, ServerState
 
 MANIFEST = "manifest.json"
@@ -66,7 +66,7 @@ def encode_state(arrays: dict[str, Arrays], scalars: dict[str, Any]) -> bytes:
     counts = {name: len(items) for name, items in arrays.items()}
     meta = {"fedit.scalars": json.dumps(scalars, sort_keys=True),
             "fedit.counts": json.dumps(counts, sort_keys=True)}
-    return bytes(save(tensors, metadata=meta))
+    return canonical_safetensors(bytes(save(tensors, metadata=meta)))
 
 
 def decode_state(data: bytes) -> tuple[dict[str, Arrays], dict[str, Any]]:
@@ -179,6 +179,20 @@ def metrics_bytes(line: dict[str, Any]) -> bytes:
 
 def round_dir(run_dir: Path, rnd: int) -> Path:
     return run_dir / "rounds" / f"{rnd:04d}"
+
+
+FAULT_ENV = "FEDIT_FAULT"  # tests: "POINT:ROUND" makes the process SIGKILL itself there
+
+
+def fault_point(point: str, rnd: int) -> None:
+    """Where the kill-and-resume tests stop a real run: when ``$FEDIT_FAULT`` is
+    ``POINT:ROUND`` the process kills itself (SIGKILL: no cleanup, no flush), as a crash or
+    an out-of-memory kill would. Points: ``mid-client``, ``before-metrics``,
+    ``before-manifest``, ``after-manifest``. Unset (always, outside tests): nothing."""
+    if os.environ.get(FAULT_ENV) == f"{point}:{rnd}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def write_manifest(run_dir: Path, manifest: Manifest) -> Path:

@@ -75,3 +75,19 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors bytes with the header's metadata keys sorted.
+
+    safetensors writes its metadata from a Rust HashMap, in an order that changes from call
+    to call; sorting it makes equal contents equal bytes (checksums, byte-identical resume).
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(text) > n:  # never expected: the same content, only reordered
+        return data
+    return data[:8] + text + b" " * (n - len(text)) + data[8 + n :]

@@ -186,6 +186,7 @@ class RoundLoop:
         else:
             self.log(f"round {rnd}: {len(replies)} valid replies < strategy.min_replies = "
                      f"{cfg.strategy.min_replies}: the global adapter is kept")
+            replies = []  # the line's clients, losses and examples are of what was combined
         # Evaluate when due; commit the round
         due = rnd == cfg.rounds or (cfg.eval.every and rnd % cfg.eval.every == 0)
         loss, by_cat = self.evaluate(global_arrays) if due else (None, None)
@@ -256,8 +257,11 @@ class RoundLoop:
                               ckpt.file_sha256(adapter)),
             metrics=line,
         )
+        ckpt.fault_point("before-metrics", rnd)
         append_jsonl(self.run_dir / "metrics.jsonl", line)
+        ckpt.fault_point("before-manifest", rnd)
         ckpt.write_manifest(self.run_dir, manifest)
+        ckpt.fault_point("after-manifest", rnd)
         ckpt.prune(self.run_dir, self.cfg.checkpoint.keep_last)
 
     def _finish(self, global_arrays: Arrays, seconds: float) -> dict[str, Any]:

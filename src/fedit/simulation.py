@@ -94,6 +94,7 @@ class InProcessRuntime:
             )
         finally:
             bar.close()
+        ckpt.fault_point("mid-client", server_round)
         if state:
             self._states[client] = ckpt.save_client_state(self.run_dir, state)
         return reply
