@@ -153,16 +153,22 @@ SHARED_DOLLY = (
 
 @pytest.fixture(scope="session")
 def smollm2_cache(tmp_path_factory):
-    """A fresh fedit cache holding the converted SmolLM2, and the conversion's seconds.
+    """A fresh fedit cache holding the converted SmolLM2, and how many conversions that
+    took (1).
 
     Slow (one GGUF conversion, ~45 s on 2 cores): shared by every ``slow`` test."""
-    import time
-
     from fedit import convert
 
     cache = tmp_path_factory.mktemp("fedit-cache")
+    conversions = []
+    real = convert._convert_gguf
+
+    def counted(*args):
+        conversions.append(args)
+        real(*args)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FEDIT_CACHE", str(cache))
-        start = time.perf_counter()
+        mp.setattr(convert, "_convert_gguf", counted)
         convert.resolve_model("smollm2-135m")
-    return cache, time.perf_counter() - start
+    return cache, len(conversions)

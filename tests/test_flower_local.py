@@ -8,7 +8,9 @@ included. The tests run in file order: the last one kills a node.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -20,10 +22,10 @@ pytest.importorskip("flwr")
 if not (shutil.which("openssl") and shutil.which("ssh-keygen")):  # pragma: no cover
     pytest.skip("needs openssl and ssh-keygen for TLS and node keys", allow_module_level=True)
 
+from fedit.adapter import load_adapter_arrays  # noqa: E402
 from fedit.config import load_config  # noqa: E402
 from fedit.flower.local import LocalFederation  # noqa: E402
 from fedit.flower.secagg import quantisation_bound  # noqa: E402
-from fedit.model import load_adapter_arrays  # noqa: E402
 from fedit.simulation import Simulation, make_run_dir  # noqa: E402
 from tests.conftest import make_rows, write_config, write_jsonl  # noqa: E402
 
@@ -117,7 +119,7 @@ def test_tls_auth_run_equals_the_simulation(federation, job):
     for a, b in zip(flower, sim, strict=True):
         assert a["clients"] == b["clients"]
         assert a["eval_loss"] == pytest.approx(b["eval_loss"], abs=1e-5)
-    assert [m["missing"] for m in flower[1:]] == [[], []]
+    assert [m["dropped"] for m in flower[1:]] == [[], []]
     assert flower[1]["bytes_up"] == sim[1]["bytes_up"]
     _assert_close(run_dir / "final/adapter", simulated / "final/adapter", atol=1e-5)
     for name in ["config.toml", "test.jsonl", "partitions/stats.json", "summary.json",
@@ -142,27 +144,41 @@ def test_secure_aggregation_equals_fedavg_within_quantisation(federation, job):
     assert diff > 0  # quantised: not bit-equal
 
 
+def _wait_for(what: str, done, fed: LocalFederation) -> None:
+    """Wait until ``done()`` (a line in a log, a process gone); fail after RUN_TIMEOUT."""
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not done():
+        assert time.monotonic() < deadline, f"waited {RUN_TIMEOUT} s for {what}\n{_logs(fed)}"
+        time.sleep(0.2)
+
+
 def test_a_node_killed_mid_round_is_missing_and_the_run_completes(federation, job):
     path, _ = job
-    worker_log = federation.nodes[1][-1].log
-    mark = "client 1 round 1: training"
-    seen = worker_log.read_text().count(mark)
+    # Prepare: node 1's worker frozen, and a stand-in that takes one task and exits: the
+    # run's hello, with which node 1 says it is client 1. Client 1 is then sampled and can
+    # never reply, however fast this machine trains.
+    worker_0_log, worker_1 = federation.nodes[0][1].log, federation.nodes[1][1]
+    mark = "client 0 round 1: training"
+    seen = worker_0_log.read_text().count(mark)
+    os.killpg(worker_1.popen.pid, signal.SIGSTOP)
+    stand_in = federation.start_worker(1, max_tasks=1)
+    _wait_for("the stand-in to take tasks", lambda: "taking ClientApp tasks" in
+              stand_in.log.read_text(errors="replace"), federation)
 
-    def kill_node_1_while_it_trains(run_dir: Path) -> None:
-        deadline = time.monotonic() + RUN_TIMEOUT
-        while worker_log.read_text().count(mark) == seen:
-            assert time.monotonic() < deadline, _logs(federation)
-            time.sleep(0.1)
-        federation.kill_node(1)  # SIGKILL: node, worker and their children
+    def kill_node_1_mid_round(run_dir: Path) -> None:
+        _wait_for("the hello to node 1", lambda: not stand_in.alive(), federation)
+        assert stand_in.popen.returncode == 0, _logs(federation)
+        _wait_for("round 1", lambda: worker_0_log.read_text().count(mark) > seen, federation)
+        federation.kill_node(1)  # SIGKILL: node, workers and their children
 
-    # Execute: longer local training (14 steps), so the kill lands before client 1 replies
+    # Execute
     run_dir = _run(federation, path, "name=killed", "rounds=1", "flower.round_timeout=20",
-                   "train.local_epochs=2", "train.max_steps=0",
-                   while_running=kill_node_1_while_it_trains)
-    # Assert: the round aggregated client 0 alone, and the metrics name the missing one
+                   while_running=kill_node_1_mid_round)
+    # Assert: the round aggregated client 0 alone, and the metrics name the dropped one
     line = _metrics(run_dir)[1]
     assert line["sampled"] == [0, 1], line
-    assert line["clients"] == [0] and line["missing"] == [1], line
-    assert line["missing_reasons"][0]["reason"] == "no reply in 20 s"
+    assert line["clients"] == [0], line
+    assert line["dropped"] == [{"client": 1, "reason": "no reply in 20 s"}], line
     assert line["aggregated"] is True
     assert (run_dir / "final/adapter/adapter_model.safetensors").is_file()
+    assert "client 1 round 1: training" not in stand_in.log.read_text(errors="replace")

@@ -2,7 +2,7 @@
 
 The server decides from the prompt it receives: a single grade is the N of "score=N" in the
 answer; a pairwise verdict favours the answer that says GOOD, or always position A. A script
-of faults (a reply without a verdict, HTTP 500, a reply slower than the client's timeout) is
+of faults (a reply without a verdict, HTTP 500, no reply until the client gives up) is
 played before the normal replies. It counts every request it gets.
 """
 
@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
@@ -49,9 +50,8 @@ from fedit.evaluate.judge_prompts import (
 class ServerState:
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
-    script: list[str] = field(default_factory=list)  # faults played first: malformed|500|sleep
+    script: list[str] = field(default_factory=list)  # faults played first: malformed|500|hang
     pairwise: str = "better"  # better: the answer saying GOOD wins; favour_a: always [[A]]
-    sleep: float = 1.0
     url: str = ""
 
 
@@ -86,9 +86,12 @@ async def chat_completions(request: Request) -> Any:
     if fault == "429":
         return JSONResponse({"error": {"message": "slow down"}}, status_code=429,
                             headers={"Retry-After": "0.3"})
-    if fault == "sleep":
-        await asyncio.sleep(STATE.sleep)
-    content = _judge_reply(body) if fault is None or fault == "sleep" else (
+    if fault == "hang":  # no reply: wait until the client gives up and disconnects
+        deadline = time.monotonic() + 60
+        while not await request.is_disconnected() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return JSONResponse({"error": {"message": "too late"}}, status_code=504)
+    content = _judge_reply(body) if fault is None else (
         "I cannot decide." if fault == "malformed" else f"No verdict ({fault}).")
     return {"id": "chatcmpl-1", "object": "chat.completion", "model": body["model"],
             "choices": [{"index": 0, "finish_reason": "stop",
@@ -251,19 +254,24 @@ def test_error_after_retries_names_the_status(server, tmp_path):
         judge_single(answers([9]), make_judge(server, tmp_path), log=lambda m: None)
 
 
-def test_timeout_is_retried_then_a_clear_error(server, tmp_path):
-    server.script, server.sleep = ["sleep"] * 3, 0.6
+def test_a_silent_server_is_tried_once_per_retry_then_a_clear_error(server, tmp_path):
+    # Prepare: a server that does not answer the first three requests at all
+    server.script = ["hang"] * 3
     judge = make_judge(server, tmp_path, timeout=0.2, retries=2)
-    start = time.monotonic()
+    # Execute
     with pytest.raises(JudgeError) as err:
         judge_single(answers([5]), judge, log=lambda m: None)
+    # Assert: every request had the client's timeout; 1 + retries tries, not one more
+    assert judge.client._http.timeout == httpx.Timeout(0.2)
     assert str(err.value) == (f"judge endpoint {server.url}/chat/completions gave no answer "
                               "within 0.2 s (3 tries): raise --timeout or check the server")
-    assert len(server.requests) == 3 and time.monotonic() - start < 2
-    server.script, server.sleep = ["sleep"], 0.3  # one slow reply, then a fast one
-    result = judge_single(answers([5]), make_judge(server, tmp_path, timeout=0.2),
-                          log=lambda m: None)
+    assert len(server.requests) == 3 and judge.client.requests == 3
+    # one silent request, then an answered retry (the usual 2 s timeout of these tests)
+    server.script = ["hang"]
+    judge = make_judge(server, tmp_path)
+    result = judge_single(answers([5]), judge, log=lambda m: None)
     assert result["items"][0]["score"] == 5 and len(server.requests) == 5
+    assert judge.client.requests == 2
 
 
 def test_cli_cache_second_run_makes_no_request(server, tmp_path, monkeypatch):

@@ -67,7 +67,24 @@ def test_sampling_is_seeded_per_round():
         assert len(picked) == 4 and len(set(picked)) == 4 and set(picked) <= set(clients)
 
 
-def test_fedavg_sample_uses_its_params():
-    s = FedAvg(StrategyParams(fraction=0.5, min_clients=1, seed=3))
-    assert s.sample(2, range(6)) == sample_clients(list(range(6)), 2, 0.5, 1, 3)
-    assert s.configure_train(1) == {} and s.configure_train(1) is not s.configure_train(1)
+def test_fedavg_samples_with_numpy_seeded_by_its_seed_and_the_round():
+    # Prepare: six clients whose ids are not their positions
+    clients = [10, 11, 12, 13, 14, 15]
+
+    def by_hand(seed, server_round, k):
+        """k positions drawn without replacement by numpy's generator on [seed, round]."""
+        rng = np.random.default_rng([seed, server_round])
+        return sorted(clients[i] for i in rng.choice(len(clients), size=k, replace=False))
+
+    def fedavg(**params):
+        return FedAvg(StrategyParams(**({"fraction": 0.5, "min_clients": 1, "seed": 3} | params)))
+
+    # Execute
+    picked = fedavg().sample(2, clients)
+    # Assert: half of six is 3 clients, the ids at the drawn positions, sorted
+    assert picked == by_hand(3, 2, 3)
+    assert fedavg().sample(3, clients) == by_hand(3, 3, 3)  # the next round: its own draw
+    other_seed = fedavg(seed=4).sample(2, clients)
+    assert other_seed == by_hand(4, 2, 3) and other_seed != picked
+    assert fedavg(fraction=1 / 3).sample(2, clients) == by_hand(3, 2, 2)
+    assert fedavg(min_clients=5).sample(2, clients) == by_hand(3, 2, 5)  # 3 raised to 5

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
 import urllib.error
 import urllib.request
+from threading import Thread
 
 HUB_PROBE_TIMEOUT_S = 3.0
 
@@ -44,7 +44,7 @@ def _probe(endpoint: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
             pass  # no name, no route, refused, timed out, or not the hub's certificate
 
     # A thread bounds the DNS lookup too, which the request's own timeout does not cover.
-    thread = threading.Thread(target=probe, daemon=True)
+    thread = Thread(target=probe, daemon=True, name="fedit-hub-probe")
     thread.start()
     thread.join(timeout)
     return bool(answered)

@@ -108,6 +108,7 @@ class LocalFederation:
         self.log = log
         self.procs: list[Proc] = []
         self.nodes: dict[int, list[Proc]] = {}
+        self.runtime_ports: dict[int, int] = {}  # node index -> its runtime API's port
         self.port = 0
         self.node_threads = 0  # torch threads a node's ClientApp uses; 0 = torch decides
         self.creds = workdir / "credentials"
@@ -194,14 +195,25 @@ class LocalFederation:
             key = self.creds / f"node-{index}" if self.auth else None
         if key is not None:
             cmd += ["--auth-supernode-private-key", str(key)]
-        procs = [self._start(f"node-{index}", cmd, f"node-{index}")]
+        self.nodes[index] = [self._start(f"node-{index}", cmd, f"node-{index}")]
+        self.runtime_ports[index] = runtime_port
         if self.isolation == "process":
-            worker = [sys.executable, "-m", "fedit.flower.worker",
-                      "--runtime-api-address", f"127.0.0.1:{runtime_port}",
-                      "--parent-pid", str(procs[0].popen.pid)]
-            procs.append(self._start(f"worker-{index}", worker, f"node-{index}"))
-        self.nodes[index] = procs
-        return procs
+            self.start_worker(index)
+        return self.nodes[index]
+
+    def start_worker(self, index: int, max_tasks: int | None = None) -> Proc:
+        """A ``fedit flower worker`` that takes SuperNode ``index``'s ClientApp tasks
+        (``isolation="process"``), stopped with the node; ``max_tasks``: it exits after
+        that many tasks."""
+        procs = self.nodes[index]
+        cmd = [sys.executable, "-m", "fedit.flower.worker",
+               "--runtime-api-address", f"127.0.0.1:{self.runtime_ports[index]}",
+               "--parent-pid", str(procs[0].popen.pid)]
+        if max_tasks is not None:
+            cmd += ["--max-tasks", str(max_tasks)]
+        name = f"worker-{index}" + (f"-{len(procs)}" if len(procs) > 1 else "")
+        procs.append(self._start(name, cmd, f"node-{index}"))
+        return procs[-1]
 
     def kill_node(self, index: int, sig: int = signal.SIGKILL) -> None:
         """Kill node ``index`` and everything it started (a crashed machine)."""

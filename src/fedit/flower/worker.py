@@ -164,9 +164,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="CA file when the SuperNode's runtime API uses TLS")
     parser.add_argument("--parent-pid", type=int, default=None,
                         help="exit when this process (the SuperNode) is gone")
+    parser.add_argument("--max-tasks", type=int, default=None,
+                        help="exit after this many tasks (default: take tasks until killed)")
     args = parser.parse_args(argv)
     certs = Path(args.root_certificates).read_bytes() if args.root_certificates else None
-    run_worker(args.runtime_api_address, certs, parent_pid=args.parent_pid)
+    run_worker(args.runtime_api_address, certs, max_tasks=args.max_tasks,
+               parent_pid=args.parent_pid)
 
 
 if __name__ == "__main__":
