@@ -261,3 +261,63 @@ def test_large_arrays_travel_in_chunks_below_the_message_limit():
     chunks = record["0"].children
     assert chunks is not None and len(chunks) == 3
     assert all(len(c.data) <= FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE for c in chunks.values())
+
+
+class Crash(BaseException):
+    """Stands for the ServerApp's process being killed mid-round."""
+
+
+def test_a_server_killed_mid_run_resumes_to_the_same_adapter(cfg_path):
+    # Prepare: the uninterrupted run, with server momentum (state to restore)
+    whole, _ = _run(cfg_path, FakeGrid(3), "rounds=3", "name=whole", "strategy.name=fedavgm")
+    # Execute: the server dies while round 3's replies come in, then resumes
+    grid = FakeGrid(3)
+
+    def crash_in_round_3(msg: Message, good: Message) -> Message:
+        if int(msg.content.config_records[P.CONFIG_RECORD][P.SERVER_ROUND]) == 3:
+            raise Crash
+        return good
+
+    grid.behaviours[0] = crash_in_round_3
+    with pytest.raises(Crash):
+        _run(cfg_path, grid, "rounds=3", "name=crashed", "strategy.name=fedavgm")
+    run_dir = whole.parent / "crashed"
+    del grid.behaviours[0]
+    _, lines = _run(cfg_path, grid, resume=str(run_dir))
+    # Assert: rounds 0-3 once each, and the adapter of the run never interrupted
+    assert [m["round"] for m in lines] == [0, 1, 2, 3]
+    final = "final/adapter/adapter_model.safetensors"
+    assert (run_dir / final).read_bytes() == (whole / final).read_bytes()
+
+
+def test_client_state_stays_on_the_node_and_follows_a_resume(cfg_path, tmp_path, monkeypatch):
+    import fedit.config as fc
+    from fedit.strategies import STRATEGIES, StrategyParams
+    from tests.test_rounds import Tally
+
+    monkeypatch.setitem(STRATEGIES, "tally", (Tally, StrategyParams))
+    monkeypatch.setattr(fc, "STRATEGY_NAMES", (*fc.STRATEGY_NAMES, "tally"))
+    state_dirs = [tmp_path / f"node{k}" for k in range(3)]
+    configs = [{"partition-id": k, "num-partitions": 3, "state-dir": str(d)}
+               for k, d in enumerate(state_dirs)]
+    # Execute: three rounds over three nodes, each keeping its client's state
+    run_dir, lines = _run(cfg_path, FakeGrid(3, node_configs=configs), "rounds=3",
+                          "strategy.name=tally", "strategy.fraction=0.67")
+    # Assert: each node holds its own client's state, counting its rounds
+    trained = {c: sum(c in m["clients"] for m in lines[1:]) for c in range(3)}
+    for c, d in enumerate(state_dirs):
+        files = sorted((d / "fake" / f"client_{c:05d}").glob("round_*.safetensors"))
+        if not trained[c]:
+            assert not files
+            continue
+        from fedit.checkpoint import decode_state
+
+        arrays, scalars = decode_state(files[-1].read_bytes())
+        assert scalars["n"] == trained[c]
+        np.testing.assert_array_equal(arrays["c_seen"][0], [c, c])
+    # The server's checkpoint names only the round of each client's state, never its data
+    from fedit import checkpoint as ckpt
+
+    m = ckpt.read_manifest(run_dir, 3)
+    assert all(b.path.startswith("node:") and b.sha256 == "" for b in m.client_states.values())
+    assert not any("client_0" in p.name for p in (run_dir / ckpt.BLOBS).iterdir())

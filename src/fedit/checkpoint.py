@@ -36,6 +36,7 @@ from fedit.strategies.base import Arrays, ClientState, ServerState
 MANIFEST = "manifest.json"
 BLOBS = Path("checkpoint") / "blobs"
 FORMAT = 1  # manifest format version
+ON_NODE = "node:"  # a client state kept on its Flower node: "node:<round>", no file here
 
 Log = Callable[[str], None]
 
@@ -165,9 +166,10 @@ class Manifest:
         return m
 
     def blobs(self) -> Iterable[Blob]:
+        """The files of the run folder this round needs (not a state kept on a node)."""
         yield self.global_arrays
         yield self.strategy_state
-        yield from self.client_states.values()
+        yield from (b for b in self.client_states.values() if not b.path.startswith(ON_NODE))
         if self.adapter is not None:
             yield self.adapter
 

@@ -39,7 +39,6 @@ from fedit.strategies import payload as P
 
 HELLO_TIMEOUT = 60.0  # seconds a new node has to say which client it is
 TTL_MARGIN = 5.0  # a message outlives the round's wait a little: our timeout speaks first
-NODE_STATE = "node:"  # a client state kept on its node: "node:<round>" in the manifest
 
 
 class FlowerRuntime:
@@ -158,10 +157,10 @@ class FlowerRuntime:
         return RoundResult(replies, dropped, bytes_up=up, bytes_down=down)
 
     def client_states(self) -> dict[int, ckpt.Blob]:
-        return {c: ckpt.Blob(f"{NODE_STATE}{r}", "") for c, r in self.state_rounds.items()}
+        return {c: ckpt.Blob(f"{ckpt.ON_NODE}{r}", "") for c, r in self.state_rounds.items()}
 
     def restore_client_states(self, refs: dict[int, ckpt.Blob]) -> None:
-        self.state_rounds = {c: int(b.path.removeprefix(NODE_STATE)) for c, b in refs.items()}
+        self.state_rounds = {c: int(b.path.removeprefix(ckpt.ON_NODE)) for c, b in refs.items()}
 
 
 def server_main(grid: Grid, context: Context, log: Log = print) -> dict[str, Any]:
