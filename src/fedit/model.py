@@ -187,28 +187,3 @@ def attach_lora(model: Any, spec: LoraSpec, seed: int = 0) -> Any:
     for param in adapter_params(peft_model).values():
         param.data = param.data.float()
     return peft_model.eval()  # PEFT's new dropout layers start in train mode
-
-
-# TEMPORARY re-exports for modules being rewritten; remove when they import from
-# fedit.adapter/device/convert. simulation, client, experiment and rounds still import these
-# five names from here (pick_device through the import at the top, which load_base_model
-# uses itself). Remove this block and __all__ together.
-from fedit.adapter import (  # noqa: E402
-    get_adapter_arrays,
-    load_adapter_arrays,
-    save_adapter,
-    set_adapter_arrays,
-)
-
-__all__ = [
-    "LoraSpec",
-    "attach_lora",
-    "load_base_model",
-    "load_tokenizer",
-    # TEMPORARY re-exports (see above)
-    "get_adapter_arrays",
-    "load_adapter_arrays",
-    "pick_device",
-    "save_adapter",
-    "set_adapter_arrays",
-]
