@@ -3,9 +3,10 @@
     .venv/bin/python scripts/flower_round_cost.py [--rounds 2] [--repeat 3] [--model M]
 
 Runs one small config (SmolLM2-135M by default, 2 clients, a few local steps) four ways:
-in-process simulation, Flower with its default subprocess isolation (a new ClientApp
-process per message: import torch, load the model, tokenise), Flower with one long-lived
-``fedit flower worker`` per node (``--isolation process``), and the latter with SecAgg+.
+in-process simulation; fedit's default Flower mode, one long-lived ``fedit flower worker``
+per node (``--isolation process``: the model and data stay loaded between rounds); the
+same with SecAgg+; and Flower's own default subprocess isolation (a new ClientApp process
+per message: import torch, load the model, tokenise, every round) for comparison.
 Prints each round's seconds and bytes from metrics.jsonl, and the cold start of a
 ClientApp process (imports + model load) measured alone. Nothing here is a test: numbers
 depend on the machine and its load; compare the ratios within one run of this script.
@@ -29,11 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 COLD_START = """
 import time, sys
 t0 = time.perf_counter()
-import fedit.client, fedit.simulation
+import fedit.client
 t1 = time.perf_counter()
 from fedit.config import load_config
 cfg = load_config(sys.argv[1], sys.argv[2:])
-fedit.simulation.load_model(cfg)
+fedit.client.load_model(cfg)
 t2 = time.perf_counter()
 print(f"{t1 - t0:.2f} {t2 - t1:.2f}")
 """
@@ -63,10 +64,11 @@ def main() -> None:
     sets = overrides(out, args.rounds, args.model)
     stamp = time.strftime("%H%M%S")
     results: dict[str, dict] = {}
-    modes = [("simulation", "", []), ("flower subprocess", "subprocess", []),
-             ("flower process", "process", []),
-             ("flower process + SecAgg+", "process",
-              ["flower.secure_aggregation=true", "flower.secagg_max_weight=200"])]
+    modes = [("simulation", "", []),
+             ("flower default (process + worker)", "process", []),
+             ("flower default + SecAgg+", "process",
+              ["flower.secure_aggregation=true", "flower.secagg_max_weight=200"]),
+             ("flower subprocess (Flower's default)", "subprocess", [])]
 
     def record(mode: str, run_dir: Path, wall: float) -> None:
         r = results.setdefault(mode, {"wall": [], "rounds": []})

@@ -6,12 +6,18 @@ import numpy as np
 import pytest
 
 from fedit.strategies import (
+    STRATEGIES,
+    Combined,
     FedAvg,
+    FedAvgM,
+    FedAvgMParams,
     Reply,
     StrategyParams,
     aggregate_weighted,
+    combine_weighted,
     num_sampled,
     sample_clients,
+    strategy_from_config,
 )
 
 
@@ -88,3 +94,81 @@ def test_fedavg_samples_with_numpy_seeded_by_its_seed_and_the_round():
     assert other_seed == by_hand(4, 2, 3) and other_seed != picked
     assert fedavg(fraction=1 / 3).sample(2, clients) == by_hand(3, 2, 2)
     assert fedavg(min_clients=5).sample(2, clients) == by_hand(3, 2, 5)  # 3 raised to 5
+
+
+# -- FedAvgM: server momentum, worked by hand ------------------------------------------------
+def test_fedavgm_two_rounds_by_hand():
+    # Prepare: eta = 0.5, beta = 0.9; global 1.0; the clients' means 0.0 then 0.5
+    s = FedAvgM(FedAvgMParams(server_lr=0.5, server_momentum=0.9))
+    g0 = [np.array([1.0], np.float32)]
+    state = s.init_state(g0)
+    np.testing.assert_array_equal(state.arrays["momentum"][0], [0.0])
+    # Round 1: d = 1 - 0 = 1; v = 0.9 * 0 + 1 = 1; w = 1 - 0.5 * 1 = 0.5
+    g1, state = s.server_update(1, g0, Combined([np.array([0.0], np.float32)], 1, 1), state)
+    np.testing.assert_allclose(g1[0], [0.5])
+    np.testing.assert_allclose(state.arrays["momentum"][0], [1.0])
+    # Round 2: d = 0.5 - 0.5 = 0; v = 0.9 * 1 + 0 = 0.9; w = 0.5 - 0.5 * 0.9 = 0.05
+    g2, state = s.server_update(2, g1, Combined([np.array([0.5], np.float32)], 1, 1), state)
+    np.testing.assert_allclose(g2[0], [0.05], rtol=1e-6)
+    np.testing.assert_allclose(state.arrays["momentum"][0], [0.9], rtol=1e-6)
+    assert g2[0].dtype == np.float32
+
+
+def test_fedavgm_without_momentum_and_unit_step_is_fedavg():
+    w0 = [np.array([1.0, 2.0], np.float32)]
+    replies = [Reply(0, [np.array([3.0, 4.0], np.float32)], 1),
+               Reply(1, [np.array([5.0, 8.0], np.float32)], 3)]
+    m = FedAvgM(FedAvgMParams(server_lr=1.0, server_momentum=0.0))
+    out, _ = m.server_update(1, w0, m.combine(1, replies), m.init_state(w0))
+    np.testing.assert_allclose(out[0], [(3 + 15) / 4, (4 + 24) / 4])
+
+
+def test_combine_weights_extra_arrays_like_the_adapter():
+    replies = [Reply(0, [np.zeros(1, np.float32)], 1, extra={"c": [np.array([2.0])]}),
+               Reply(1, [np.ones(1, np.float32)], 3, extra={"c": [np.array([6.0])]})]
+    c = combine_weighted(replies)
+    assert (c.num_examples, c.num_replies) == (4, 2)
+    np.testing.assert_allclose(c.arrays[0], [0.75])
+    np.testing.assert_allclose(c.extra["c"][0], [(2 + 18) / 4])
+
+
+def test_build_strategy_takes_its_keys_from_the_strategy_table():
+    from fedit.config import STRATEGY_NAMES, load_config
+
+    assert set(STRATEGY_NAMES) == set(STRATEGIES)  # the config's list and the registry agree
+    cfg = load_config(None, ["strategy.name=fedavgm", "strategy.server_lr=0.3",
+                             "strategy.fraction=0.5", "seed=7"])
+    s = strategy_from_config(cfg)
+    assert isinstance(s, FedAvgM)
+    assert (s.params.server_lr, s.params.server_momentum, s.params.fraction, s.params.seed) == \
+        (0.3, 0.9, 0.5, 7)
+    assert s.describe()["name"] == "fedavgm"
+
+
+def test_secure_aggregation_policy_is_checked_before_the_run():
+    from fedit.config import load_config
+    from fedit.errors import ConfigError
+    from fedit.rounds import check_secure_policy
+
+    cfg = load_config(None, ["flower.secure_aggregation=true", "strategy.max_update_norm=5"])
+    with pytest.raises(ConfigError, match="strategy.max_update_norm cannot be checked under "
+                                          "SecAgg"):
+        check_secure_policy(cfg, FedAvg())
+
+    class NeedsEachReply(FedAvg):
+        name = "krum-like"
+        secure_aggregation = False
+
+    cfg = load_config(None, ["flower.secure_aggregation=true"])
+    with pytest.raises(ConfigError, match="strategy.name = krum-like needs each client's reply"):
+        check_secure_policy(cfg, NeedsEachReply())
+    check_secure_policy(cfg, FedAvgM())  # the mean is all FedAvgM needs
+
+
+def test_old_flower_keys_point_to_their_new_place():
+    from fedit.config import load_config
+    from fedit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown key 'flower.min_replies'; did you mean "
+                                          "'strategy.min_replies'"):
+        load_config(None, ["flower.min_replies=2"])

@@ -195,3 +195,78 @@ def test_bf16_base_trains_to_within_2_percent_of_fp32(tiny_model_dir, tiny_rows)
 
     fp32, bf16 = held_out_loss("fp32"), held_out_loss("bf16")
     assert bf16 == pytest.approx(fp32, rel=0.02)
+
+
+# -- the trainer hook (FedProx's proximal term, SCAFFOLD's correction go through it) ---------
+class Recording:
+    """A TrainHook that records what the trainer hands it."""
+
+    def __init__(self, zero_grads=False, mu=0.0, start=None):
+        self.calls, self.zero_grads, self.mu, self.start = [], zero_grads, mu, start
+
+    def loss(self, params):
+        self.calls.append(("loss", [tuple(p.shape) for p in params],
+                           [p.grad is not None for p in params]))
+        return 0.5 * self.mu * sum(((p - s) ** 2).sum() for p, s in zip(params, self.start,
+                                                                          strict=True))
+
+    def correct(self, params):
+        self.calls.append(("correct", [tuple(p.shape) for p in params],
+                           [p.grad is not None for p in params]))
+        if self.zero_grads:
+            for p in params:
+                p.grad.zero_()
+
+
+def _hook(**kw):
+    from fedit.strategies import TrainHook
+
+    return type("Hook", (Recording, TrainHook), {})(**kw)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_hook_sees_the_adapter_once_a_step_after_backward(tiny, fused):
+    tok, model, examples = tiny
+    start = [torch.tensor(a) for a in get_adapter_arrays(model)]
+    hook = _hook(start=start)
+    cfg = TrainConfig(batch_size=4, micro_batch_size=2, max_steps=3, fused=fused)
+    train_adapter(model, examples[:12], cfg, pad_id=tok.pad_token_id, seed=0, hook=hook)
+    shapes = [a.shape for a in get_adapter_arrays(model)]
+    # loss then correct, once per optimizer step, on the adapter's tensors in wire order
+    assert [c[0] for c in hook.calls] == ["loss", "correct"] * 3
+    assert all(c[1] == shapes for c in hook.calls)
+    assert all(all(c[2]) for c in hook.calls if c[0] == "correct")  # after backward
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_correction_that_zeroes_the_gradient_stops_training(tiny, fused):
+    tok, model, examples = tiny
+    before = get_adapter_arrays(model)
+    cfg = TrainConfig(batch_size=4, micro_batch_size=4, max_steps=3, fused=fused)
+    train_adapter(model, examples[:12], cfg, pad_id=tok.pad_token_id, seed=0,
+                  hook=_hook(zero_grads=True, start=[torch.tensor(a) for a in before]))
+    # AdamW with zero gradients and no weight decay moves nothing
+    for a, b in zip(get_adapter_arrays(model), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_proximal_term_keeps_the_adapter_near_its_start(tiny, fused):
+    tok, model, examples = tiny
+    before = get_adapter_arrays(model)
+    cfg = TrainConfig(batch_size=4, micro_batch_size=4, max_steps=4, lr=1e-2, fused=fused,
+                      lr_scheduler="constant", max_grad_norm=0.0)
+
+    def distance(mu):
+        """How far training moves the adapter: with a proximal term mu, or no hook (None)."""
+        from fedit.adapter import set_adapter_arrays
+
+        set_adapter_arrays(model, before)
+        hook = None if mu is None else _hook(mu=mu, start=[torch.tensor(a) for a in before])
+        train_adapter(model, examples[:16], cfg, pad_id=tok.pad_token_id, seed=0, hook=hook)
+        return sum(float(((a - b) ** 2).sum())
+                   for a, b in zip(get_adapter_arrays(model), before, strict=True)) ** 0.5
+
+    free, zero, pulled = distance(None), distance(0.0), distance(1e4)
+    assert zero == pytest.approx(free, rel=1e-6)  # mu = 0: the same training as no hook
+    assert pulled < 0.5 * free

@@ -236,9 +236,10 @@ def flower_local(
     tls: Annotated[bool, typer.Option(help="TLS with a private CA made for this run")] = False,
     auth: Annotated[bool, typer.Option(help="only registered SuperNodes may join")] = False,
     isolation: Annotated[
-        str, typer.Option(help="subprocess (a ClientApp process per message) | process "
-                               "(a long-lived worker per node keeps the model loaded)")
-    ] = "subprocess",
+        str, typer.Option(help="process (default: a long-lived worker per node keeps the "
+                               "model and data loaded) | subprocess (Flower's own default: "
+                               "a ClientApp process per message loads them every round)")
+    ] = "process",
     workdir: Annotated[
         Path | None, typer.Option(help="logs and credentials (default <output_dir>/.flower/)")
     ] = None,
@@ -254,12 +255,7 @@ def flower_local(
                             log=lambda m: typer.echo(m, err=True))
     except (FeditError, ValueError) as e:
         _fail(e)
-    final = summary["final_eval_loss"]
-    typer.echo(
-        f"\nheld-out loss: base {summary['base_eval_loss']:.4f} -> {final:.4f} after "
-        f"{summary['rounds']} rounds on {nodes} SuperNodes in {summary['seconds']:.0f} s\n"
-        f"run folder: {summary['run_dir']}\nfinal adapter: {summary['final_adapter']}"
-    )
+    typer.echo("\n" + format_train_summary(summary))
 
 
 @flower_app.command("worker")

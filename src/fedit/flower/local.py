@@ -96,12 +96,13 @@ class LocalFederation:
     auth : bool
         SuperNode authentication: only the nodes whose public key was registered join.
     isolation : str
-        ``subprocess`` (Flower's default: a new ClientApp process per message) or
-        ``process`` (one long-lived ``fedit flower worker`` per node keeps the model).
+        ``process`` (the default: one long-lived ``fedit flower worker`` per node keeps
+        the model and the tokenised data between rounds) or ``subprocess`` (Flower's own
+        default: a new ClientApp process per message loads them again every round).
     """
 
     def __init__(self, workdir: Path, *, tls: bool = False, auth: bool = False,
-                 isolation: str = "subprocess", log: Log = print) -> None:
+                 isolation: str = "process", log: Log = print) -> None:
         if isolation not in ISOLATIONS:
             raise FeditError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
         self.workdir, self.tls, self.auth, self.isolation = workdir, tls, auth, isolation
@@ -344,7 +345,7 @@ def _follow(proc: subprocess.Popen[bytes], path: Path, timeout: float, log: Log)
 
 def run_local(
     config: Path, *, nodes: int = 2, overrides: Sequence[str] = (), tls: bool = False,
-    auth: bool = False, isolation: str = "subprocess", workdir: Path | None = None,
+    auth: bool = False, isolation: str = "process", workdir: Path | None = None,
     timeout: float = 3600, log: Log = print,
 ) -> dict[str, Any]:
     """Start a SuperLink and ``nodes`` SuperNodes (partition-id 0..N-1), run the config
