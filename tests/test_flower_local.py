@@ -120,17 +120,37 @@ def test_tls_auth_run_equals_the_simulation(federation, job):
         assert a["clients"] == b["clients"]
         assert a["eval_loss"] == pytest.approx(b["eval_loss"], abs=1e-5)
     assert [m["dropped"] for m in flower[1:]] == [[], []]
-    assert flower[1]["bytes_up"] == sim[1]["bytes_up"]
+    # Flower's bytes are the serialised payload: the same arrays plus a .npy header each
+    arrays = len(load_adapter_arrays(simulated / "final/adapter"))
+    assert 0 < flower[1]["bytes_up"] - sim[1]["bytes_up"] <= 2 * arrays * 256
     _assert_close(run_dir / "final/adapter", simulated / "final/adapter", atol=1e-5)
     for name in ["config.toml", "test.jsonl", "partitions/stats.json", "summary.json",
                  "rounds/0001/adapter", "rounds/0002/adapter"]:
         assert (run_dir / name).exists(), name
 
 
-def test_secure_aggregation_equals_fedavg_within_quantisation(federation, job):
+def test_server_momentum_over_flower_equals_the_simulation(federation, job):
+    path, _ = job
+    # Prepare: the in-process run of a stateful strategy (server momentum)
+    sets = ["strategy.name=fedavgm", "strategy.server_lr=0.7", "strategy.server_momentum=0.5"]
+    cfg = load_config(path, ["name=sim-fedavgm", *sets])
+    Simulation(cfg, make_run_dir(cfg), log=lambda m: None).run()
+    simulated = path.parent / "runs" / "sim-fedavgm"
+    # Execute: the same over two SuperNodes
+    run_dir = _run(federation, path, "name=flower-fedavgm", *sets)
+    # Assert: the momentum crossed rounds the same way: same adapters, to 1e-5
+    for rnd in ("rounds/0001/adapter", "rounds/0002/adapter", "final/adapter"):
+        _assert_close(run_dir / rnd, simulated / rnd, atol=1e-5)
+    assert [m["eval_loss"] for m in _metrics(run_dir)] == pytest.approx(
+        [m["eval_loss"] for m in _metrics(simulated)], abs=1e-5)
+
+
+def test_secure_aggregation_runs_the_strategys_server_step(federation, job):
     path, simulated = job
-    # Execute: one round of SecAgg+ (max_weight close to the clients' 26 examples)
-    run_dir = _run(federation, path, "name=secagg", "rounds=1",
+    # Execute: one round of SecAgg+ (max_weight close to the clients' 26 examples) with
+    # FedAvgM's server step: the loop applies it to the masked mean, in the clear
+    run_dir = _run(federation, path, "name=secagg", "rounds=1", "strategy.name=fedavgm",
+                   "strategy.server_lr=0.5",
                    "flower.secure_aggregation=true", "flower.secagg_max_weight=32")
     # Assert: the securely aggregated adapter is FedAvg's up to the quantisation error
     line = _metrics(run_dir)[1]
@@ -139,9 +159,14 @@ def test_secure_aggregation_equals_fedavg_within_quantisation(federation, job):
     f = cfg.flower
     bound = quantisation_bound([line["num_examples"] / 2] * 2, f.secagg_max_weight,
                                f.secagg_clipping_range, f.secagg_quantization_range)
-    diff = _assert_close(run_dir / "rounds/0001/adapter", simulated / "rounds/0001/adapter",
-                         atol=bound)
-    assert diff > 0  # quantised: not bit-equal
+    # Assert: w1 = w0 - 0.5 * (w0 - mean), with FedAvg's mean from the simulation
+    w0 = load_adapter_arrays(simulated / "rounds/0000/adapter")
+    mean = load_adapter_arrays(simulated / "rounds/0001/adapter")
+    got = load_adapter_arrays(run_dir / "rounds/0001/adapter")
+    diffs = [float(np.abs(g - (a - 0.5 * (a - m))).max())
+             for g, a, m in zip(got, w0, mean, strict=True)]
+    assert max(diffs) <= 0.5 * bound
+    assert max(float(np.abs(g - m).max()) for g, m in zip(got, mean, strict=True)) > 10 * bound
 
 
 def _wait_for(what: str, done, fed: LocalFederation) -> None:
