@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/train_throughput.py                 # 256 dolly rows, batch 8, cutoff 512
     .venv/bin/python bench/train_throughput.py --rows 64       # quicker
+    .venv/bin/python bench/train_throughput.py --rows 64 --baseline db026b5 --pairs 4
+                                          # fedit and fedit_hook against fedit at db026b5
 
 Arms, on the same rows, model, LoRA config (r=8 on q/k/v/o), cutoff and batch size:
   reference     FederatedGPT-Shepherd's client: transformers.Trainer + PEFT LoRA +
@@ -13,6 +15,9 @@ Arms, on the same rows, model, LoRA config (r=8 on q/k/v/o), cutoff and batch si
                 PEFT / SDPA / cross-entropy modules in fedit's loop
   fedit_compile (not by default) train.compile = true, which trains unfused (its seconds
                 include compiling; first_step_s shows what the first step took)
+  fedit_hook    (not by default) fedit with an active trainer hook that changes nothing:
+                FedProx's proximal term mu/2 * ||w - w0||^2 over the LoRA weights, mu = 0
+                (its forward and backward run every step), so its cost shows
   eval_generate held-out loss (one row at a time with transformers' loss vs fedit's no-grad
                 batches of 32) and greedy generation (one prompt at a time vs batches of
                 16, left-padded, KV cache), tokens/s of each and the ratio
@@ -21,6 +26,12 @@ Before its timed epoch, every arm takes one untimed step on its longest batch an
 restores its LoRA weights (``--no-warmup`` skips it): on these VMs the first touch of
 memory costs ~1 ms per MB, so whichever arm ran first would otherwise pay for the process
 growing to its peak (~13 s for fedit's first epoch of 64 rows here).
+
+``--baseline REV`` compares trees instead: the fedit arm on ``src/`` of git revision REV
+(extracted with ``git archive`` into $TMPDIR; the checkout is untouched) against the fedit
+and fedit_hook arms (``--arms``) of this checkout, each in its own process, in rotating
+order, ``--pairs`` times; it prints each run, then the median tokens/s of each and the
+ratios to the baseline, also per repetition (runs next to each other in time).
 
 Each prints one JSON line: tokens/s over real (non-pad) tokens, seconds, final loss, peak
 RSS. Then the ratios to the reference, the machine's measured matmul peaks (2048^3, bf16
@@ -33,10 +44,15 @@ the arm's base weights use.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
 import random
+import statistics
+import subprocess
+import sys
+import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -48,7 +64,8 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = ("reference", "fedit", "fedit_inputs", "fedit_unfused", "fedit_compile", "eval_generate")
+ARMS = ("reference", "fedit", "fedit_inputs", "fedit_unfused", "fedit_compile", "fedit_hook",
+        "eval_generate")
 SHARED_DOLLY = ROOT.parent / "shared" / "data" / "databricks-dolly-15k.jsonl"
 
 
@@ -234,9 +251,25 @@ def run_reference(model_dir: str, rows: list[dict[str, Any]], args: argparse.Nam
                    losses[-1], rss.peak, torch.float32)
 
 
+def proximal_hook(model: torch.nn.Module, mu: float) -> Any:
+    """FedProx's proximal term ``mu / 2 * ||w - w0||^2`` over the LoRA weights (``w0``: as
+    they are now) as a trainer hook; ``correct`` is not overridden, so the trainer skips it."""
+    from fedit.strategies.base import TrainHook
+
+    class Proximal(TrainHook):
+        def __init__(self, params: list[torch.Tensor]) -> None:
+            self.start = [p.detach().clone() for p in params]
+
+        def loss(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
+            square = sum(((p - w0) ** 2).sum() for p, w0 in zip(params, self.start, strict=True))
+            return mu / 2 * square
+
+    return Proximal([p for p in model.parameters() if p.requires_grad])
+
+
 def run_fedit(model_dir: str, rows: list[dict[str, Any]], args: argparse.Namespace,
-              train_on_inputs: bool, name: str, compile: bool = False, fused: bool = True
-              ) -> dict[str, Any]:
+              train_on_inputs: bool, name: str, compile: bool = False, fused: bool = True,
+              hook: bool = False) -> dict[str, Any]:
     from fedit.config import TrainConfig
     from fedit.data.batching import tokenize_rows
     from fedit.model import LoraSpec, attach_lora, load_base_model, load_tokenizer
@@ -248,6 +281,8 @@ def run_fedit(model_dir: str, rows: list[dict[str, Any]], args: argparse.Namespa
     examples = tokenize_rows(tok, rows, cutoff_len=args.cutoff, train_on_inputs=train_on_inputs)
     cfg = TrainConfig(batch_size=args.batch, micro_batch_size=args.batch, lr=3e-4,
                       compile=compile, fused=fused)
+    # Only an arm with a hook passes ``hook=``: the trees before it (--baseline) lack it
+    kwargs = {"hook": proximal_hook(model, mu=0.0)} if hook else {}
     last: list[float] = []
     stamps: list[float] = []
 
@@ -258,11 +293,12 @@ def run_fedit(model_dir: str, rows: list[dict[str, Any]], args: argparse.Namespa
     if args.warmup:  # one untimed step on the longest rows, then the weights as they were
         warm = longest(examples, args.batch, lambda e: len(e.input_ids))
         with untouched_trainables(model):
-            train_adapter(model, warm, replace(cfg, max_steps=1), pad_id=tok.pad_token_id)
+            train_adapter(model, warm, replace(cfg, max_steps=1), pad_id=tok.pad_token_id,
+                          **kwargs)
     with PeakRSS() as rss:
         t0 = time.perf_counter()
         result = train_adapter(model, examples, cfg, pad_id=tok.pad_token_id, seed=args.seed,
-                               progress=progress)
+                               progress=progress, **kwargs)
     lengths = [len(e.input_ids) for e in examples]
     labelled = [e.num_labels - (e.labels[0] != -100) for e in examples]
     out = _result(name, model.config, lengths, labelled, result.seconds, last[-1], rss.peak,
@@ -327,6 +363,101 @@ def _result(arm: str, config: Any, lengths: list[int], labelled: list[int], seco
     }
 
 
+def arm_table(model_dir: str, rows: list[dict[str, Any]], args: argparse.Namespace
+              ) -> dict[str, Callable[[], dict[str, Any]]]:
+    return {
+        "reference": lambda: run_reference(model_dir, rows, args),
+        "fedit": lambda: run_fedit(model_dir, rows, args, False, "fedit"),
+        "fedit_inputs": lambda: run_fedit(model_dir, rows, args, True, "fedit_inputs"),
+        "fedit_unfused": lambda: run_fedit(model_dir, rows, args, False, "fedit_unfused",
+                                           fused=False),
+        "fedit_compile": lambda: run_fedit(model_dir, rows, args, False, "fedit_compile",
+                                           compile=True),
+        "fedit_hook": lambda: run_fedit(model_dir, rows, args, False, "fedit_hook", hook=True),
+        "eval_generate": lambda: run_eval_generate(model_dir, rows, args),
+    }
+
+
+# --- --baseline: this checkout against an earlier revision, one process per run ---------
+
+
+def baseline_src(rev: str, tmp: Path) -> Path:
+    """``src/`` of git revision ``rev``, extracted once under ``tmp`` (``git archive``: the
+    checkout, its index and its worktree list stay as they are)."""
+    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+                         check=True, capture_output=True, text=True).stdout.strip()
+    out = tmp / f"src-{sha[:12]}"
+    if not (out / "src" / "fedit").is_dir():
+        tar = subprocess.run(["git", "-C", str(ROOT), "archive", sha, "src"], check=True,
+                             capture_output=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+            archive.extractall(out, filter="data")
+    return out / "src"
+
+
+def run_child(args: argparse.Namespace, arm: str, src: Path, model_dir: str, rows_file: Path
+              ) -> dict[str, Any]:
+    """One arm in a fresh process that imports fedit from ``src``."""
+    cmd = [sys.executable, __file__, "--child", "--arms", arm, "--model", model_dir,
+           "--rows-file", str(rows_file), "--cutoff", str(args.cutoff), "--batch",
+           str(args.batch), "--seed", str(args.seed), "--dtype", args.dtype]
+    cmd += [] if args.warmup else ["--no-warmup"]
+    path = os.pathsep.join(p for p in (str(src), os.environ.get("PYTHONPATH", "")) if p)
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ,
+                                                                     "PYTHONPATH": path})
+    if done.returncode:
+        sys.exit(f"{arm} on {src} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def compare(args: argparse.Namespace, model_dir: str, rows: list[dict[str, Any]],
+            peaks: dict[str, float]) -> dict[str, Any]:
+    """The fedit arm at ``--baseline`` against this checkout's ``--arms``, each run in its
+    own process, the order rotating each repetition; tokens/s medians and ratios."""
+    args.tmp.mkdir(parents=True, exist_ok=True)
+    rows_file = args.tmp / "rows.jsonl"
+    rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    base = f"{args.baseline}:fedit"
+    runs = [(base, "fedit", baseline_src(args.baseline, args.tmp))]
+    runs += [(f"checkout:{arm}", arm, ROOT / "src") for arm in args.arms]
+    speed: dict[str, list[float]] = {label: [] for label, _, _ in runs}
+    for i in range(args.pairs):
+        k = i % len(runs)
+        for label, arm, src in runs[k:] + runs[:k]:
+            r = run_child(args, arm, src, model_dir, rows_file)
+            r |= {"run": label, "repetition": i,
+                  "mfu": r["model_tflop"] / r["seconds"] / peaks[r["dtype"]]}
+            print(json.dumps(r), flush=True)
+            speed[label].append(r["tokens_per_s"])
+    summary: dict[str, Any] = {
+        "baseline": args.baseline, "repetitions": args.pairs,
+        "median_tokens_per_s": {label: statistics.median(v) for label, v in speed.items()},
+    }
+    for label, values in speed.items():
+        if label != base:  # per repetition: runs next to each other in time
+            summary[f"{label}/{base}"] = {
+                "of_medians": statistics.median(values) / statistics.median(speed[base]),
+                "per_repetition": [v / b for v, b in zip(values, speed[base], strict=True)],
+            }
+    if {"checkout:fedit", "checkout:fedit_hook"} <= speed.keys():
+        summary["checkout:fedit_hook/checkout:fedit"] = (
+            statistics.median(speed["checkout:fedit_hook"])
+            / statistics.median(speed["checkout:fedit"]))
+    return summary
+
+
+def child(args: argparse.Namespace) -> None:
+    """``--child``: one arm on the rows of ``--rows-file``; its JSON line names the fedit
+    it imported."""
+    import fedit
+
+    text = Path(args.rows_file).read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line]
+    (arm,) = args.arms
+    r = arm_table(args.model, rows, args)[arm]()
+    print(json.dumps(r | {"fedit_src": str(Path(fedit.__file__).parent)}), flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=256)
@@ -335,19 +466,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", default="auto", help="fedit's base weights: auto | bf16 | fp32")
-    p.add_argument("--arms", default="reference,fedit,fedit_inputs,eval_generate",
-                   help="comma-separated, in order: reference, fedit, fedit_inputs, "
-                        "fedit_unfused, fedit_compile, eval_generate")
+    p.add_argument("--arms", default=None,
+                   help="comma-separated, in order, from: " + ", ".join(ARMS) + " (default "
+                        "reference,fedit,fedit_inputs,eval_generate; with --baseline "
+                        "fedit,fedit_hook)")
     p.add_argument("--eval-rows", type=int, default=64, help="rows for the eval timing")
     p.add_argument("--gen-rows", type=int, default=32, help="prompts for the generation timing")
     p.add_argument("--gen-tokens", type=int, default=32, help="new tokens per prompt")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="skip each arm's untimed warm-up step on its longest batch")
+    p.add_argument("--baseline", default="", metavar="REV",
+                   help="compare with the fedit arm on src/ of git revision REV (e.g. db026b5)")
+    p.add_argument("--pairs", type=int, default=4, help="--baseline: repetitions of all runs")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--rows-file", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    unknown = [a for a in args.arms.split(",") if a not in ARMS]
+    default = "fedit,fedit_hook" if args.baseline else "reference,fedit,fedit_inputs,eval_generate"
+    args.arms = (args.arms or default).split(",")
+    unknown = [a for a in args.arms if a not in ARMS]
     if unknown:
         p.error(f"--arms: unknown arm {unknown[0]!r}; choose from {', '.join(ARMS)}")
+    if args.baseline and not set(args.arms) <= {"fedit", "fedit_hook"}:
+        p.error("--baseline compares the fedit and fedit_hook arms only")
     args.tmp = Path(os.environ.get("TMPDIR", "/tmp")) / "fedit-bench"
+    if args.child:
+        child(args)
+        return
 
     from fedit.convert import resolve_model
 
@@ -356,18 +500,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(json.dumps({"machine": info, "matmul_2048_tflops": peaks}), flush=True)
     model_dir = resolve_model(args.model)
     rows = load_rows(args.rows, args.seed)
-    arms: dict[str, Callable[[], dict[str, Any]]] = {
-        "reference": lambda: run_reference(model_dir, rows, args),
-        "fedit": lambda: run_fedit(model_dir, rows, args, False, "fedit"),
-        "fedit_inputs": lambda: run_fedit(model_dir, rows, args, True, "fedit_inputs"),
-        "fedit_unfused": lambda: run_fedit(model_dir, rows, args, False, "fedit_unfused",
-                                           fused=False),
-        "fedit_compile": lambda: run_fedit(model_dir, rows, args, False, "fedit_compile",
-                                           compile=True),
-        "eval_generate": lambda: run_eval_generate(model_dir, rows, args),
-    }
+    if args.baseline:
+        print(json.dumps(compare(args, model_dir, rows, peaks)), flush=True)
+        return
+    arms = arm_table(model_dir, rows, args)
     results = {}
-    for name in args.arms.split(","):
+    for name in args.arms:
         r = arms[name]()
         if name == "eval_generate":
             print(json.dumps(r), flush=True)
@@ -380,9 +518,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                                "amx": info["amx"], "cpu": info["cpu"]}
     if "reference" in results:
         ref = results["reference"]["tokens_per_s"]
-        for name in ("fedit", "fedit_inputs", "fedit_unfused", "fedit_compile"):
+        for name in ("fedit", "fedit_inputs", "fedit_unfused", "fedit_compile", "fedit_hook"):
             if name in results:
                 summary[f"{name}/reference"] = results[name]["tokens_per_s"] / ref
+    if "fedit" in results and "fedit_hook" in results:
+        summary["fedit_hook/fedit"] = (results["fedit_hook"]["tokens_per_s"]
+                                       / results["fedit"]["tokens_per_s"])
     print(json.dumps(summary), flush=True)
 
 
