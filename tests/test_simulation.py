@@ -117,7 +117,7 @@ def test_a_folder_that_is_not_a_run_is_refused(tmp_path, tiny_model_dir, data_fi
     (tmp_path / "runs" / "tiny" / "notes.txt").write_text("mine\n")
     result = CliRunner().invoke(app, ["train", str(cfg_path)])
     assert result.exit_code == 2
-    assert "runs/tiny exists and is not a fedit run folder" in result.output
+    assert "runs/tiny exists and is not a fedit run folder (it holds notes.txt)" in result.output
     assert (tmp_path / "runs" / "tiny" / "notes.txt").read_text() == "mine\n"  # untouched
 
 
@@ -132,6 +132,18 @@ def test_a_run_that_failed_on_its_data_can_be_run_again(tmp_path, tiny_model_dir
     # Assert: no "already exists", the run completes in the same folder
     assert good.exit_code == 0, good.output
     assert (tmp_path / "runs" / "tiny" / "summary.json").is_file()
+
+
+def test_a_run_that_failed_on_its_model_can_be_run_again(tmp_path, tiny_model_dir, data_file):
+    # Prepare: the data split is written, then the model fails to load
+    cfg_path = _config(tmp_path, tiny_model_dir, data_file, rounds=1)
+    bad = CliRunner().invoke(app, ["train", str(cfg_path), "--set",
+                                   f"model.name={tmp_path / 'no-model'}"])
+    assert bad.exit_code == 2 and "no-model does not exist" in bad.output
+    assert (tmp_path / "runs" / "tiny" / "test.jsonl").is_file()
+    # Execute / Assert: the same command with the model fixed runs in that folder
+    good = CliRunner().invoke(app, ["train", str(cfg_path)])
+    assert good.exit_code == 0, good.output
 
 
 def test_no_held_out_set_trains_and_says_so(tmp_path, tiny_model_dir, data_file):

@@ -291,11 +291,15 @@ def _round_folders(run_dir: Path) -> list[int]:
 
 
 def prune(run_dir: Path, keep_last: int) -> None:
-    """Keep the newest ``keep_last`` committed rounds (0: all), then unreferenced blobs."""
-    if keep_last > 0:
-        for rnd in committed_rounds(run_dir)[keep_last:]:
-            shutil.rmtree(round_dir(run_dir, rnd), ignore_errors=True)
-    prune_blobs(run_dir)
+    """Keep the newest ``keep_last`` committed rounds (0: all); when rounds went, the blobs
+    only they named go too (reading the ``keep_last`` manifests left, not every round's)."""
+    if keep_last <= 0:
+        return
+    old = committed_rounds(run_dir)[keep_last:]
+    for rnd in old:
+        shutil.rmtree(round_dir(run_dir, rnd), ignore_errors=True)
+    if old:
+        prune_blobs(run_dir)
 
 
 def prune_blobs(run_dir: Path) -> None:

@@ -15,7 +15,7 @@ from fedit.config import RunConfig, TrainConfig
 from fedit.data.prompts import Example
 from fedit.device import pick_device
 from fedit.model import LoraSpec, attach_lora, load_base_model, load_tokenizer
-from fedit.strategies import ClientState, Instruction, Reply, Strategy
+from fedit.strategies import ClientState, FedAvg, Instruction, Reply, Strategy
 from fedit.strategies import payload as P
 from fedit.train import train_adapter
 
@@ -47,7 +47,7 @@ def run_client_round(
     server_round: int,
     seed: int,
     pad_id: int,
-    strategy: Strategy,
+    strategy: Strategy | None = None,
     instruction: Instruction | None = None,
     state: ClientState | None = None,
     progress: Callable[[int, int, float], None] | None = None,
@@ -56,7 +56,8 @@ def run_client_round(
 
     ``instruction`` is what the strategy sent this client; ``state`` is this client's
     state from its earlier rounds, updated in place by the strategy's ``after_train``
-    (the caller saves it)."""
+    (the caller saves it). No ``strategy``: plain local training (FedAvg's client)."""
+    strategy = strategy or FedAvg()
     instruction = instruction or Instruction()
     state = state if state is not None else ClientState()
     set_adapter_arrays(model, global_arrays)

@@ -101,6 +101,11 @@ class Evaluator:
 
 
 # -- the run folder --------------------------------------------------------------------------
+#: what a run writes in its folder (a new run may reuse a folder holding only these)
+RUN_FILES = frozenset({"config.toml", "test.jsonl", "partitions", "metrics.jsonl", "rounds",
+                       "checkpoint", "final", "summary.json"})
+
+
 def run_dir_for(cfg: RunConfig, stem: str = "run") -> Path:
     """``<output_dir>/<name>``; a name from the config stem and time when none is set."""
     if not cfg.name:
@@ -114,9 +119,12 @@ def check_new_run_dir(run_dir: Path) -> None:
         raise ConfigError(f"run folder {run_dir} holds a run that already committed rounds: "
                           f"continue it with `fedit train --resume {run_dir}`, or choose "
                           "another name (--set name=...)")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / "config.toml").is_file():
-        raise ConfigError(f"{run_dir} exists and is not a fedit run folder; choose another "
-                          "name (--set name=...)")
+    foreign = sorted(p.name for p in run_dir.iterdir()
+                     if p.name not in RUN_FILES and not p.name.startswith(".")
+                     ) if run_dir.is_dir() else []
+    if foreign:  # a run that failed early left only fedit's own files: it may be reused
+        raise ConfigError(f"{run_dir} exists and is not a fedit run folder (it holds "
+                          f"{foreign[0]}); choose another name (--set name=...)")
 
 
 # -- the loop ---------------------------------------------------------------------------------

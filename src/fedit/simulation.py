@@ -3,7 +3,8 @@
 The round loop is :class:`fedit.rounds.RoundLoop`; this runtime only trains a round's
 instructed clients in turn on the shared base model, swapping each one's adapter in.
 Memory stays flat however many clients are configured: only the replies of the current
-round and the tokenised data of clients already seen live in memory; a client's state
+round and the tokenised data of the last clients trained (``EXAMPLE_CACHE``) live in
+memory, beside the rows themselves; a client's state
 lives in the run folder (``checkpoint/blobs``) and is read when the client trains.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import traceback
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,8 @@ from fedit.data.prompts import Example
 from fedit.replies import Dropped
 from fedit.rounds import Evaluator, Log, RoundLoop, RoundResult, check_new_run_dir, run_dir_for
 from fedit.strategies import ClientState, Instruction, Reply, Strategy, strategy_from_config
+
+EXAMPLE_CACHE = 1024  # tokenised clients kept in memory (least recently trained go first)
 
 
 def nbytes(arrays: list[np.ndarray] | dict[str, list[np.ndarray]]) -> int:
@@ -44,7 +48,9 @@ class InProcessRuntime:
         self.cfg, self.data, self.tokenizer, self.model = cfg, data, tokenizer, model
         self.strategy, self.run_dir, self.log = strategy, run_dir, log
         self.pad_id = int(tokenizer.pad_token_id)
-        self._examples: dict[int, list[Example]] = {}  # tokenised once per client
+        # tokenised clients, the most recently trained EXAMPLE_CACHE of them: flat memory
+        # in a cross-device run where every round meets new clients
+        self._examples: OrderedDict[int, list[Example]] = OrderedDict()
         self._states: dict[int, ckpt.Blob] = {}  # client -> its state's blob
 
     def start(self) -> None:
@@ -58,6 +64,9 @@ class InProcessRuntime:
             self._examples[client] = tokenize_for_run(
                 self.tokenizer, self.data.client_rows[client], self.cfg.data,
                 f"client {client}", self.log)[0]
+            while len(self._examples) > EXAMPLE_CACHE:
+                self._examples.popitem(last=False)
+        self._examples.move_to_end(client)
         return self._examples[client]
 
     def train(self, server_round: int, global_arrays: list[np.ndarray],
