@@ -18,7 +18,7 @@ and overhead grow with the number of configured clients (10 to 10,000).
    configured (``--scale-clients``), each with ``--rows-per-client`` short synthetic rows
    (iid), on a 2-layer random Llama, 2 clients trained a round (``strategy.fraction =
    2 / clients``, one step each), every configuration a whole run of ``--scale-rounds``
-   rounds in a fresh process. Per configuration: the process's peak RSS (``ru_maxrss``;
+   rounds in a fresh process. Per configuration: the process's peak RSS (``VmHWM``;
    also after set-up, before round 1), and a round's seconds outside training (the
    round's wall time minus its replies' training seconds, the median over rounds), with
    the parts of it that could grow with the clients: listing them
@@ -182,7 +182,13 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """Peak RSS of this process's own memory (VmHWM). Not ru_maxrss: Linux carries that
+    across fork + exec, so a child of the SmolLM2 part (a) reported its parent's ~2.1 GB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # KiB
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _rss_mb() -> float:

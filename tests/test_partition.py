@@ -265,11 +265,11 @@ def test_partition_stats_by_hand():
     }
 
 
-@pytest.mark.parametrize("num_clients", [10, 100])
+@pytest.mark.parametrize("num_clients", [10, 100, 400])  # 400: one outline, not 400 bars
 def test_plot_partitions_writes_a_png(tmp_path, num_clients):
     import matplotlib.image
 
-    labels = _labels({f"category_{i}": 60 for i in range(8)})
+    labels = _labels({f"category_{i}": 60 * max(1, num_clients // 100) for i in range(8)})
     stats = partition_stats(labels, partition_dirichlet(labels, num_clients, 0.5, 1, seed=0))
     path = plot_partitions(stats, tmp_path / "p.png")
     assert path.read_bytes()[:8] == PNG_MAGIC

@@ -310,7 +310,11 @@ def _draw_partitions(names: list[str], counts: np.ndarray, stats: dict[str, Any]
     fig = Figure(figsize=(width, height + 2.2), layout="constrained")
     ax_bar, ax_map = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [1.6, height]})
     x = np.arange(n_clients)
-    ax_bar.bar(x, counts.sum(axis=0), color="#4c72b0", width=0.85)
+    totals = counts.sum(axis=0)
+    if n_clients <= 200:
+        ax_bar.bar(x, totals, color="#4c72b0", width=0.85)
+    else:  # one filled outline, not a rectangle a client (10,000 bars: ~10 s, ~150 MB)
+        ax_bar.stairs(totals, np.arange(n_clients + 1) - 0.5, fill=True, color="#4c72b0")
     ax_bar.set_ylabel("rows")
     by = f", by {stats.get('label_field') or 'label'}" if stats["labels"] else ""
     ax_bar.set_title(f"{stats['num_rows']} rows over {n_clients} clients{by}")
