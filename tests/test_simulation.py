@@ -165,3 +165,12 @@ def test_bad_override_is_one_line(tmp_path, tiny_model_dir, data_file):
     assert result.output.strip() == (
         "error: --set: unknown key 'train.lrr'; did you mean 'train.lr'?"
     )
+
+
+def test_a_run_without_held_out_rows_has_a_report(tmp_path, tiny_model_dir, data_file):
+    cfg_path = _config(tmp_path, tiny_model_dir, data_file, rounds=1)
+    assert CliRunner().invoke(app, ["train", str(cfg_path), "--set",
+                                    "data.test_per_label=0"]).exit_code == 0
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "runs" / "tiny")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "runs" / "tiny" / "report.html").read_text().startswith("<!")
