@@ -31,9 +31,8 @@ import torch
 from fedit import checkpoint as ckpt
 from fedit.adapter import get_adapter_arrays, save_adapter, set_adapter_arrays
 from fedit.config import RunConfig, to_toml
-from fedit.data.batching import tokenize_for_run
 from fedit.errors import ConfigError
-from fedit.evaluate.evaluation import loss_by_category, row_label
+from fedit.evaluate.evaluation import loss_by_category, row_label, tokenize_held_out
 from fedit.io import append_jsonl, atomic_write_json, atomic_write_text
 from fedit.replies import BadReply, Dropped, check_arrays, check_reply
 from fedit.strategies import Combined, Instruction, Reply, ServerState, Strategy
@@ -86,8 +85,7 @@ class Evaluator:
     def __init__(self, cfg: RunConfig, tokenizer: Any, model: torch.nn.Module,
                  test_rows: list[dict[str, Any]], log: Log) -> None:
         self.cfg, self.model, self.pad_id = cfg, model, int(tokenizer.pad_token_id)
-        self.examples, kept = tokenize_for_run(tokenizer, test_rows, cfg.data, "held-out set",
-                                               log)
+        self.examples, kept = tokenize_held_out(tokenizer, test_rows, cfg.data, log)
         self.labels = [row_label(test_rows[i], cfg.data.label_field) for i in kept]
 
     def __call__(self, arrays: Arrays) -> tuple[float | None, dict[str, float] | None]:
