@@ -9,6 +9,7 @@ at whatever moment a timer hits on a busy machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -119,3 +120,32 @@ def test_a_killed_experiment_resumes_its_fedit_arm(tmp_path, tiny_model_dir):
     b = json.loads((tmp_path / "whole" / "experiment.json").read_text())["arms"]
     assert a["fedit"]["overall"] == b["fedit"]["overall"]
     assert a["fedit"]["steps"] == b["fedit"]["steps"] == 4
+
+
+def test_ctrl_c_names_the_resume_command_and_resume_finishes_the_run(job):
+    root, cfg, whole = job
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("FEDIT_FAULT", None)
+    run_dir = root / "runs" / "interrupted"
+    proc = subprocess.Popen([sys.executable, "-m", "fedit", "train", str(cfg), "--set",
+                             "name=interrupted"], env=env, cwd=root, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        # Wait for round 1 to be committed (a file, not a timer), then press Ctrl-C
+        manifest = run_dir / "rounds" / "0001" / "manifest.json"
+        while not manifest.exists() and proc.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.2)  # returns at once if the process ends
+        assert proc.poll() is None, "the run ended before round 1 was committed"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err.rstrip().splitlines()[-1] == (
+        f"interrupted: continue from the last committed round with `fedit train --resume "
+        f"{run_dir}`")
+    resumed = _fedit("train", "--resume", "runs/interrupted", cwd=root)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (run_dir / FINAL).read_bytes() == (whole["fedavg"] / FINAL).read_bytes()
+    assert _lines(run_dir) == _lines(whole["fedavg"])

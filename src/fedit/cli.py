@@ -41,9 +41,11 @@ def train(
     """Run a federated job in one process (the in-process runtime) and print a summary;
     --resume RUN_DIR continues a run that was stopped, from its last committed round."""
     from fedit.config import load_config
+    from fedit.rounds import run_dir_for
     from fedit.simulation import resume_federated, run_federated
 
     log = lambda m: typer.echo(m, err=True)  # noqa: E731
+    run_dir = resume
     try:
         if resume is not None:
             if config is not None or set_:
@@ -54,9 +56,15 @@ def train(
             raise FeditError("give a CONFIG file (e.g. configs/quickstart.toml) or --resume "
                              "RUN_DIR")
         else:
-            summary = run_federated(load_config(config, set_ or []), stem=config.stem, log=log)
+            cfg = load_config(config, set_ or [])
+            run_dir = run_dir_for(cfg, config.stem)  # names the run now, for the message below
+            summary = run_federated(cfg, stem=config.stem, log=log)
     except (FeditError, ValueError) as e:
         _fail(e)
+    except KeyboardInterrupt:
+        typer.secho(f"\ninterrupted: continue from the last committed round with "
+                    f"`fedit train --resume {run_dir}`", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from None
     typer.echo("\n" + format_train_summary(summary))
 
 
