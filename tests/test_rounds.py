@@ -18,7 +18,14 @@ from fedit import checkpoint as ckpt
 from fedit.adapter import load_adapter_arrays
 from fedit.config import load_config
 from fedit.simulation import Simulation, make_run_dir
-from fedit.strategies import STRATEGIES, ClientState, Instruction, Strategy, StrategyParams
+from fedit.strategies import (
+    STRATEGIES,
+    ClientState,
+    Instruction,
+    ServerState,
+    Strategy,
+    StrategyParams,
+)
 from tests.conftest import make_rows, write_config, write_jsonl
 
 
@@ -138,8 +145,8 @@ def tally(monkeypatch):
 def _states(run_dir: Path) -> tuple[dict, dict[int, ClientState]]:
     m = ckpt.latest_manifest(run_dir, log=lambda x: None)
     assert m is not None
-    server = ckpt.load_server_state(run_dir, m.strategy_state)
-    clients = {c: ckpt.load_client_state(run_dir, b) for c, b in m.client_states.items()}
+    server = ckpt.read_state(run_dir, m.strategy_state, ServerState)
+    clients = {c: ckpt.read_state(run_dir, b, ClientState) for c, b in m.client_states.items()}
     return {"sum": server.arrays["sum"][0].tolist(), **server.scalars}, clients
 
 

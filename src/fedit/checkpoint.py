@@ -25,7 +25,7 @@ import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -39,6 +39,7 @@ FORMAT = 1  # manifest format version
 ON_NODE = "node:"  # a client state kept on its Flower node: "node:<round>", no file here
 
 Log = Callable[[str], None]
+State = TypeVar("State", ServerState, ClientState)
 
 
 class CheckpointError(FeditError):
@@ -106,22 +107,15 @@ def write_blob(run_dir: Path, data: bytes) -> Blob:
     return Blob(str(rel), digest)
 
 
-def save_server_state(run_dir: Path, state: ServerState) -> Blob:
+def write_state(run_dir: Path, state: ServerState | ClientState) -> Blob:
+    """A strategy's or a client's state as a blob."""
     return write_blob(run_dir, encode_state(state.arrays, state.scalars))
 
 
-def load_server_state(run_dir: Path, blob: Blob) -> ServerState:
+def read_state(run_dir: Path, blob: Blob, kind: type[State]) -> State:
+    """The state in ``blob`` (checksum checked), as ``kind`` (ServerState or ClientState)."""
     arrays, scalars = decode_state(blob.read(run_dir))
-    return ServerState(arrays, scalars)
-
-
-def save_client_state(run_dir: Path, state: ClientState) -> Blob:
-    return write_blob(run_dir, encode_state(state.arrays, state.scalars))
-
-
-def load_client_state(run_dir: Path, blob: Blob) -> ClientState:
-    arrays, scalars = decode_state(blob.read(run_dir))
-    return ClientState(arrays, scalars)
+    return kind(arrays, scalars)
 
 
 # -- manifests -------------------------------------------------------------------------------
@@ -251,16 +245,15 @@ def latest_manifest(run_dir: Path, log: Log = print) -> Manifest | None:
     return None
 
 
-def discard_after(run_dir: Path, manifest: Manifest | None, log: Log = print) -> None:
+def discard_after(run_dir: Path, manifest: Manifest | None) -> None:
     """Remove what was written after ``manifest`` (None: after nothing): newer round
     folders, metrics lines of later rounds, unreferenced blobs, the summary, the final
     adapter; metrics.jsonl ends with the manifest's own line."""
     last = -1 if manifest is None else manifest.round
-    for rnd in committed_rounds(run_dir) + _round_folders(run_dir):
-        if rnd > last and round_dir(run_dir, rnd).exists():
+    for rnd in _round_folders(run_dir):  # with or without a manifest
+        if rnd > last:
             shutil.rmtree(round_dir(run_dir, rnd))
-    for stale in ("summary.json",):
-        (run_dir / stale).unlink(missing_ok=True)
+    (run_dir / "summary.json").unlink(missing_ok=True)
     shutil.rmtree(run_dir / "final", ignore_errors=True)
     metrics = run_dir / "metrics.jsonl"
     kept: list[dict[str, Any]] = []
@@ -276,7 +269,6 @@ def discard_after(run_dir: Path, manifest: Manifest | None, log: Log = print) ->
         kept.append(manifest.metrics)
     atomic_write_jsonl(metrics, kept)
     prune_blobs(run_dir)
-    log(f"resuming after round {last}" if manifest is not None else "no committed round")
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -309,18 +301,12 @@ def prune_blobs(run_dir: Path) -> None:
         return
     referenced: set[str] = set()
     for rnd in committed_rounds(run_dir):
-        try:
-            data = json.loads((round_dir(run_dir, rnd) / MANIFEST).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        path = round_dir(run_dir, rnd) / MANIFEST
+        try:  # the files are not checked here: a blob named by any manifest is kept
+            manifest = Manifest.from_json(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, KeyError, TypeError, CheckpointError):
             continue
-        referenced |= {Path(b["path"]).name for b in _blob_entries(data)}
+        referenced |= {Path(b.path).name for b in manifest.blobs()}
     for file in folder.iterdir():
         if file.name not in referenced:
             file.unlink(missing_ok=True)
-
-
-def _blob_entries(data: dict[str, Any]) -> Iterable[dict[str, str]]:
-    for key in ("global_arrays", "strategy_state"):
-        if data.get(key):
-            yield data[key]
-    yield from (x for x in data.get("client_states", {}).values() if x)

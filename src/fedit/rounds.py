@@ -141,14 +141,14 @@ class RoundLoop:
         start = time.perf_counter()
         self.runtime.start()
         manifest = ckpt.latest_manifest(self.run_dir, self.log) if resume else None
-        ckpt.discard_after(self.run_dir, manifest, log=lambda m: None)
+        ckpt.discard_after(self.run_dir, manifest)
         atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
         if manifest is None:
             global_arrays, state = self._round_zero()
             first = 1
         else:
             global_arrays = ckpt.decode_state(manifest.global_arrays.read(self.run_dir))[0]["g"]
-            state = ckpt.load_server_state(self.run_dir, manifest.strategy_state)
+            state = ckpt.read_state(self.run_dir, manifest.strategy_state, ServerState)
             self.runtime.restore_client_states(manifest.client_states)
             first = manifest.round + 1
             self.log(f"resumed {self.run_dir} after round {manifest.round} of {self.cfg.rounds}")
@@ -257,7 +257,7 @@ class RoundLoop:
             round=rnd,
             global_arrays=ckpt.write_blob(self.run_dir, ckpt.encode_state({"g": global_arrays},
                                                                           {})),
-            strategy_state=ckpt.save_server_state(self.run_dir, state),
+            strategy_state=ckpt.write_state(self.run_dir, state),
             client_states=self.runtime.client_states(),
             adapter=ckpt.Blob(str(adapter.relative_to(self.run_dir)),
                               ckpt.file_sha256(adapter)),

@@ -92,7 +92,7 @@ class InProcessRuntime:
     def _train_one(self, server_round: int, client: int, global_arrays: list[np.ndarray],
                    instruction: Instruction) -> Reply:
         ref = self._states.get(client)
-        state = ckpt.load_client_state(self.run_dir, ref) if ref else ClientState()
+        state = ckpt.read_state(self.run_dir, ref, ClientState) if ref else ClientState()
         bar = _progress_bar(f"round {server_round}/{self.cfg.rounds} client {client}")
         try:
             reply = run_client_round(
@@ -105,7 +105,7 @@ class InProcessRuntime:
             bar.close()
         ckpt.fault_point("mid-client", server_round)
         if state:
-            self._states[client] = ckpt.save_client_state(self.run_dir, state)
+            self._states[client] = ckpt.write_state(self.run_dir, state)
         return reply
 
     def client_states(self) -> dict[int, ckpt.Blob]:
