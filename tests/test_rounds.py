@@ -119,7 +119,7 @@ class Tally(Strategy):
     def configure(self, server_round, client, global_arrays, state):
         return Instruction({"r": server_round}, {"c": [np.full(2, float(client))]})
 
-    def after_train(self, instruction, state, global_arrays, trained):
+    def after_train(self, instruction, state, global_arrays, trained, info):
         if KILL.get("round") == instruction.config["r"]:
             KILL.clear()
             raise Killed

@@ -15,7 +15,7 @@ from fedit.config import RunConfig, TrainConfig
 from fedit.data.prompts import Example
 from fedit.device import pick_device
 from fedit.model import LoraSpec, attach_lora, load_base_model, load_tokenizer
-from fedit.strategies import ClientState, FedAvg, Instruction, Reply, Strategy
+from fedit.strategies import ClientState, FedAvg, Instruction, Reply, Strategy, TrainInfo
 from fedit.strategies import payload as P
 from fedit.train import train_adapter
 
@@ -67,7 +67,8 @@ def run_client_round(
         hook=strategy.train_hook(instruction, state),
     )
     trained = get_adapter_arrays(model)
-    extra = strategy.after_train(instruction, state, global_arrays, trained)
+    extra = strategy.after_train(instruction, state, global_arrays, trained,
+                                 TrainInfo(result.steps, result.lr_sum))
     metrics = {
         P.TRAIN_LOSS: result.train_loss,
         P.STEPS: float(result.steps),

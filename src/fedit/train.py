@@ -36,6 +36,7 @@ class TrainResult:
     steps: int
     tokens: int  # real (non-pad) tokens seen, all epochs
     seconds: float
+    lr_sum: float = 0.0  # sum of the learning rates of the steps taken (SCAFFOLD's K * eta)
 
 
 def _decoder_and_head(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -148,6 +149,7 @@ def train_adapter(
     sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(cfg.lr_scheduler, total))
     model.train()
     start, step, tokens, loss_sum, label_sum = time.perf_counter(), 0, 0, 0.0, 0
+    lr_sum = 0.0
     fused = cfg.fused and not cfg.compile  # compiled layers trace the stock modules
     extra_loss, correct = _hook_steps(hook)
     with compiled_layers(model, cfg.compile), fused_training(model, seed, enabled=fused):
@@ -173,6 +175,7 @@ def train_adapter(
                 if cfg.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optim.step()
+                lr_sum += float(optim.param_groups[0]["lr"])
                 sched.step()
                 optim.zero_grad(set_to_none=True)
                 step += 1
@@ -186,6 +189,7 @@ def train_adapter(
         steps=step,
         tokens=tokens,
         seconds=time.perf_counter() - start,
+        lr_sum=lr_sum,
     )
 
 

@@ -19,6 +19,7 @@ from fedit.strategies.base import (
     Strategy,
     StrategyParams,
     TrainHook,
+    TrainInfo,
 )
 from fedit.strategies.fedavg import FedAvg
 from fedit.strategies.fedavgm import FedAvgM, FedAvgMParams
@@ -61,6 +62,7 @@ __all__ = [
     "Strategy",
     "StrategyParams",
     "TrainHook",
+    "TrainInfo",
     "aggregate_weighted",
     "build_strategy",
     "combine_weighted",

@@ -6,7 +6,7 @@ One round of :class:`fedit.rounds.RoundLoop` calls a strategy in this order::
     clients  = strategy.sample(rnd, available)
     instr[c] = strategy.configure(rnd, c, global_arrays, state) # per client
     # ... each client: hook = strategy.train_hook(instr, cstate); train; extras =
-    #     strategy.after_train(instr, cstate, global_arrays, trained_arrays)
+    #     strategy.after_train(instr, cstate, global_arrays, trained_arrays, info)
     combined = strategy.combine(rnd, replies)                    # SecAgg+ computes this masked
     global_arrays, state = strategy.server_update(rnd, global_arrays, combined, state)
 
@@ -60,6 +60,15 @@ class Combined:
     num_examples: int
     num_replies: int
     extra: dict[str, Arrays] = field(default_factory=dict)
+
+
+@dataclass
+class TrainInfo:
+    """What the trainer reports to ``after_train``: the optimizer steps taken and the sum
+    of the learning rates they used (SCAFFOLD's ``K * eta_l`` under any schedule)."""
+
+    steps: int
+    lr_sum: float
 
 
 @dataclass
@@ -167,8 +176,9 @@ class Strategy:
         return None
 
     def after_train(self, instruction: Instruction, state: ClientState, global_arrays: Arrays,
-                    trained: Arrays) -> dict[str, Arrays]:
-        """Extra arrays for the reply; may update ``state`` (saved by the client)."""
+                    trained: Arrays, info: TrainInfo) -> dict[str, Arrays]:
+        """Extra arrays for the reply; may update ``state`` (saved by the client).
+        ``global_arrays`` is the adapter the client started from, ``info`` its steps."""
         return {}
 
     def describe(self) -> dict[str, Any]:
