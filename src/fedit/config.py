@@ -41,6 +41,9 @@ class ModelConfig:
         _check(self.device in ("auto", "cpu", "cuda"), "model.device", "use auto, cpu or cuda")
 
 
+RANK_AGGREGATIONS = ("flexlora", "hetlora")
+
+
 @dataclass
 class LoraConfig:
     r: int = field(default=8, metadata={"help": "LoRA rank"})
@@ -49,9 +52,20 @@ class LoraConfig:
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
+    # mixed ranks: one rank per client (each <= r, the global adapter's rank); [] = all r
+    client_ranks: list[int] = field(default_factory=list)
+    rank_aggregation: str = "flexlora"  # flexlora (exact mean of dW, SVD to each rank) | hetlora
+    freeze_a: bool = False  # FFA-LoRA: A stays at its seeded init, only B trains and travels
 
     def __post_init__(self) -> None:
         _check(self.r > 0, "lora.r", "must be > 0")
+        _check(all(0 < k <= self.r for k in self.client_ranks), "lora.client_ranks",
+               f"each rank must be in 1..lora.r = {self.r} (the global adapter's rank)")
+        _check(self.rank_aggregation in RANK_AGGREGATIONS, "lora.rank_aggregation",
+               f"use one of {', '.join(RANK_AGGREGATIONS)}")
+        _check(not (self.freeze_a and self.client_ranks and set(self.client_ranks) != {self.r}),
+               "lora.freeze_a", "FFA-LoRA needs one rank for all clients: drop "
+               "lora.client_ranks or set lora.freeze_a = false")
         _check(self.alpha > 0, "lora.alpha", "must be > 0")
         _check(0 <= self.dropout < 1, "lora.dropout", "must be in [0, 1)")
         _check(len(self.target_modules) > 0, "lora.target_modules", "name at least one module")
@@ -124,6 +138,9 @@ class TrainConfig:
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
 
 
+#: robust aggregation rules in fedit.strategies.robust (a test checks the two agree)
+AGGREGATOR_NAMES = ("mean", "median", "trimmed_mean", "krum", "multikrum")
+
 #: strategies with a module in fedit.strategies (a test checks the two agree)
 STRATEGY_NAMES = ("fedavg", "fedavgm")
 
@@ -137,6 +154,10 @@ class StrategyConfig:
     min_clients: int = 1  # at least this many clients a round
     min_replies: int = 1  # valid replies a round needs to aggregate; fewer: global unchanged
     max_update_norm: float = 0.0  # drop a reply farther (L2) from the global; 0 = no bound
+    aggregator: str = "mean"  # mean | median | trimmed_mean | krum | multikrum
+    trim_fraction: float = 0.1  # trimmed_mean: share cut from each end, per coordinate
+    krum_f: int = 1  # krum, multikrum: Byzantine clients tolerated (needs > 2f + 2 replies)
+    krum_m: int = 0  # multikrum: updates averaged; 0 = replies - krum_f
     server_lr: float = 1.0  # fedavgm: the server's step on its momentum
     server_momentum: float = 0.9  # fedavgm: the momentum's decay (0 = FedAvg)
 
@@ -147,8 +168,54 @@ class StrategyConfig:
         _check(self.min_clients >= 1, "strategy.min_clients", "must be >= 1")
         _check(self.min_replies >= 1, "strategy.min_replies", "must be >= 1")
         _check(self.max_update_norm >= 0, "strategy.max_update_norm", "must be >= 0 (0 = off)")
+        _check(self.aggregator in AGGREGATOR_NAMES, "strategy.aggregator",
+               f"use one of {', '.join(AGGREGATOR_NAMES)}")
+        _check(0 <= self.trim_fraction < 0.5, "strategy.trim_fraction", "must be in [0, 0.5)")
+        _check(self.krum_f >= 0, "strategy.krum_f", "must be >= 0")
+        _check(self.krum_m >= 0, "strategy.krum_m", "must be >= 0 (0 = replies - krum_f)")
         _check(self.server_lr > 0, "strategy.server_lr", "must be > 0")
         _check(0 <= self.server_momentum < 1, "strategy.server_momentum", "must be in [0, 1)")
+
+
+@dataclass
+class PrivacyConfig:
+    """Client-level differential privacy (DP-FedAvg); see docs/strategies.md."""
+
+    mode: str = "off"  # off | central (server clips, adds noise) | local (each client does)
+    clip: float = 1.0  # C: each client's update (L2 over the adapter) is clipped to this
+    noise_multiplier: float = 1.0  # sigma: noise std is sigma * C on the sum of updates
+    delta: float = 1e-5  # the delta of the (epsilon, delta) reported
+    adaptive: bool = False  # move C towards a quantile of the update norms (Andrew et al.)
+    target_quantile: float = 0.5  # adaptive: share of updates C should leave unclipped
+    clip_lr: float = 0.2  # adaptive: geometric step of C each round
+    count_stddev: float = 0.0  # adaptive: noise on the unclipped count; 0 = clients/round / 20
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("off", "central", "local"), "privacy.mode",
+               "use off, central or local")
+        _check(self.clip > 0, "privacy.clip", "must be > 0")
+        _check(self.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0")
+        _check(0 < self.delta < 1, "privacy.delta", "must be in (0, 1)")
+        _check(0 < self.target_quantile < 1, "privacy.target_quantile", "must be in (0, 1)")
+        _check(self.clip_lr > 0, "privacy.clip_lr", "must be > 0")
+        _check(self.count_stddev >= 0, "privacy.count_stddev", "must be >= 0 (0 = default)")
+
+
+COMPRESS_METHODS = ("none", "delta", "fp16", "bf16", "int8", "topk")
+
+
+@dataclass
+class CompressConfig:
+    """How a client's update travels up (see docs/strategies.md for the measured bytes)."""
+
+    method: str = "none"  # none | delta | fp16 | bf16 | int8 | topk
+    topk_fraction: float = 0.01  # topk: share of each tensor's entries sent
+    error_feedback: bool = True  # topk: what was not sent is added to the next round's update
+
+    def __post_init__(self) -> None:
+        _check(self.method in COMPRESS_METHODS, "compress.method",
+               f"use one of {', '.join(COMPRESS_METHODS)}")
+        _check(0 < self.topk_fraction <= 1, "compress.topk_fraction", "must be in (0, 1]")
 
 
 @dataclass
@@ -219,12 +286,18 @@ class RunConfig:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "rounds", "must be >= 1")
+        ranks = self.lora.client_ranks
+        _check(not ranks or len(ranks) == self.partition.clients, "lora.client_ranks",
+               f"give one rank per client: {len(ranks)} ranks for partition.clients = "
+               f"{self.partition.clients}")
 
 
 # ---------------------------------------------------------------------------------------

@@ -35,6 +35,9 @@ class Instruction:
 
     config: dict[str, Scalar] = field(default_factory=dict)
     arrays: dict[str, Arrays] = field(default_factory=dict)
+    #: the adapter this client starts from when it is not the global one (a client of
+    #: another LoRA rank gets its own); it travels in the global adapter's place
+    adapter: Arrays | None = None
 
 
 @dataclass
