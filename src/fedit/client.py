@@ -4,7 +4,8 @@ client's own examples (with the strategy's trainer hook) -> reply + new client s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ from fedit.device import pick_device
 from fedit.model import LoraSpec, attach_lora, load_base_model, load_tokenizer
 from fedit.strategies import ClientState, FedAvg, Instruction, Reply, Strategy, TrainInfo
 from fedit.strategies import payload as P
+from fedit.strategies.compose import LORA_RANK, Pipeline
 from fedit.train import train_adapter
 
 
@@ -47,32 +49,58 @@ def run_client_round(
     server_round: int,
     seed: int,
     pad_id: int,
-    strategy: Strategy | None = None,
+    strategy: Strategy | Pipeline | None = None,
     instruction: Instruction | None = None,
     state: ClientState | None = None,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> Reply:
-    """Load the global adapter into ``model``, train it on ``examples``, return the reply.
+    """Load the adapter the client starts from into ``model``, train it on ``examples``,
+    return the reply (the upload: the adapter, or what the pipeline's codec makes of it).
 
-    ``instruction`` is what the strategy sent this client; ``state`` is this client's
-    state from its earlier rounds, updated in place by the strategy's ``after_train``
-    (the caller saves it). No ``strategy``: plain local training (FedAvg's client)."""
-    strategy = strategy or FedAvg()
+    ``global_arrays`` is the adapter sent to this client (the global one, or its own rank's
+    when ``instruction`` names a ``lora-rank``); ``instruction`` is what the strategy sent;
+    ``state`` is this client's state from its earlier rounds, updated in place (the caller
+    saves it). No ``strategy``: plain local training (FedAvg's client)."""
+    pipe = strategy if isinstance(strategy, Pipeline) else Pipeline(strategy or FedAvg())
     instruction = instruction or Instruction()
     state = state if state is not None else ClientState()
-    set_adapter_arrays(model, global_arrays)
-    result = train_adapter(
-        model, examples, cfg, pad_id=pad_id,
-        seed=client_seed(seed, server_round, client), progress=progress,
-        hook=strategy.train_hook(instruction, state),
-    )
-    trained = get_adapter_arrays(model)
-    extra = strategy.after_train(instruction, state, global_arrays, trained,
-                                 TrainInfo(result.steps, result.lr_sum))
+    rank = instruction.config.get(LORA_RANK)
+    with adapter_rank(model, int(rank) if rank is not None else None):
+        set_adapter_arrays(model, global_arrays)
+        result = train_adapter(
+            model, examples, cfg, pad_id=pad_id,
+            seed=client_seed(seed, server_round, client), progress=progress,
+            hook=pipe.train_hook(instruction, state),
+        )
+        trained = get_adapter_arrays(model)
+    extra = pipe.after_train(instruction, state, global_arrays, trained,
+                             TrainInfo(result.steps, result.lr_sum))
+    arrays, codec_extra, dp_metrics = pipe.client_upload(
+        instruction, state, global_arrays, trained, client=client, server_round=server_round)
     metrics = {
         P.TRAIN_LOSS: result.train_loss,
         P.STEPS: float(result.steps),
         P.TOKENS: float(result.tokens),
         P.SECONDS: result.seconds,
+        **dp_metrics,
     }
-    return Reply(client, trained, result.num_examples, metrics, extra)
+    return Reply(client, arrays, result.num_examples, metrics, {**extra, **codec_extra})
+
+
+@contextmanager
+def adapter_rank(model: Any, rank: int | None) -> Iterator[None]:
+    """Train at ``rank`` (mixed LoRA ranks) inside the block; the run's own adapter after."""
+    default = model.peft_config["default"].r if hasattr(model, "peft_config") else None
+    if rank is None or rank == default:
+        yield
+        return
+    from fedit.lora_rank import use_rank
+
+    base = model.peft_config["default"]
+    spec = LoraSpec(r=default, alpha=base.lora_alpha, dropout=base.lora_dropout,
+                    target_modules=tuple(sorted(base.target_modules)))
+    use_rank(model, rank, spec)
+    try:
+        yield
+    finally:
+        use_rank(model, default, spec)

@@ -36,6 +36,7 @@ from fedit.evaluate.evaluation import loss_by_category, row_label, tokenize_held
 from fedit.io import append_jsonl, atomic_write_json, atomic_write_text
 from fedit.replies import BadReply, Dropped, check_arrays, check_reply
 from fedit.strategies import Combined, Instruction, Reply, ServerState, Strategy
+from fedit.strategies.compose import Pipeline, check_compatible
 from fedit.strategies import payload as P
 from fedit.train import example_losses, mean_token_loss
 
@@ -129,13 +130,13 @@ def check_new_run_dir(run_dir: Path) -> None:
 class RoundLoop:
     """A federated run: ``run()`` returns the summary (also written to summary.json)."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, runtime: Runtime, strategy: Strategy,
+    def __init__(self, cfg: RunConfig, run_dir: Path, runtime: Runtime, pipeline: Pipeline,
                  evaluator: Evaluator, log: Log = print) -> None:
-        self.cfg, self.run_dir, self.runtime, self.strategy = cfg, run_dir, runtime, strategy
+        self.cfg, self.run_dir, self.runtime, self.pipe = cfg, run_dir, runtime, pipeline
         self.evaluate, self.log = evaluator, log
         self.model = evaluator.model
         self.secure = cfg.flower.secure_aggregation
-        check_secure_policy(cfg, strategy)
+        check_compatible(cfg, pipeline.strategy)
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         start = time.perf_counter()
@@ -158,13 +159,14 @@ class RoundLoop:
 
     def _round_zero(self) -> tuple[Arrays, ServerState]:
         global_arrays = get_adapter_arrays(self.model)  # LoRA B = 0: exactly the base model
-        state = self.strategy.init_state(global_arrays)
+        state = self.pipe.init_state(global_arrays)
         loss, by_cat = self.evaluate(global_arrays)
         if loss is None:
             self.log("no held-out rows (data.test_per_label = 0): rounds report no eval loss")
         else:
             self.log(f"base model held-out loss {loss:.4f} on {len(self.evaluate.examples)} rows")
-        line = {"round": 0, "clients": [], "eval_loss": loss, "eval_loss_by_category": by_cat}
+        line = {"round": 0, "clients": [], "eval_loss": loss, "eval_loss_by_category": by_cat,
+                **self.pipe.round_metrics(state)}
         self._commit(0, global_arrays, state, line)
         return global_arrays, state
 
@@ -173,22 +175,21 @@ class RoundLoop:
         """One round, committed to disk before it returns."""
         cfg, t0 = self.cfg, time.perf_counter()
         # Sample among the clients available now; configure each
-        clients = self.strategy.sample(rnd, self.runtime.available())
-        instructions = {c: self.strategy.configure(rnd, c, global_arrays, state)
-                        for c in clients}
+        clients = self.pipe.sample(rnd, self.runtime.available())
+        instructions = {c: self.pipe.instruct(rnd, c, global_arrays, state) for c in clients}
         # Train (in-process or over the Grid)
         result = self.runtime.train(rnd, global_arrays, instructions, self.secure)
         # Check the replies: drop what cannot be combined, with a reason
-        replies, dropped, norms = self._checked(result, global_arrays)
+        replies, dropped, norms = self._checked(result, instructions, global_arrays)
         for d in dropped:
             self.log(f"round {rnd}: client {d.client} dropped: {d.reason}")
         # Combine and step; too few valid replies keep the global adapter
-        combined = self._combined(rnd, result, replies, global_arrays)
+        combined, info = self._combined(rnd, result, replies, instructions, global_arrays,
+                                        state)
         aggregated = combined is not None and len(replies) >= cfg.strategy.min_replies
         if aggregated:
             assert combined is not None
-            global_arrays, state = self.strategy.server_update(rnd, global_arrays, combined,
-                                                               state)
+            global_arrays, state = self.pipe.update(rnd, global_arrays, combined, state, info)
         else:
             self.log(f"round {rnd}: {len(replies)} valid replies < strategy.min_replies = "
                      f"{cfg.strategy.min_replies}: the global adapter is kept")
@@ -212,19 +213,28 @@ class RoundLoop:
             "client_steps": [int(r.metrics.get(P.STEPS, 0)) for r in replies],
             "update_norms": norms,
             **({"secure_aggregation": True} if self.secure else {}),
+            **{k: v for k, v in info.items() if not k.startswith("dp_")},
+            **self.pipe.round_metrics(state),
         }
         self._commit(rnd, global_arrays, state, line)
         self.log(round_message(line, cfg.rounds))
         return global_arrays, state
 
-    def _checked(self, result: RoundResult, global_arrays: Arrays
-                 ) -> tuple[list[Reply], list[Dropped], dict[str, float]]:
+    def _checked(self, result: RoundResult, instructions: dict[int, Instruction],
+                 global_arrays: Arrays) -> tuple[list[Reply], list[Dropped], dict[str, float]]:
+        """Decode each upload and check it against the adapter its client started from."""
         if self.secure:  # single replies are masked: the mean is checked in _combined
             return result.replies, list(result.dropped), {}
         replies, dropped, norms = [], list(result.dropped), {}
         for reply in result.replies:
+            instruction = instructions[reply.client]
             try:
-                norms[str(reply.client)] = check_reply(reply, global_arrays,
+                try:
+                    reply = self.pipe.receive(reply, instruction, global_arrays)
+                except (ValueError, KeyError, IndexError) as e:
+                    raise BadReply(f"upload cannot be decoded: {e}") from None
+                start = self.pipe.start_of(instruction, global_arrays)
+                norms[str(reply.client)] = check_reply(reply, start,
                                                        self.cfg.strategy.max_update_norm)
             except BadReply as e:
                 dropped.append(Dropped(reply.client, str(e)))
@@ -233,19 +243,24 @@ class RoundLoop:
         return replies, sorted(dropped, key=lambda d: d.client), norms
 
     def _combined(self, rnd: int, result: RoundResult, replies: list[Reply],
-                  global_arrays: Arrays) -> Combined | None:
+                  instructions: dict[int, Instruction], global_arrays: Arrays,
+                  state: ServerState) -> tuple[Combined | None, dict[str, Any]]:
         if not replies:
-            return None
+            return None, {}
         if not self.secure:
-            return self.strategy.combine(rnd, replies)
+            try:
+                return self.pipe.combine(rnd, replies, instructions, global_arrays, state)
+            except ValueError as e:  # e.g. Krum with too few replies: the round is skipped
+                self.log(f"round {rnd}: cannot aggregate: {e}")
+                return None, {}
         if result.combined is None:
-            return None
+            return None, {}
         try:
             check_arrays(result.combined.arrays, global_arrays)
         except BadReply as e:
             self.log(f"round {rnd}: the secure mean is rejected: {e}")
-            return None
-        return result.combined
+            return None, {}
+        return self.pipe.secure_combined(rnd, result.combined, global_arrays, state), {}
 
     def _commit(self, rnd: int, global_arrays: Arrays, state: ServerState,
                 line: dict[str, Any]) -> None:
@@ -277,7 +292,7 @@ class RoundLoop:
         summary = {
             "run_dir": str(self.run_dir),
             "rounds": self.cfg.rounds,
-            "strategy": self.strategy.describe(),
+            "strategy": self.pipe.describe(),
             "base_eval_loss": lines[0]["eval_loss"],
             "final_eval_loss": lines[-1]["eval_loss"],
             "test_rows": len(self.evaluate.examples),
@@ -285,23 +300,12 @@ class RoundLoop:
             "dropped": sum(len(m.get("dropped", [])) for m in lines),
             "seconds": seconds,
             "final_adapter": str(final),
+            "bytes_up": sum(m.get("bytes_up", 0) for m in lines),
+            "bytes_down": sum(m.get("bytes_down", 0) for m in lines),
+            **{k: lines[-1][k] for k in ("epsilon", "delta") if k in lines[-1]},
         }
         atomic_write_json(self.run_dir / "summary.json", summary)
         return summary
-
-
-def check_secure_policy(cfg: RunConfig, strategy: Strategy) -> None:
-    """Refuse, before anything runs, what SecAgg+ cannot do (the server sees only a mean)."""
-    if not cfg.flower.secure_aggregation:
-        return
-    if not strategy.secure_aggregation:
-        raise ConfigError(f"strategy.name = {strategy.name} needs each client's reply, which "
-                          "SecAgg+ hides: set flower.secure_aggregation = false or another "
-                          "strategy")
-    if cfg.strategy.max_update_norm:
-        raise ConfigError("strategy.max_update_norm cannot be checked under SecAgg+ (single "
-                          "updates are masked): set it to 0 or flower.secure_aggregation = "
-                          "false")
 
 
 def _mean_train_loss(replies: list[Reply]) -> float | None:

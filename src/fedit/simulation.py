@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from fedit import checkpoint as ckpt
+from fedit.adapter import adapter_names
 from fedit.client import load_model, run_client_round
 from fedit.config import RunConfig
 from fedit.data.batching import tokenize_for_run
@@ -27,7 +28,8 @@ from fedit.data.federated import FederatedData, split_data, write_split
 from fedit.data.prompts import Example
 from fedit.replies import Dropped
 from fedit.rounds import Evaluator, Log, RoundLoop, RoundResult, check_new_run_dir, run_dir_for
-from fedit.strategies import ClientState, Instruction, Reply, Strategy, strategy_from_config
+from fedit.strategies import ClientState, Instruction, Reply, strategy_from_config
+from fedit.strategies.compose import Pipeline, check_compatible, pipeline_from_config
 
 EXAMPLE_CACHE = 1024  # tokenised clients kept in memory (least recently trained go first)
 
@@ -43,10 +45,10 @@ class InProcessRuntime:
     """Trains the instructed clients one after another on the one model in memory."""
 
     def __init__(self, cfg: RunConfig, data: FederatedData, tokenizer: Any,
-                 model: torch.nn.Module, strategy: Strategy, run_dir: Path,
+                 model: torch.nn.Module, pipeline: Pipeline, run_dir: Path,
                  log: Log = print) -> None:
         self.cfg, self.data, self.tokenizer, self.model = cfg, data, tokenizer, model
-        self.strategy, self.run_dir, self.log = strategy, run_dir, log
+        self.pipe, self.run_dir, self.log = pipeline, run_dir, log
         self.pad_id = int(tokenizer.pad_token_id)
         # tokenised clients, the most recently trained EXAMPLE_CACHE of them: flat memory
         # in a cross-device run where every round meets new clients
@@ -75,7 +77,8 @@ class InProcessRuntime:
         dropped: list[Dropped] = []
         down = 0
         for c, instruction in sorted(instructions.items()):
-            down += nbytes(global_arrays) + nbytes(instruction.arrays)
+            down += nbytes(self.pipe.start_of(instruction, global_arrays))
+            down += nbytes(instruction.arrays)
             try:
                 replies.append(self._train_one(server_round, c, global_arrays, instruction))
             except Exception as e:  # a client that raises is dropped, the round goes on
@@ -85,7 +88,9 @@ class InProcessRuntime:
         up = sum(nbytes(r.arrays) + nbytes(r.extra) for r in replies)
         result = RoundResult(replies, dropped, bytes_up=up, bytes_down=down)
         if secure and replies:  # what SecAgg+ gives the server: the mean, nothing else
-            result.combined = self.strategy.combine(server_round, replies)
+            result.combined = self.pipe.secure_mean(
+                server_round, [self.pipe.receive(r, instructions[r.client], global_arrays)
+                               for r in replies])
             result.replies = [dataclasses.replace(r, arrays=[], extra={}) for r in replies]
         return result
 
@@ -96,9 +101,10 @@ class InProcessRuntime:
         bar = _progress_bar(f"round {server_round}/{self.cfg.rounds} client {client}")
         try:
             reply = run_client_round(
-                self.model, global_arrays, self.client_examples(client), self.cfg.train,
+                self.model, self.pipe.start_of(instruction, global_arrays),
+                self.client_examples(client), self.cfg.train,
                 client=client, server_round=server_round, seed=self.cfg.seed,
-                pad_id=self.pad_id, strategy=self.strategy, instruction=instruction,
+                pad_id=self.pad_id, strategy=self.pipe, instruction=instruction,
                 state=state, progress=bar,
             )
         finally:
@@ -143,15 +149,16 @@ class Simulation:
         arms of an experiment; its adapter is used as the initial global adapter.
         ``data``: the split, when the caller made it already."""
         self.cfg, self.run_dir, self.log = cfg, run_dir, log
+        check_compatible(cfg, strategy_from_config(cfg))  # before anything is written
         self.data = data if data is not None else split_data(cfg)  # fails before any write
         run_dir.mkdir(parents=True, exist_ok=True)
         write_split(self.data, run_dir)
         self.tokenizer, self.model = loaded if loaded is not None else load_model(cfg)
-        self.strategy = strategy_from_config(cfg)
+        self.pipe = pipeline_from_config(cfg, adapter_names(self.model))
         self.runtime = InProcessRuntime(cfg, self.data, self.tokenizer, self.model,
-                                        self.strategy, run_dir, log)
+                                        self.pipe, run_dir, log)
         evaluator = Evaluator(cfg, self.tokenizer, self.model, self.data.test_rows, log)
-        self.loop = RoundLoop(cfg, run_dir, self.runtime, self.strategy, evaluator, log)
+        self.loop = RoundLoop(cfg, run_dir, self.runtime, self.pipe, evaluator, log)
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         return self.loop.run(resume=resume)

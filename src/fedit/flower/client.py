@@ -149,7 +149,8 @@ def train_on_node(
     strategy's instruction); ``node_config``: this SuperNode's ``--node-config``; the
     client's state stays on this machine (``state-dir``)."""
     from fedit.client import run_client_round
-    from fedit.strategies import strategy_from_config
+    from fedit.adapter import adapter_names
+    from fedit.strategies.compose import pipeline_from_config
 
     config = dict(config)
     cfg = run_config_from_text(str(config.pop(P.RUN_CONFIG)))
@@ -165,7 +166,7 @@ def train_on_node(
              len(examples))
     reply = run_client_round(
         model, global_arrays, examples, cfg.train, client=client, server_round=server_round,
-        seed=cfg.seed, pad_id=int(tokenizer.pad_token_id), strategy=strategy_from_config(cfg),
+        seed=cfg.seed, pad_id=int(tokenizer.pad_token_id), strategy=pipeline_from_config(cfg, adapter_names(model)),
         instruction=Instruction(config, instruction_arrays or {}), state=state,
     )
     if state:

@@ -28,6 +28,9 @@ from fedit.replies import Dropped
 from fedit.rounds import RoundResult
 from fedit.strategies import Combined, Instruction, Reply
 from fedit.strategies import payload as P
+from fedit.strategies.compose import UNIFORM
+
+EXAMPLES = "examples"  # reply metric: the examples trained (the SecAgg+ weight may be 1)
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
@@ -72,7 +75,9 @@ def legacy_client_app(train_on_node: Callable[..., Reply]) -> ClientApp:
         def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> Any:
             reply = train_on_node([np.asarray(p, np.float32) for p in parameters], config,
                                   self.node_config)
-            return reply.arrays, reply.num_examples, dict(reply.metrics)
+            # under DP each upload weighs 1 (DP-FedAvg's uniform mean, C / m sensitivity)
+            weight = 1 if config.get(UNIFORM) else reply.num_examples
+            return reply.arrays, weight, {**reply.metrics, EXAMPLES: reply.num_examples}
 
     def client_fn(context: Context) -> Any:
         return FeditClient(dict(context.node_config)).to_client()
@@ -170,7 +175,8 @@ def secure_round(
     )
     workflow(metered, context)  # type: ignore[arg-type]
     node_client = {n: c for c, n in nodes.items()}
-    replies = sorted((Reply(node_client[nid], [], int(res.num_examples),
+    replies = sorted((Reply(node_client[nid], [], int(res.metrics.get(EXAMPLES,
+                                                                      res.num_examples)),
                             {k: float(v) for k, v in res.metrics.items()})
                       for nid, res in strategy.results), key=lambda r: r.client)
     got = {r.client for r in replies}

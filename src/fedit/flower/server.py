@@ -34,7 +34,9 @@ from fedit.errors import FeditError
 from fedit.flower import wire
 from fedit.replies import BadReply, Dropped
 from fedit.rounds import Evaluator, Log, RoundLoop, RoundResult, check_new_run_dir, run_dir_for
+from fedit.adapter import adapter_names
 from fedit.strategies import Instruction, Reply, strategy_from_config
+from fedit.strategies.compose import check_compatible, pipeline_from_config
 from fedit.strategies import payload as P
 
 HELLO_TIMEOUT = 60.0  # seconds a new node has to say which client it is
@@ -132,8 +134,8 @@ class FlowerRuntime:
         f = self.cfg.flower
         clients = sorted(instructions)
         messages = [
-            Message(wire.train_content(global_arrays, server_round, c, self.config_toml,
-                                       instructions[c]),
+            Message(wire.train_content(_start(instructions[c], global_arrays), server_round, c,
+                                       self.config_toml, instructions[c]),
                     dst_node_id=self.nodes[c], message_type=MessageType.TRAIN,
                     group_id=str(server_round), ttl=f.round_timeout + TTL_MARGIN)
             for c in clients
@@ -183,6 +185,7 @@ def server_main(grid: Grid, context: Context, log: Log = print) -> dict[str, Any
         cfg = dataclasses.replace(load_config(path, shlex.split(str(run_config.get("set", "")))))
         run_dir = run_dir_for(cfg, path.stem)
         check_new_run_dir(run_dir)
+    check_compatible(cfg, strategy_from_config(cfg))  # before anything is written
     data = split_data(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_split(data, run_dir)
@@ -190,7 +193,13 @@ def server_main(grid: Grid, context: Context, log: Log = print) -> dict[str, Any
     tokenizer, model = load_model(cfg)  # the server evaluates the global adapter
     runtime = FlowerRuntime(grid, cfg, log)
     evaluator = Evaluator(cfg, tokenizer, model, data.test_rows, log)
-    loop = RoundLoop(cfg, run_dir, runtime, strategy_from_config(cfg), evaluator, log)
+    pipeline = pipeline_from_config(cfg, adapter_names(model))
+    loop = RoundLoop(cfg, run_dir, runtime, pipeline, evaluator, log)
     summary = loop.run(resume=bool(resume))
     log(f"final adapter: {summary['final_adapter']}")
     return summary
+
+
+def _start(instruction: Instruction, global_arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """The adapter a client starts from: its own rank's, or the global one."""
+    return instruction.adapter if instruction.adapter is not None else global_arrays

@@ -49,6 +49,14 @@ LORA_RANK = "lora-rank"  # instruction key: the LoRA rank this client trains
 CODEC_PREFIX = "codec."  # reply extra arrays that belong to the upload's codec
 RESIDUAL = "codec.residual"  # client state: top-k's error-feedback residual
 UNCLIPPED = "dp-unclipped"  # reply metric: 1.0 when the update was within the clip norm
+UNIFORM = "secure-uniform"  # instruction key: weigh this upload 1 in SecAgg+'s sum (DP)
+
+
+def gaussian_noise_like(arrays: Arrays, std: float, rng: np.random.Generator) -> Arrays:
+    """N(0, std^2) noise shaped like ``arrays`` (float64)."""
+    from fedit.privacy import gaussian_noise
+
+    return gaussian_noise(arrays, std, rng)
 
 
 @dataclass
@@ -156,6 +164,8 @@ class Pipeline:
         instruction = self.strategy.configure(server_round, client, global_arrays, state)
         if self.o.privacy is not None:
             instruction.config[DP_CLIP] = float(state.scalars["dp.clip"])
+            if self.o.secure:
+                instruction.config[UNIFORM] = True
         if self.ranked:
             from fedit.strategies.ranks import client_adapter
 
@@ -253,6 +263,32 @@ class Pipeline:
         arrays = [(g + t / m).astype(g.dtype) for g, t in zip(global_arrays, total, strict=True)]
         base = self.strategy.combine(server_round, [replace(r, arrays=[]) for r in replies])
         return replace(base, arrays=arrays), {"dp_unclipped": unclipped}
+
+    def secure_combined(self, server_round: int, combined: Combined, global_arrays: Arrays,
+                        state: ServerState) -> Combined:
+        """What SecAgg+ gave the server, with DP's noise added (central mode): clients
+        clipped their updates and weighted them 1 each (``UNIFORM``), so the masked mean
+        times its count is the sum of clipped updates, to which the noise is added here."""
+        p = self.o.privacy
+        if p is None:
+            return combined
+        m, n = max(self.o.per_round, 1), combined.num_replies
+        total = [(a.astype(np.float64) - g) * n for a, g in zip(combined.arrays, global_arrays,
+                                                                 strict=True)]
+        if p.mode == "central":
+            rng = np.random.default_rng([self.o.seed, server_round, 0xD9])
+            clip = float(state.scalars["dp.clip"])
+            noise = gaussian_noise_like(total, p.noise_multiplier * clip, rng)
+            total = [t + z for t, z in zip(total, noise, strict=True)]
+        arrays = [(g + t / m).astype(g.dtype) for g, t in zip(global_arrays, total, strict=True)]
+        return replace(combined, arrays=arrays)
+
+    def secure_mean(self, server_round: int, replies: Sequence[Reply]) -> Combined:
+        """The mean SecAgg+ computes (the in-process emulation): example-weighted, or
+        uniform under DP."""
+        if self.o.privacy is not None:
+            replies = [replace(r, num_examples=1) for r in replies]
+        return self.strategy.combine(server_round, replies)
 
     def update(self, server_round: int, global_arrays: Arrays, combined: Combined,
                state: ServerState, info: dict[str, Any] | None = None
