@@ -91,7 +91,7 @@ def run_client_round(
 def adapter_rank(model: Any, rank: int | None) -> Iterator[None]:
     """Train at ``rank`` (mixed LoRA ranks) inside the block; the run's own adapter after."""
     default = model.peft_config["default"].r if hasattr(model, "peft_config") else None
-    if rank is None or rank == default:
+    if rank is None or default is None or rank == default:
         yield
         return
     from fedit.lora_rank import use_rank

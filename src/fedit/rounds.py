@@ -35,9 +35,9 @@ from fedit.errors import ConfigError
 from fedit.evaluate.evaluation import loss_by_category, row_label, tokenize_held_out
 from fedit.io import append_jsonl, atomic_write_json, atomic_write_text
 from fedit.replies import BadReply, Dropped, check_arrays, check_reply
-from fedit.strategies import Combined, Instruction, Reply, ServerState, Strategy
-from fedit.strategies.compose import Pipeline, check_compatible
+from fedit.strategies import Combined, Instruction, Reply, ServerState
 from fedit.strategies import payload as P
+from fedit.strategies.compose import Pipeline, check_compatible
 from fedit.train import example_losses, mean_token_loss
 
 Log = Callable[[str], None]
@@ -289,7 +289,7 @@ class RoundLoop:
         lines = ckpt.read_metrics(self.run_dir)
         set_adapter_arrays(self.model, global_arrays)
         final = save_adapter(self.model, self.run_dir / "final" / "adapter")
-        summary = {
+        summary: dict[str, Any] = {
             "run_dir": str(self.run_dir),
             "rounds": self.cfg.rounds,
             "strategy": self.pipe.describe(),

@@ -148,8 +148,8 @@ def train_on_node(
     ``config``: the round's config record (round, client id, run config, and the
     strategy's instruction); ``node_config``: this SuperNode's ``--node-config``; the
     client's state stays on this machine (``state-dir``)."""
-    from fedit.client import run_client_round
     from fedit.adapter import adapter_names
+    from fedit.client import run_client_round
     from fedit.strategies.compose import pipeline_from_config
 
     config = dict(config)
@@ -166,7 +166,8 @@ def train_on_node(
              len(examples))
     reply = run_client_round(
         model, global_arrays, examples, cfg.train, client=client, server_round=server_round,
-        seed=cfg.seed, pad_id=int(tokenizer.pad_token_id), strategy=pipeline_from_config(cfg, adapter_names(model)),
+        seed=cfg.seed, pad_id=int(tokenizer.pad_token_id),
+        strategy=pipeline_from_config(cfg, adapter_names(model)),
         instruction=Instruction(config, instruction_arrays or {}), state=state,
     )
     if state:

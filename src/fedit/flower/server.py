@@ -27,6 +27,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedit import checkpoint as ckpt
+from fedit.adapter import adapter_names
 from fedit.client import load_model
 from fedit.config import RunConfig, load_config, to_toml
 from fedit.data.federated import split_data, write_split
@@ -34,10 +35,9 @@ from fedit.errors import FeditError
 from fedit.flower import wire
 from fedit.replies import BadReply, Dropped
 from fedit.rounds import Evaluator, Log, RoundLoop, RoundResult, check_new_run_dir, run_dir_for
-from fedit.adapter import adapter_names
 from fedit.strategies import Instruction, Reply, strategy_from_config
-from fedit.strategies.compose import check_compatible, pipeline_from_config
 from fedit.strategies import payload as P
+from fedit.strategies.compose import check_compatible, pipeline_from_config
 
 HELLO_TIMEOUT = 60.0  # seconds a new node has to say which client it is
 TTL_MARGIN = 5.0  # a message outlives the round's wait a little: our timeout speaks first

@@ -212,7 +212,7 @@ class Pipeline:
                 instructions: dict[int, Instruction], global_arrays: Arrays,
                 state: ServerState) -> tuple[Combined, dict[str, Any]]:
         """The round's aggregate (on the global adapter's shapes) and what to log of it."""
-        o, info = self.o, {}
+        o, info = self.o, dict[str, Any]()
         if o.privacy is not None:
             return self._private_combine(server_round, replies, instructions, global_arrays,
                                          state)
