@@ -78,9 +78,21 @@ def format_train_summary(summary: dict[str, Any]) -> str:
         held_out = (f"held-out response loss on {summary['test_rows']} rows: base model "
                     f"{base:.4f} -> global adapter {final:.4f} ({change:+.1f}%)")
     dropped = f"; {summary['dropped']} client replies dropped" if summary.get("dropped") else ""
+    if summary.get("epsilon") is not None:
+        held_out += (f"\nprivacy: (epsilon, delta) = ({summary['epsilon']:.3g}, "
+                     f"{summary['delta']:g}) spent over the run")
     return (f"{held_out}\n{summary['rounds']} rounds over {summary['clients']} clients in "
             f"{summary['seconds']:.0f} s{dropped}\nrun folder: {summary['run_dir']}\n"
             f"final adapter: {summary['final_adapter']}")
+
+
+@app.command("strategies")
+def strategies_cmd() -> None:
+    """List the federated algorithms, aggregation rules, privacy, compression and LoRA rank
+    options, with their config keys and defaults (see docs/strategies.md)."""
+    from fedit.strategies.catalog import catalog_lines
+
+    typer.echo("\n".join(catalog_lines()))
 
 
 @app.command("eval")
