@@ -146,12 +146,14 @@ def krum(arrays_per_client: ClientArrays, weights: Sequence[float], f: int,
 Aggregator = Callable[..., tuple[list[np.ndarray], dict[str, Any]]]
 
 
-def _mean(arrays: ClientArrays, weights: Sequence[float], **_: Any):
+def _mean(arrays: ClientArrays, weights: Sequence[float],
+          **_: Any) -> tuple[list[np.ndarray], dict[str, Any]]:
     _stack(arrays, weights)  # the same finite-value check as the robust rules
     return aggregate_weighted(arrays, weights), {}
 
 
-def _krum(arrays: ClientArrays, weights: Sequence[float], *, krum_f: int, m: int, **_: Any):
+def _krum(arrays: ClientArrays, weights: Sequence[float], *, krum_f: int, m: int,
+          **_: Any) -> tuple[list[np.ndarray], dict[str, Any]]:
     selected = krum_select(arrays, weights, krum_f, m)
     out = aggregate_weighted([arrays[i] for i in selected], [weights[i] for i in selected])
     return out, {"selected": selected}
