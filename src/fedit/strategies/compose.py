@@ -231,6 +231,8 @@ class Pipeline:
             arrays, info = robust_aggregate(
                 o.aggregator, [r.arrays for r in replies], [r.num_examples for r in replies],
                 trim_fraction=o.trim_fraction, krum_f=o.krum_f, krum_m=o.krum_m)
+            if "selected" in info:  # positions in replies -> client ids
+                info = {**info, "selected": [replies[i].client for i in info["selected"]]}
             base = self.strategy.combine(server_round, [replace(r, arrays=[]) for r in replies])
             return replace(base, arrays=arrays), info
         return self.strategy.combine(server_round, replies), info
@@ -258,7 +260,7 @@ class Pipeline:
         m = max(o.per_round, 1)
         if p.mode == "central":
             rng = np.random.default_rng([o.seed, server_round, 0xD9])
-            noise = gaussian_noise(total, p.noise_multiplier * clip, rng)
+            noise = gaussian_noise(total, self._update_sigma() * clip, rng)
             total = [t + n for t, n in zip(total, noise, strict=True)]
         arrays = [(g + t / m).astype(g.dtype) for g, t in zip(global_arrays, total, strict=True)]
         base = self.strategy.combine(server_round, [replace(r, arrays=[]) for r in replies])
@@ -278,7 +280,7 @@ class Pipeline:
         if p.mode == "central":
             rng = np.random.default_rng([self.o.seed, server_round, 0xD9])
             clip = float(state.scalars["dp.clip"])
-            noise = gaussian_noise_like(total, p.noise_multiplier * clip, rng)
+            noise = gaussian_noise_like(total, self._update_sigma() * clip, rng)
             total = [t + z for t, z in zip(total, noise, strict=True)]
         arrays = [(g + t / m).astype(g.dtype) for g, t in zip(global_arrays, total, strict=True)]
         return replace(combined, arrays=arrays)
@@ -317,20 +319,27 @@ class Pipeline:
         return float(adaptive_clip(clip, frac, p.target_quantile, p.clip_lr))
 
     def _count_stddev(self) -> float:
+        return float(self.o.privacy.count_stddev_for(max(self.o.per_round, 1)))
+
+    def _update_sigma(self) -> float:
+        """The noise multiplier on the updates: all of sigma, or (adaptive clipping) what
+        is left after the noisy unclipped count's share (Andrew et al., Thm. 1)."""
         p = self.o.privacy
-        return float(p.count_stddev) if p.count_stddev else max(self.o.per_round, 1) / 20
+        if not p.adaptive:
+            return float(p.noise_multiplier)
+        from fedit.privacy import effective_noise_multiplier
+
+        return float(effective_noise_multiplier(p.noise_multiplier, self._count_stddev()))
 
     def round_metrics(self, state: ServerState) -> dict[str, Any]:
         """What the round's metrics line adds: (epsilon, delta) spent so far, the clip."""
         p = self.o.privacy
         if p is None:
             return {}
-        from fedit.privacy import effective_noise_multiplier, epsilon_local, epsilon_spent
+        from fedit.privacy import epsilon_local, epsilon_spent
 
         rounds = int(state.scalars.get("dp.rounds", 0))
-        sigma = p.noise_multiplier
-        if p.adaptive:
-            sigma = effective_noise_multiplier(sigma, self._count_stddev())
+        sigma = p.noise_multiplier  # the whole budget: updates and count (adaptive) together
         if rounds == 0:
             eps = 0.0
         elif p.mode == "local":
@@ -441,6 +450,8 @@ def _mixed_ranks(cfg: Any) -> bool:
 
 def incompatibilities(cfg: Any, strategy: Strategy) -> list[str]:
     """Why the config's pieces cannot run together (empty: they can), one line each."""
+    from fedit.strategies import num_sampled
+
     s, p, secure = cfg.strategy, cfg.privacy, cfg.flower.secure_aggregation
     mixed, why = _mixed_ranks(cfg), []
     if secure:
@@ -474,6 +485,13 @@ def incompatibilities(cfg: Any, strategy: Strategy) -> list[str]:
         if p.mode == "local" and p.adaptive:
             why.append("privacy.adaptive needs the server to see which updates were clipped; "
                        "in local mode it does not: set privacy.adaptive = false")
+        per_round = num_sampled(cfg.partition.clients, s.fraction, s.min_clients)
+        count_std = p.count_stddev or per_round / 20
+        if p.adaptive and p.noise_multiplier and 2 * count_std <= p.noise_multiplier:
+            why.append(f"privacy.adaptive: the unclipped count's noise ({count_std:g}, "
+                       f"privacy.count_stddev or clients a round / 20) must exceed "
+                       f"privacy.noise_multiplier / 2 = {p.noise_multiplier / 2:g}, or the "
+                       "count alone spends the budget: raise privacy.count_stddev")
     if mixed and s.aggregator != "mean":
         why.append(f"strategy.aggregator = {s.aggregator} compares adapters of one shape; "
                    "with lora.client_ranks use mean")
