@@ -129,16 +129,22 @@ def test_tls_auth_run_equals_the_simulation(federation, job):
         assert (run_dir / name).exists(), name
 
 
-def test_server_momentum_over_flower_equals_the_simulation(federation, job):
+@pytest.mark.parametrize("name, sets", [
+    ("fedavgm", ["strategy.name=fedavgm", "strategy.server_lr=0.7",
+                 "strategy.server_momentum=0.5"]),
+    ("fedadam", ["strategy.name=fedadam", "strategy.server_lr=0.01"]),
+    ("scaffold", ["strategy.name=scaffold"]),  # c_i in each node's state folder
+])
+def test_stateful_strategies_over_flower_equal_the_simulation(federation, job, name, sets):
     path, _ = job
-    # Prepare: the in-process run of a stateful strategy (server momentum)
-    sets = ["strategy.name=fedavgm", "strategy.server_lr=0.7", "strategy.server_momentum=0.5"]
-    cfg = load_config(path, ["name=sim-fedavgm", *sets])
+    # Prepare: the in-process run of a stateful strategy (server momentum, Adam moments,
+    # SCAFFOLD's control variates kept by the clients)
+    cfg = load_config(path, [f"name=sim-{name}", *sets])
     Simulation(cfg, make_run_dir(cfg), log=lambda m: None).run()
-    simulated = path.parent / "runs" / "sim-fedavgm"
+    simulated = path.parent / "runs" / f"sim-{name}"
     # Execute: the same over two SuperNodes
-    run_dir = _run(federation, path, "name=flower-fedavgm", *sets)
-    # Assert: the momentum crossed rounds the same way: same adapters, to 1e-5
+    run_dir = _run(federation, path, f"name=flower-{name}", *sets)
+    # Assert: the state crossed rounds the same way: same adapters, to 1e-5
     for rnd in ("rounds/0001/adapter", "rounds/0002/adapter", "final/adapter"):
         _assert_close(run_dir / rnd, simulated / rnd, atol=1e-5)
     assert [m["eval_loss"] for m in _metrics(run_dir)] == pytest.approx(
