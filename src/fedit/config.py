@@ -142,14 +142,14 @@ class TrainConfig:
 AGGREGATOR_NAMES = ("mean", "median", "trimmed_mean", "krum", "multikrum")
 
 #: strategies with a module in fedit.strategies (a test checks the two agree)
-STRATEGY_NAMES = ("fedavg", "fedavgm")
+STRATEGY_NAMES = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedprox", "scaffold")
 
 
 @dataclass
 class StrategyConfig:
     """The strategy and the round loop's rules, the same in both runtimes."""
 
-    name: str = "fedavg"  # fedavg | fedavgm (see `fedit strategies`)
+    name: str = "fedavg"  # fedavg | fedavgm | fedadagrad | fedadam | fedyogi | fedprox | scaffold
     fraction: float = 0.1  # share of clients sampled each round
     min_clients: int = 1  # at least this many clients a round
     min_replies: int = 1  # valid replies a round needs to aggregate; fewer: global unchanged
@@ -158,8 +158,14 @@ class StrategyConfig:
     trim_fraction: float = 0.1  # trimmed_mean: share cut from each end, per coordinate
     krum_f: int = 1  # krum, multikrum: Byzantine clients tolerated (needs > 2f + 2 replies)
     krum_m: int = 0  # multikrum: updates averaged; 0 = replies - krum_f
-    server_lr: float = 1.0  # fedavgm: the server's step on its momentum
+    # fedavgm, fedadagrad, fedadam, fedyogi, scaffold: the server's step; 0 = the
+    # strategy's own default (fedavgm 1.0, fedadagrad/fedadam/fedyogi 1e-2, scaffold 1.0)
+    server_lr: float = 0.0
     server_momentum: float = 0.9  # fedavgm: the momentum's decay (0 = FedAvg)
+    beta1: float = 0.9  # fedadagrad, fedadam, fedyogi: the first moment's decay
+    beta2: float = 0.99  # fedadam, fedyogi: the second moment's decay
+    tau: float = 1e-3  # fedadagrad, fedadam, fedyogi: adaptivity floor (v starts at tau^2)
+    mu: float = 0.01  # fedprox: the proximal term's weight (0 = FedAvg)
 
     def __post_init__(self) -> None:
         _check(self.name in STRATEGY_NAMES, "strategy.name",
@@ -173,8 +179,13 @@ class StrategyConfig:
         _check(0 <= self.trim_fraction < 0.5, "strategy.trim_fraction", "must be in [0, 0.5)")
         _check(self.krum_f >= 0, "strategy.krum_f", "must be >= 0")
         _check(self.krum_m >= 0, "strategy.krum_m", "must be >= 0 (0 = replies - krum_f)")
-        _check(self.server_lr > 0, "strategy.server_lr", "must be > 0")
+        _check(self.server_lr >= 0, "strategy.server_lr",
+               "must be >= 0 (0 = the strategy's own default)")
         _check(0 <= self.server_momentum < 1, "strategy.server_momentum", "must be in [0, 1)")
+        _check(0 <= self.beta1 < 1, "strategy.beta1", "must be in [0, 1)")
+        _check(0 <= self.beta2 < 1, "strategy.beta2", "must be in [0, 1)")
+        _check(self.tau > 0, "strategy.tau", "must be > 0")
+        _check(self.mu >= 0, "strategy.mu", "must be >= 0 (0 = FedAvg)")
 
 
 @dataclass

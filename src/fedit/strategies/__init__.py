@@ -23,23 +23,34 @@ from fedit.strategies.base import (
 )
 from fedit.strategies.fedavg import FedAvg
 from fedit.strategies.fedavgm import FedAvgM, FedAvgMParams
+from fedit.strategies.fedopt import FedAdagrad, FedAdam, FedOpt, FedOptParams, FedYogi
+from fedit.strategies.fedprox import FedProx, FedProxParams
+from fedit.strategies.scaffold import Scaffold, ScaffoldParams
 from fedit.strategies.utils import aggregate_weighted, combine_weighted, num_sampled, sample_clients
 
 #: name -> (strategy class, its parameters dataclass)
 STRATEGIES: dict[str, tuple[type[Strategy], type[StrategyParams]]] = {
     "fedavg": (FedAvg, StrategyParams),
     "fedavgm": (FedAvgM, FedAvgMParams),
+    "fedadagrad": (FedAdagrad, FedOptParams),
+    "fedadam": (FedAdam, FedOptParams),
+    "fedyogi": (FedYogi, FedOptParams),
+    "fedprox": (FedProx, FedProxParams),
+    "scaffold": (Scaffold, ScaffoldParams),
 }
 
 
 def build_strategy(name: str, options: dict[str, Any]) -> Strategy:
     """The strategy registered under ``name``, its parameters taken from ``options`` (the
-    ``[strategy]`` table, plus ``seed``): keys its dataclass does not have are ignored."""
+    ``[strategy]`` table, plus ``seed``): keys its dataclass does not have are ignored, and
+    ``server_lr = 0`` (the config's default) leaves the strategy's own default step."""
     try:
         cls, params_cls = STRATEGIES[name]
     except KeyError:
         raise ValueError(f"unknown strategy {name!r}; use one of {sorted(STRATEGIES)}") from None
     known = {f.name for f in dataclasses.fields(params_cls)}
+    if options.get("server_lr") == 0:
+        known.discard("server_lr")
     return cls(params_cls(**{k: v for k, v in options.items() if k in known}))  # type: ignore[call-arg]
 
 
@@ -55,9 +66,18 @@ __all__ = [
     "FedAvg",
     "FedAvgM",
     "FedAvgMParams",
+    "FedAdagrad",
+    "FedAdam",
+    "FedOpt",
+    "FedOptParams",
+    "FedProx",
+    "FedProxParams",
+    "FedYogi",
     "Instruction",
     "Reply",
     "STRATEGIES",
+    "Scaffold",
+    "ScaffoldParams",
     "ServerState",
     "Strategy",
     "StrategyParams",
