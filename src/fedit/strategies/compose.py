@@ -479,6 +479,10 @@ def incompatibilities(cfg: Any, strategy: Strategy) -> list[str]:
             why.append(f"privacy.mode = {p.mode} calibrates its noise to the mean's "
                        f"sensitivity C/m: strategy.aggregator = {s.aggregator} is not the "
                        "mean; use mean")
+        if strategy.name == "scaffold":
+            why.append("scaffold's control-variate updates travel unclipped and without "
+                       "noise, so they would leak what privacy hides: use another strategy "
+                       "or privacy.mode = off")
         if mixed:
             why.append("privacy with lora.client_ranks: clipping is defined on one adapter "
                        "shape; drop client_ranks or set privacy.mode = off")
