@@ -10,8 +10,8 @@ clients, 5 sampled a round, the same seed, rounds and optimizer steps per client
 is a whole run through ``Simulation`` on the one model in memory (its adapter reset to the
 same initial one). DP's clip norm C is the median update norm of the FedAvg arm's first
 round (read from its metrics), so the noise is on the scale of real updates. The
-``--top`` best arms (and FedAvg) are run again on ``--other-seeds`` other seeds (another split, sampling, LoRA init and
-batches) to show which differences are within noise.
+``--top`` best arms (and FedAvg) are run again on ``--other-seeds`` other seeds (another
+split, sampling, LoRA init and batches) to show which differences are within noise.
 
 Prints the table and, unless --no-write, writes docs/strategies.md's measured section
 (between the markers), docs/strategies.png and bench/results/strategies.json.
@@ -244,7 +244,9 @@ def main() -> None:
                 extra.setdefault(arm, []).append(r["final_loss"])
     minutes = (time.perf_counter() - t0) / 60
     text = table(results, extra, labels)
-    setup = (f"Setup: {'tiny random Llama, synthetic rows' if args.fast else 'SmolLM2-135M-Instruct, databricks-dolly-15k'}; "
+    what = ("tiny random Llama, synthetic rows" if args.fast
+            else "SmolLM2-135M-Instruct, databricks-dolly-15k")
+    setup = (f"Setup: {what}; "
              f"Dirichlet alpha = {args.alpha} over category, {args.clients} clients, "
              f"{args.per_round} a round, {args.rounds} rounds, {args.steps} steps of "
              f"{args.batch} rows per client round, cutoff {args.cutoff}, "
