@@ -186,3 +186,17 @@ def test_what_cannot_work_together_is_refused_before_anything_is_written(
         cfg = load_config(cfg_path, sets)
         Simulation(cfg, Path(cfg.output_dir) / "refused", log=lambda m: None)
     assert not (Path(load_config(cfg_path).output_dir) / "refused").exists()
+
+
+def test_central_dp_under_secagg_clips_at_the_clients_and_noises_the_mean(cfg_path):
+    # Execute: the same DP run, the server seeing each update vs only their masked mean
+    # (the in-process SecAgg+ emulation: clients clip and weigh 1, the server adds noise)
+    sets = ["rounds=1", "privacy.mode=central", "privacy.clip=0.01",
+            "privacy.noise_multiplier=0.5"]
+    clear, _ = _run(cfg_path, "name=clear", *sets)
+    masked, _ = _run(cfg_path, "name=masked", *sets, "flower.secure_aggregation=true")
+    # Assert: the same clipped sum and the same noise: the same global adapter
+    for a, b in zip(_delta(clear, 1), _delta(masked, 1), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert _lines(masked)[1]["epsilon"] == _lines(clear)[1]["epsilon"] > 0
+    assert _lines(masked)[1]["num_examples"] == _lines(clear)[1]["num_examples"]

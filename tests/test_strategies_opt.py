@@ -4,6 +4,8 @@ by hand, hypothesis properties of the server step, the trainer hooks with autogr
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -321,8 +323,16 @@ def _assert_same_arrays(a: dict, b: dict) -> None:
             np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.parametrize("name", ["fedadam", "fedprox", "scaffold"])
-def test_two_rounds_resume_to_the_same_bytes(name, tmp_path, tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("name, sets", [
+    ("fedadam", []), ("fedprox", []), ("scaffold", []),
+    # the pieces around a strategy keep state too: DP's adaptive clip norm and rounds
+    # spent (server), top-k's error-feedback residual (clients)
+    ("fedavg", ["privacy.mode=central", "privacy.adaptive=true", "privacy.count_stddev=1",
+                "privacy.clip=0.01"]),
+    ("fedavgm", ["compress.method=topk"]),
+])
+def test_two_rounds_resume_to_the_same_bytes(name, sets, tmp_path, tiny_model_dir,
+                                             monkeypatch):
     from fedit import checkpoint as ckpt
     from fedit.config import load_config
     from fedit.simulation import resume_federated, run_federated
@@ -334,11 +344,11 @@ def test_two_rounds_resume_to_the_same_bytes(name, tmp_path, tiny_model_dir, mon
                         strategy={"name": name, "fraction": 1.0}, train={"max_steps": 2})
     runs = tmp_path / "runs"
     # Execute: straight, then crashed after round 1 and resumed
-    whole = run_federated(load_config(path, ["name=whole"]), log=lambda m: None)
+    whole = run_federated(load_config(path, ["name=whole", *sets]), log=lambda m: None)
     with monkeypatch.context() as mp:
         mp.setattr(ckpt, "fault_point", _kill_after_round_1)
         with pytest.raises(Killed):
-            run_federated(load_config(path, ["name=crashed"]), log=lambda m: None)
+            run_federated(load_config(path, ["name=crashed", *sets]), log=lambda m: None)
     resumed = resume_federated(runs / "crashed", log=lambda m: None)
     # Assert: the strategy named; the same final adapter bytes, server and client states
     assert whole["strategy"]["name"] == resumed["strategy"]["name"] == name
@@ -350,6 +360,15 @@ def test_two_rounds_resume_to_the_same_bytes(name, tmp_path, tiny_model_dir, mon
     assert clients_a.keys() == clients_b.keys()
     for c in clients_a:
         _assert_same_arrays(clients_a[c], clients_b[c])
+    lines = [[{k: v for k, v in json.loads(x).items() if k != "seconds"}
+              for x in (runs / r / "metrics.jsonl").read_text().splitlines()]
+             for r in ("crashed", "whole")]
+    assert lines[0] == lines[1]  # epsilon, clip norm, bytes: the same numbers
+    if sets and sets[0].startswith("privacy"):  # the clip norm moved and was carried over
+        assert lines[0][1]["dp_clip"] != lines[0][2]["dp_clip"]
+        assert 0 < lines[0][1]["epsilon"] < lines[0][2]["epsilon"]
+    if sets and sets[0].startswith("compress"):
+        assert all(any(r.any() for r in s["codec.residual"]) for s in clients_a.values())
     if name == "scaffold":  # c and each c_i moved: the exactness is not trivial
         assert sorted(clients_a) == [0, 1]
         assert any(c.any() for c in server_a["c"])
