@@ -132,13 +132,14 @@ def test_tls_auth_run_equals_the_simulation(federation, job):
 @pytest.mark.parametrize("name, sets", [
     ("fedavgm", ["strategy.name=fedavgm", "strategy.server_lr=0.7",
                  "strategy.server_momentum=0.5"]),
-    ("fedadam", ["strategy.name=fedadam", "strategy.server_lr=0.01"]),
     ("scaffold", ["strategy.name=scaffold"]),  # c_i in each node's state folder
-    # the pieces around a strategy travel too: a rank-4 client's own start adapter and
-    # delta uploads (int8's rounding would turn the runtimes' 1e-7 training differences
-    # into whole quantisation steps); DP's clip norm and top-k uploads with their residual
+    # the pieces around a strategy travel too: DP's clip norm and top-k uploads with their
+    # residual kept on the node; a rank-4 client's own start adapter and delta uploads
+    # (int8's rounding would turn the runtimes' 1e-7 training differences into whole
+    # quantisation steps)
+    ("fedadam", ["strategy.name=fedadam", "strategy.server_lr=0.01", "privacy.mode=central",
+                 "privacy.clip=0.01", "compress.method=topk"]),
     ("ranks", ["strategy.name=fedprox", "lora.client_ranks=[4, 8]", "compress.method=delta"]),
-    ("dp", ["privacy.mode=central", "privacy.clip=0.01", "compress.method=topk"]),
 ])
 def test_stateful_strategies_over_flower_equal_the_simulation(federation, job, name, sets):
     path, _ = job
