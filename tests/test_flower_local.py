@@ -181,6 +181,29 @@ def test_secure_aggregation_runs_the_strategys_server_step(federation, job):
     assert max(float(np.abs(g - m).max()) for g, m in zip(got, mean, strict=True)) > 10 * bound
 
 
+def test_central_dp_under_secure_aggregation_equals_the_simulations(federation, job):
+    path, _ = job
+    # Prepare: the in-process run with the SecAgg+ emulation (clients clip and weigh 1,
+    # the server adds the noise to the mean)
+    sets = ["rounds=1", "privacy.mode=central", "privacy.clip=0.01",
+            "privacy.noise_multiplier=0.5", "flower.secure_aggregation=true",
+            "flower.secagg_max_weight=2"]
+    cfg = load_config(path, ["name=sim-dp-secagg", *sets])
+    Simulation(cfg, make_run_dir(cfg), log=lambda m: None).run()
+    simulated = path.parent / "runs" / "sim-dp-secagg"
+    # Execute: the same over SuperNodes with Flower's SecAgg+
+    run_dir = _run(federation, path, "name=flower-dp-secagg", *sets)
+    # Assert: the same adapter up to SecAgg+'s quantisation (two uploads of weight 1)
+    f = cfg.flower
+    bound = quantisation_bound([1, 1], f.secagg_max_weight, f.secagg_clipping_range,
+                               f.secagg_quantization_range)
+    _assert_close(run_dir / "rounds/0001/adapter", simulated / "rounds/0001/adapter",
+                  atol=bound + 1e-6)
+    line, sim_line = _metrics(run_dir)[1], _metrics(simulated)[1]
+    assert line["epsilon"] == sim_line["epsilon"] > 0
+    assert line["num_examples"] == sim_line["num_examples"] > 2  # the real counts, logged
+
+
 def _wait_for(what: str, done, fed: LocalFederation) -> None:
     """Wait until ``done()`` (a line in a log, a process gone); fail after RUN_TIMEOUT."""
     deadline = time.monotonic() + RUN_TIMEOUT
