@@ -148,7 +148,7 @@ def test_build_strategy_takes_its_keys_from_the_strategy_table():
 def test_secure_aggregation_policy_is_checked_before_the_run():
     from fedit.config import load_config
     from fedit.errors import ConfigError
-    from fedit.strategies.compose import check_compatible as check_secure_policy
+    from fedit.strategies.setup import check_compatible as check_secure_policy
 
     cfg = load_config(None, ["flower.secure_aggregation=true", "strategy.max_update_norm=5"])
     with pytest.raises(ConfigError, match="strategy.max_update_norm cannot be checked under "

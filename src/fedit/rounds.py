@@ -37,7 +37,8 @@ from fedit.io import append_jsonl, atomic_write_json, atomic_write_text
 from fedit.replies import BadReply, Dropped, check_arrays, check_reply
 from fedit.strategies import Combined, Instruction, Reply, ServerState
 from fedit.strategies import payload as P
-from fedit.strategies.compose import Pipeline, check_compatible
+from fedit.strategies.compose import Pipeline
+from fedit.strategies.setup import check_compatible
 from fedit.train import example_losses, mean_token_loss
 
 Log = Callable[[str], None]

@@ -29,7 +29,8 @@ from fedit.data.prompts import Example
 from fedit.replies import Dropped
 from fedit.rounds import Evaluator, Log, RoundLoop, RoundResult, check_new_run_dir, run_dir_for
 from fedit.strategies import ClientState, Instruction, Reply, strategy_from_config
-from fedit.strategies.compose import Pipeline, check_compatible, pipeline_from_config
+from fedit.strategies.compose import Pipeline
+from fedit.strategies.setup import check_compatible, pipeline_from_config
 
 EXAMPLE_CACHE = 1024  # tokenised clients kept in memory (least recently trained go first)
 

@@ -150,7 +150,7 @@ def train_on_node(
     client's state stays on this machine (``state-dir``)."""
     from fedit.adapter import adapter_names
     from fedit.client import run_client_round
-    from fedit.strategies.compose import pipeline_from_config
+    from fedit.strategies.setup import pipeline_from_config
 
     config = dict(config)
     cfg = run_config_from_text(str(config.pop(P.RUN_CONFIG)))

@@ -37,7 +37,7 @@ from fedit.replies import BadReply, Dropped
 from fedit.rounds import Evaluator, Log, RoundLoop, RoundResult, check_new_run_dir, run_dir_for
 from fedit.strategies import Instruction, Reply, strategy_from_config
 from fedit.strategies import payload as P
-from fedit.strategies.compose import check_compatible, pipeline_from_config
+from fedit.strategies.setup import check_compatible, pipeline_from_config
 
 HELLO_TIMEOUT = 60.0  # seconds a new node has to say which client it is
 TTL_MARGIN = 5.0  # a message outlives the round's wait a little: our timeout speaks first
