@@ -154,7 +154,9 @@ def test_mixed_ranks_train_each_client_at_its_rank(cfg_path, monkeypatch):
 
 def test_ffa_lora_sends_only_b_and_keeps_a(cfg_path):
     plain, _ = _run(cfg_path, "name=plain", "rounds=1")
-    ffa, _ = _run(cfg_path, "name=ffa", "lora.freeze_a=true")
+    # FedProx's hook and FFA's freezing hook train together (CombinedHook)
+    ffa, _ = _run(cfg_path, "name=ffa", "lora.freeze_a=true", "strategy.name=fedprox",
+                  "strategy.mu=1.0")
     a0 = load_adapter_arrays(ffa / "rounds/0000/adapter")
     a2 = load_adapter_arrays(ffa / "final/adapter")
     from fedit.adapter import adapter_names
