@@ -171,23 +171,31 @@ def table(results: dict[str, dict[str, Any]], extra: dict[str, list[float]],
 
 
 def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+    """Left: the arms that stay near the base model (zoomed); right: every arm (log y)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 6))
+    fig, (near, every) = plt.subplots(1, 2, figsize=(14, 6))
     for arm, r in results.items():
-        style = "-" if arm in ("fedavg", "fedadam", "scaffold", "fedprox", "flexlora") else "--"
-        ax.plot(range(len(r["losses"])), r["losses"], style, marker=".", label=arm)
-    ax.set_xlabel("round")
-    ax.set_ylabel("held-out loss (response tokens)")
-    ax.set_title("held-out loss per round, one non-IID federation (Dirichlet 0.1, 20 clients)")
-    ax.legend(fontsize=7, ncol=3)
-    ax.grid(alpha=0.3)
+        style = "-" if arm in ("fedavg", "fedavgm", "median", "krum", "flexlora") else "--"
+        if r["final_loss"] < 1.1 * r["base_loss"]:
+            near.plot(range(len(r["losses"])), r["losses"], style, marker=".", label=arm)
+        every.plot(range(len(r["losses"])), r["losses"], style, marker=".", label=arm)
+    near.set_title("arms within 10% of the base model (zoomed)")
+    every.set_title("every arm (log scale): the DP arms at 5 clients a round")
+    every.set_yscale("log")
+    for ax in (near, every):
+        ax.set_xlabel("round")
+        ax.set_ylabel("held-out loss (response tokens)")
+        ax.grid(alpha=0.3)
+    near.legend(fontsize=7, ncol=3)
+    every.legend(fontsize=6, ncol=3)
+    fig.suptitle("held-out loss per round, one non-IID federation (Dirichlet 0.1, 20 clients)")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=100)
     tmp.replace(path)
 
 
