@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from fedit.strategies.utils import aggregate_weighted
+from fedit.strategies.utils import aggregate_weighted, check_clients
 
 ClientArrays = Sequence[Sequence[np.ndarray]]
 
@@ -34,22 +34,14 @@ def _stack(arrays_per_client: ClientArrays, weights: Sequence[float]) -> list[np
     Raises ValueError on no clients, a weight count that differs from the client count,
     mismatched shapes or non-finite values.
     """
-    if not arrays_per_client:
-        raise ValueError("nothing to aggregate: no client replies")
-    if len(weights) != len(arrays_per_client):
-        raise ValueError(f"{len(weights)} weights for {len(arrays_per_client)} clients")
-    first = arrays_per_client[0]
+    check_clients(arrays_per_client, weights)
     for k, arrays in enumerate(arrays_per_client):
-        if len(arrays) != len(first):
-            raise ValueError(f"client {k} sent {len(arrays)} arrays, expected {len(first)}")
-        for i, (a, b) in enumerate(zip(arrays, first, strict=True)):
-            if a.shape != b.shape:
-                raise ValueError(f"client {k} array {i} has shape {a.shape}, expected {b.shape}")
+        for i, a in enumerate(arrays):
             if not np.isfinite(a).all():
                 raise ValueError(f"client {k} array {i} has NaN or inf values; drop such "
                                  "replies before aggregating")
     return [np.stack([np.asarray(arrays[i], dtype=np.float64) for arrays in arrays_per_client])
-            for i in range(len(first))]
+            for i in range(len(arrays_per_client[0]))]
 
 
 def _like(stats: list[np.ndarray], arrays_per_client: ClientArrays) -> list[np.ndarray]:

@@ -9,6 +9,23 @@ import numpy as np
 from fedit.strategies.base import Combined, Reply
 
 
+def check_clients(arrays_per_client: Sequence[Sequence[np.ndarray]],
+                  weights: Sequence[float]) -> None:
+    """ValueError unless there are clients, one weight each, and every client sent arrays
+    of the first client's count and shapes."""
+    if not arrays_per_client:
+        raise ValueError("nothing to aggregate: no client replies")
+    if len(weights) != len(arrays_per_client):
+        raise ValueError(f"{len(weights)} weights for {len(arrays_per_client)} clients")
+    first = arrays_per_client[0]
+    for k, arrays in enumerate(arrays_per_client):
+        if len(arrays) != len(first):
+            raise ValueError(f"client {k} sent {len(arrays)} arrays, expected {len(first)}")
+        for i, (a, b) in enumerate(zip(arrays, first, strict=True)):
+            if a.shape != b.shape:
+                raise ValueError(f"client {k} array {i} has shape {a.shape}, expected {b.shape}")
+
+
 def aggregate_weighted(
     arrays_per_client: Sequence[Sequence[np.ndarray]], weights: Sequence[float]
 ) -> list[np.ndarray]:
@@ -17,20 +34,11 @@ def aggregate_weighted(
     Raises ValueError when clients disagree on the number or shapes of the arrays, or
     when the weights do not sum to a positive number.
     """
-    if not arrays_per_client:
-        raise ValueError("nothing to aggregate: no client replies")
-    if len(weights) != len(arrays_per_client):
-        raise ValueError(f"{len(weights)} weights for {len(arrays_per_client)} clients")
+    check_clients(arrays_per_client, weights)
+    first = arrays_per_client[0]
     w = np.asarray(weights, dtype=np.float64)
     if (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"weights must be >= 0 with a positive sum, got {w.tolist()}")
-    first = arrays_per_client[0]
-    for k, arrays in enumerate(arrays_per_client):
-        if len(arrays) != len(first):
-            raise ValueError(f"client {k} sent {len(arrays)} arrays, expected {len(first)}")
-        for i, (a, b) in enumerate(zip(arrays, first, strict=True)):
-            if a.shape != b.shape:
-                raise ValueError(f"client {k} array {i} has shape {a.shape}, expected {b.shape}")
     w = w / w.sum()
     return [
         sum(wk * np.asarray(arrays[i], dtype=np.float64)
