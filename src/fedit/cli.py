@@ -129,6 +129,34 @@ def eval_cmd(
     typer.echo(f"wrote {out_dir / 'eval.json'} and {out_dir / 'answers.jsonl'}")
 
 
+@app.command("export")
+def export_cmd(
+    target: Annotated[str, typer.Argument(help="run folder or PEFT adapter folder")],
+    merged: Annotated[Path | None, typer.Option(
+        "--merged", help="write the base with the adapter merged in: a transformers folder")
+    ] = None,
+    adapter: Annotated[Path | None, typer.Option(
+        "--adapter", help="write a clean PEFT adapter folder")] = None,
+    model: Annotated[str | None, typer.Option(
+        help="base model; default: the run's, or the adapter's base_model_name_or_path")] = None,
+    dtype: Annotated[str | None, typer.Option(
+        help="--merged: fp32 (default) | bf16 | fp16 of the saved weights (merged in fp32)")
+    ] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="replace OUT when it exists and is not empty")] = False,
+) -> None:
+    """Export TARGET's adapter (a run folder's final/adapter, or an adapter folder) with a
+    model card: --merged OUT (base + adapter, loads without PEFT) or --adapter OUT."""
+    from fedit.export import export
+
+    try:
+        out = export(target, merged=merged, adapter=adapter, model=model, dtype=dtype,
+                     force=force, log=lambda m: typer.echo(m, err=True))
+    except (FeditError, ValueError) as e:
+        _fail(e)
+    typer.echo(f"wrote {out}")
+
+
 @app.command("partition")
 def partition_cmd(
     data: Annotated[str, typer.Argument(help="data file, folder, or dolly-15k")],
