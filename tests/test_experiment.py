@@ -6,12 +6,14 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from fedit.adapter import load_adapter_arrays
 from fedit.cli import app
 from fedit.errors import ConfigError
 from fedit.experiment import experiment_config, local_only_clients, plan_budget
@@ -140,6 +142,61 @@ def test_arms_evaluate_the_adapter_they_trained(experiment):
     assert per_client[0]["overall"]["loss"] != pytest.approx(per_client[1]["overall"]["loss"])
 
 
+def _arm_adapters(out: Path) -> dict[str, Path]:
+    """Each arm's adapter folder (a local-only arm: one per client), from its arm.json."""
+    found = {}
+    for arm in ARMS:
+        named = _read(out / arm / "arm.json")["adapter"]
+        for rel in named if isinstance(named, list) else [named]:
+            found[f"{arm}/{rel}"] = out / arm / rel
+    return found
+
+
+def _lora(folder: Path, part: str) -> list[np.ndarray]:
+    from safetensors.numpy import load_file
+
+    tensors = load_file(folder / "adapter_model.safetensors")
+    return [v for k, v in sorted(tensors.items()) if part in k]
+
+
+def test_every_arm_keeps_its_adapter(experiment):
+    out, _, _, _ = experiment
+    local = sorted(int(c) for c in _read(out / "local-only" / "arm.json")["client_steps"])
+    adapters = _arm_adapters(out)
+    assert sorted(adapters) == sorted(["base/adapter", "fedit/final/adapter",
+                                       "centralized/adapter",
+                                       *(f"local-only/client_{c:04d}/adapter" for c in local)])
+    arrays = {name: load_adapter_arrays(path) for name, path in adapters.items()}
+    assert len({len(a) for a in arrays.values()}) == 1  # the same tensors in every arm
+    # base: the initial adapter, B = 0 (exactly the base model); A is the seeded draw
+    base = adapters["base/adapter"]
+    assert all(not b.any() for b in _lora(base, "lora_B"))
+    assert all(a.any() for a in _lora(base, "lora_A"))
+    # every trained arm moved B away from zero, each to its own values
+    trained = [n for n in adapters if n != "base/adapter"]
+    for name in trained:
+        assert any(b.any() for b in _lora(adapters[name], "lora_B")), name
+    for i, one in enumerate(trained):
+        for other in trained[i + 1:]:
+            assert any(not np.array_equal(x, y) for x, y in
+                       zip(arrays[one], arrays[other], strict=True)), (one, other)
+
+
+def test_an_arms_adapter_gives_the_arms_eval_loss(experiment, tmp_path):
+    out, _, _, _ = experiment
+    for name, adapter in _arm_adapters(out).items():
+        if name == "fedit/final/adapter":
+            own = out / "fedit" / "eval.json"
+        else:
+            own = adapter.parent / "eval.json"  # base/, centralized/, local-only/client_N/
+        result = CliRunner().invoke(app, [
+            "eval", str(adapter), "--on", str(out / "test.jsonl"), "--no-generate",
+            "--out", str(tmp_path / name), "--set", "data.cutoff_len=256"])
+        assert result.exit_code == 0, result.output
+        loss = _read(tmp_path / name / "eval.json")["overall"]["loss"]
+        assert loss == pytest.approx(_read(own)["overall"]["loss"], rel=1e-5), name
+
+
 def test_a_second_run_skips_finished_arms(experiment):
     out, args, _, _ = experiment
     before = {arm: (out / arm / "eval.json").stat().st_mtime_ns for arm in ARMS}
@@ -163,8 +220,7 @@ def test_a_killed_experiment_resumes_with_the_same_numbers(experiment):
     # killed after FedIT trained but before it was evaluated; centralized never started
     (out / "fedit" / "eval.json").unlink()
     (out / "fedit" / "arm.json").unlink()
-    for f in (out / "centralized").iterdir():
-        f.unlink()
+    shutil.rmtree(out / "centralized")
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "[fedit] trained before: evaluating its final adapter" in result.output
@@ -172,6 +228,8 @@ def test_a_killed_experiment_resumes_with_the_same_numbers(experiment):
     after = {arm: _read(out / arm / "eval.json")["overall"]["loss"] for arm in ARMS}
     assert after == pytest.approx(before, rel=1e-6)  # seeded: the same adapter again
     assert _read(out / "fedit" / "arm.json")["steps"] == 4
+    assert _read(out / "centralized" / "arm.json")["adapter"] == "adapter"
+    assert (out / "centralized" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_small_scale_budget_is_the_documented_arithmetic():

@@ -23,6 +23,12 @@ budgets are exact and recorded (``arm.json`` per arm; ``client_steps`` per round
 ``answers.jsonl``; ``<out>/experiment.json`` summarises them. An arm whose ``eval.json``
 exists is skipped when the command is run again (resume after a kill).
 
+Every arm keeps the adapter it evaluated as a PEFT folder, named in its ``arm.json``
+(``"adapter"``, relative to the arm's folder): ``base/adapter`` (the initial adapter,
+B = 0), ``local-only/client_NNNN/adapter`` (a list, one per client), ``fedit/final/adapter``
+and ``centralized/adapter``; ``fedit eval``, ``fedit export`` and ``fedit serve`` take any
+of them.
+
 Scales (``SCALES``, overridable with ``--set``):
 
 ``test``
@@ -66,7 +72,12 @@ from typing import Any
 
 import numpy as np
 
-from fedit.adapter import get_adapter_arrays, load_adapter_arrays, set_adapter_arrays
+from fedit.adapter import (
+    get_adapter_arrays,
+    load_adapter_arrays,
+    save_adapter,
+    set_adapter_arrays,
+)
 from fedit.client import client_seed, load_model
 from fedit.config import RunConfig, apply_overrides, config_from_dict, to_toml
 from fedit.data.batching import tokenize_for_run
@@ -80,6 +91,7 @@ from fedit.train import train_adapter
 
 EXPERIMENTS = ("fedit-paper",)
 ARMS = ("base", "local-only", "fedit", "centralized")
+ADAPTER = "adapter"  # every arm's adapter: a PEFT folder in (or below) the arm's folder
 
 SCALES: dict[str, dict[str, Any]] = {
     "test": {
@@ -285,9 +297,10 @@ class Experiment:
                 "train_seconds": result.seconds}
 
     def _arm_base(self, folder: Path) -> dict[str, Any]:
+        save_adapter(self.model, folder / ADAPTER)  # the initial adapter, B = 0
         _, _, eval_s = self._evaluate(folder)
         return {"arm": "base", "steps": 0, "client_steps": {}, "train_seconds": 0.0,
-                "eval_seconds": eval_s}
+                "eval_seconds": eval_s, "adapter": ADAPTER}
 
     def _arm_local_only(self, folder: Path) -> dict[str, Any]:
         results, first_answers, clients = [], None, {}
@@ -302,6 +315,7 @@ class Experiment:
                 set_adapter_arrays(self.model, self.initial)
                 record = self._train(self.data.client_rows[c], self.budget.client_steps,
                                      client_seed(self.cfg.seed, 0, c), f"local-only client {c}")
+                save_adapter(self.model, sub / ADAPTER)  # before train.json, which marks it done
                 result, answers, record["eval_seconds"] = self._evaluate(sub)
                 atomic_write_json(sub / "train.json", record)
             results.append(result)
@@ -320,6 +334,7 @@ class Experiment:
             "clients": clients,
             "train_seconds": sum(r["train_seconds"] for r in clients.values()),
             "eval_seconds": sum(r.get("eval_seconds", 0.0) for r in clients.values()),
+            "adapter": [f"client_{c:04d}/{ADAPTER}" for c in self.local_clients],
         }
 
     def _arm_fedit(self, folder: Path) -> dict[str, Any]:
@@ -344,17 +359,20 @@ class Experiment:
         _, _, eval_s = self._evaluate(folder)
         return {"arm": "fedit", "steps": sum(steps.values()), "client_steps": steps,
                 "rounds": [m["client_steps"] for m in lines[1:]],
-                "train_seconds": train_s, "eval_seconds": eval_s}
+                "train_seconds": train_s, "eval_seconds": eval_s,
+                "adapter": f"final/{ADAPTER}"}
 
     def _arm_centralized(self, folder: Path) -> dict[str, Any]:
         union = [r for client in self.data.client_rows for r in client]
         n = len(self.data.client_rows)  # a seed no client of the federation has
         record = self._train(union, self.budget.total_steps,
                              client_seed(self.cfg.seed, 0, n), "centralized")
+        save_adapter(self.model, folder / ADAPTER)
         _, _, eval_s = self._evaluate(folder)
         return {"arm": "centralized", "steps": record["steps"], "client_steps": {},
                 "rows": record["rows"], "train_loss": record["train_loss"],
-                "train_seconds": record["train_seconds"], "eval_seconds": eval_s}
+                "train_seconds": record["train_seconds"], "eval_seconds": eval_s,
+                "adapter": ADAPTER}
 
     # -- the summary ---------------------------------------------------------------------
 
