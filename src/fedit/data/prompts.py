@@ -26,6 +26,8 @@ ALPACA_PROMPT_NO_INPUT = (
 )
 ALPACA_RESPONSE_SPLIT = "### Response:"
 TEMPLATES = ("alpaca", "chat")
+# Where an answer in a template ends when the model runs on into a new section of its own.
+TEMPLATE_STOPS = {"alpaca": ("### Instruction:", "### Input:", "### Response:"), "chat": ()}
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ class EvalTarget:
         return self.adapter  # an adapter folder keeps its own eval; base: --out is needed
 
 
-def _run_of_adapter(adapter: Path) -> Path | None:
+def run_of_adapter(adapter: Path) -> Path | None:
     """The run folder holding ``adapter`` when it is ``final/adapter`` or ``rounds/N/adapter``."""
     parts = adapter.resolve().parts
     if len(parts) >= 3 and parts[-2:] == ("final", "adapter"):
@@ -66,7 +66,7 @@ def _run_of_adapter(adapter: Path) -> Path | None:
     return run if (run / CONFIG_FILE).is_file() else None
 
 
-def _adapter_base(adapter: Path) -> str | None:
+def adapter_base(adapter: Path) -> str | None:
     path = adapter / ADAPTER_CONFIG
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -97,9 +97,9 @@ def resolve_target(target: str, *, model: str | None = None,
         name = model or cfg.model.name
         return EvalTarget("run", _replace_model(cfg, name), adapter, path)
     if (path / ADAPTER_CONFIG).is_file():
-        run = _run_of_adapter(path)
+        run = run_of_adapter(path)
         cfg = load_config(run / CONFIG_FILE if run else None, overrides)
-        found = model or _adapter_base(path) or (cfg.model.name if run else None)
+        found = model or adapter_base(path) or (cfg.model.name if run else None)
         if not found:
             raise ModelError(f"{path / ADAPTER_CONFIG} names no base model "
                              "(base_model_name_or_path): pass --model")

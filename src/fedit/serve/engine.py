@@ -1,0 +1,366 @@
+"""The batching engine: one thread owns the model and decodes every running request together.
+
+Requests wait in a bounded queue; the engine admits them between decoding steps (continuous
+batching): the new prompts are pre-filled together, their KV cache rows are joined to the
+running batch's (left-padded to a common length), and from then on one forward pass a step
+serves every running row, each with its own LoRA adapter (PEFT's mixed-adapter batches,
+``adapter_names=``). A finished, stopped or abandoned row leaves the batch at once, and the
+left padding no row needs any more is cut off.
+
+Each row keeps its own sampling (temperature, top-p, its own seeded generator), stop
+strings and token budget, so a row decodes the same tokens whether it runs alone or in a
+batch (up to the floating-point differences of padded batched matmuls, which greedy
+decoding of an fp32 model does not see; tested).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fedit.errors import ModelError
+from fedit.serve.adapters import AdapterCache
+
+Emit = Callable[["Event"], None]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one request decodes: temperature 0 is greedy; ``seed`` makes sampling repeatable."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class Event:
+    """What the engine tells a request: a piece of text, the end, or a failure."""
+
+    kind: str  # "delta" | "finish" | "error"
+    text: str = ""
+    finish_reason: str | None = None  # "stop" | "length"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Job:
+    """One request: its prompt tokens, the model (adapter) it asks for, how to decode.
+
+    ``emit`` is called from the engine's thread; ``cancelled`` is set by the request's side
+    when its client goes away (the row leaves the batch at the next step).
+    """
+
+    prompt_ids: list[int]
+    model: str
+    sampling: Sampling
+    emit: Emit
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class QueueFull(Exception):
+    """The engine's queue holds as many waiting requests as it may (answer 429)."""
+
+
+@dataclass
+class _Row:
+    job: Job
+    slot: str  # the adapter's PEFT name, or BASE_SLOT
+    generator: torch.Generator
+    pending: int = -1  # the token to feed at the next step
+    generated: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of the answer already emitted
+
+    @property
+    def length(self) -> int:
+        """Real (unpadded) positions in the cache after the pending token is fed."""
+        return len(self.job.prompt_ids) + len(self.generated)
+
+
+@dataclass
+class _Batch:
+    rows: list[_Row]
+    cache: Any  # transformers DynamicCache, batch = len(rows)
+    mask: torch.Tensor  # (rows, cached positions): 0 on the left padding
+
+
+class Engine:
+    """Owns the model on one thread; ``submit`` jobs from any thread.
+
+    Parameters
+    ----------
+    model : peft.PeftModel or transformers model
+        The base model, wrapped by PEFT when adapters are served.
+    tokenizer : transformers tokenizer
+    adapters : AdapterCache
+        Names -> PEFT adapters, loaded lazily, at most ``max_loaded`` at a time.
+    max_batch : int
+        Rows decoded together (1: one request at a time).
+    max_queue : int
+        Requests that may wait for a place; one more is refused (``QueueFull``).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, adapters: AdapterCache, *,
+                 max_batch: int = 16, max_queue: int = 64) -> None:
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch}, {max_queue}")
+        self.model, self.tokenizer, self.adapters = model, tokenizer, adapters
+        self.max_batch = max_batch
+        self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self.deferred: list[Job] = []  # taken from the queue, waiting for an adapter slot
+        self.eos = _eos_ids(model, tokenizer)
+        self.device = next(model.parameters()).device
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="fedit-engine", daemon=True)
+        self.running = 0  # rows in the batch now (``/health``)
+        self.steps = 0  # decoding steps run (tests and stats)
+        self.max_rows_seen = 0  # the largest batch decoded
+
+    def start(self) -> Engine:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def submit(self, job: Job) -> None:
+        """Queue a job; raises ``QueueFull`` when ``max_queue`` jobs already wait."""
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFull(f"{self.queue.maxsize} requests are already waiting") from None
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        batch: _Batch | None = None
+        while not self._stop.is_set():
+            jobs: list[Job] = []
+            try:
+                rows = len(batch.rows) if batch else 0
+                jobs = self._take(self.max_batch - rows, block=rows == 0)
+                if jobs:
+                    batch = self._join(batch, self._prefill(jobs))
+                if batch is not None:
+                    batch = self._step(batch)
+                self.running = len(batch.rows) if batch else 0
+            except Exception as exc:  # a bug must not hang every client: fail the batch
+                traceback.print_exc()
+                failed = [r.job for r in batch.rows] if batch else []
+                for job in failed + [j for j in jobs if j not in failed]:
+                    job.emit(Event("error", text=f"{type(exc).__name__}: {exc}"))
+                batch = None
+                self.adapters.release_all()
+
+    def _take(self, room: int, block: bool) -> list[Job]:
+        """Up to ``room`` jobs whose adapter can be held now, oldest first."""
+        if room <= 0:
+            return []
+        waiting, self.deferred = self.deferred, []
+        if not waiting:
+            try:
+                waiting.append(self.queue.get(timeout=0.1) if block else self.queue.get_nowait())
+            except queue.Empty:
+                return []
+        while len(waiting) < room + len(self.deferred) + 8:
+            try:
+                waiting.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        taken: list[Job] = []
+        for job in waiting:
+            if job.cancelled.is_set():
+                continue
+            try:
+                if len(taken) < room and self.adapters.acquire(job.model):
+                    taken.append(job)
+                else:
+                    self.deferred.append(job)
+            except ModelError as exc:  # a broken adapter folder fails its own requests only
+                job.emit(Event("error", text=str(exc)))
+        return taken
+
+    def _prefill(self, jobs: Sequence[Job]) -> _Batch | None:
+        """Run the new prompts (left-padded) and sample each one's first token."""
+        from transformers import DynamicCache
+
+        width = max(len(j.prompt_ids) for j in jobs)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs])
+        mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids)
+                             for j in jobs])
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        rows = [_Row(j, self.adapters.slot(j.model), _generator(j.sampling.seed)) for j in jobs]
+        cache = DynamicCache()
+        logits = self._forward(ids, mask, positions, cache, rows)
+        batch = _Batch(rows, cache, mask)
+        return self._advance(batch, logits)
+
+    def _step(self, batch: _Batch) -> _Batch | None:
+        """Feed every row's pending token, sample the next."""
+        ids = torch.tensor([[r.pending] for r in batch.rows])
+        batch.mask = torch.cat([batch.mask, torch.ones(len(batch.rows), 1, dtype=torch.long)], 1)
+        positions = torch.tensor([[r.length - 1] for r in batch.rows])
+        logits = self._forward(ids, batch.mask, positions, batch.cache, batch.rows)
+        self.steps += 1
+        self.max_rows_seen = max(self.max_rows_seen, len(batch.rows))
+        return self._advance(batch, logits)
+
+    @torch.inference_mode()
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 cache: Any, rows: Sequence[_Row]) -> torch.Tensor:
+        kwargs: dict[str, Any] = {}
+        if self.adapters.enabled:
+            kwargs["adapter_names"] = [r.slot for r in rows]
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=positions.to(self.device), cache=cache, use_cache=True,
+                         logits_to_keep=1, **kwargs)
+        return out.logits[:, -1].float().cpu()
+
+    def _advance(self, batch: _Batch, logits: torch.Tensor) -> _Batch | None:
+        """Sample a token a row, emit the new text, drop the rows that are done."""
+        keep: list[int] = []
+        for i, row in enumerate(batch.rows):
+            if row.job.cancelled.is_set():
+                self.adapters.release(row.job.model)
+                continue
+            token = _sample(logits[i], row.job.sampling, row.generator)
+            if self._emit(row, token):
+                keep.append(i)
+            else:
+                self.adapters.release(row.job.model)
+        if not keep:
+            return None
+        if len(keep) < len(batch.rows):
+            index = torch.tensor(keep)
+            batch.cache.batch_select_indices(index.to(self.device))
+            batch.rows = [batch.rows[i] for i in keep]
+            batch.mask = batch.mask[index]
+            _trim_left(batch)
+        return batch
+
+    def _emit(self, row: _Row, token: int) -> bool:
+        """Record ``token`` for ``row`` and send the text it adds; False when the row is done."""
+        sampling = row.job.sampling
+        eos = token in self.eos and not sampling.ignore_eos
+        if not eos:
+            row.generated.append(token)
+        text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
+        cut = _first_stop(text, sampling.stop)
+        done_length = len(row.generated) + eos >= sampling.max_tokens
+        if cut is not None or eos or done_length:
+            end = cut if cut is not None else len(text)
+            if end > row.sent:
+                row.job.emit(Event("delta", text=text[row.sent:end]))
+            reason = "length" if done_length and cut is None and not eos else "stop"
+            row.job.emit(Event("finish", finish_reason=reason,
+                               prompt_tokens=len(row.job.prompt_ids),
+                               completion_tokens=len(row.generated) + eos))
+            return False
+        safe = _safe_end(text, sampling.stop)
+        if safe > row.sent:
+            row.job.emit(Event("delta", text=text[row.sent:safe]))
+            row.sent = safe
+        row.pending = token
+        return True
+
+    def _join(self, running: _Batch | None, new: _Batch | None) -> _Batch | None:
+        """One batch of both: caches and masks left-padded to the same length, stacked."""
+        if running is None or new is None:
+            return running or new
+        width = max(running.mask.shape[1], new.mask.shape[1])
+        for a, b in zip(_layers(running.cache), _layers(new.cache), strict=True):
+            a.keys = torch.cat([_pad_left(a.keys, width, 2), _pad_left(b.keys, width, 2)])
+            a.values = torch.cat([_pad_left(a.values, width, 2), _pad_left(b.values, width, 2)])
+        running.mask = torch.cat([_pad_left(running.mask, width, 1),
+                                  _pad_left(new.mask, width, 1)])
+        running.rows += new.rows
+        return running
+
+
+def _layers(cache: Any) -> list[Any]:
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(hasattr(x, "keys") and hasattr(x, "values") for x in layers):
+        raise RuntimeError("this model's KV cache has no per-layer keys/values to join batches")
+    return list(layers)
+
+
+def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    extra = width - t.shape[dim]
+    if extra <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim)
+
+
+def _trim_left(batch: _Batch) -> None:
+    """Cut the leading columns that are padding in every row (rows with long prompts left)."""
+    real = batch.mask.any(0).nonzero()
+    start = int(real[0]) if len(real) else 0
+    if start == 0:
+        return
+    for layer in _layers(batch.cache):
+        layer.keys = layer.keys[:, :, start:].contiguous()
+        layer.values = layer.values[:, :, start:].contiguous()
+    batch.mask = batch.mask[:, start:]
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids = {tokenizer.eos_token_id}
+    config = getattr(model, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    ids |= set(extra) if isinstance(extra, list | tuple) else {extra}
+    return frozenset(int(i) for i in ids if i is not None)
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+def _sample(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator) -> int:
+    """Greedy at temperature 0; else softmax(logits / T) restricted to the top-p nucleus."""
+    if sampling.temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / sampling.temperature, -1)
+    if sampling.top_p < 1:
+        sorted_p, order = probs.sort(descending=True)
+        outside = sorted_p.cumsum(0) - sorted_p >= sampling.top_p  # keep the first above top_p
+        sorted_p[outside] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(found) if found else None
+
+
+def _safe_end(text: str, stops: Sequence[str]) -> int:
+    """How much of ``text`` can be sent: not a half-decoded character, nor the start of a
+    stop string that the next tokens may complete."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    for stop in stops:
+        for k in range(min(len(stop) - 1, end), 0, -1):
+            if text.endswith(stop[:k], 0, end):
+                end -= k
+                break
+    return end

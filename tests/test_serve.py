@@ -1,0 +1,256 @@
+"""`fedit serve` as a real process on 127.0.0.1, driven by the official `openai` client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from fedit.adapter import get_adapter_arrays, save_adapter, set_adapter_arrays
+from fedit.config import load_config
+from fedit.model import LoraSpec, attach_lora, load_base_model
+from fedit.simulation import Simulation, make_run_dir
+from tests.conftest import make_rows, write_config, write_jsonl
+
+KEY = "sk-test-fedit"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_model_dir) -> Path:
+    """A 2-round tiny run (rounds 1 and 2 kept, final adapter, metrics.jsonl)."""
+    tmp = tmp_path_factory.mktemp("serve-run")
+    data = write_jsonl(tmp / "rows.jsonl", make_rows(64, seed=5))
+    config = write_config(tmp / "tiny.toml", tiny_model_dir, data, name="tiny",
+                          train={"max_steps": 2})
+    cfg = load_config(config)
+    Simulation(cfg, make_run_dir(cfg)).run()
+    return tmp / "runs" / "tiny"
+
+
+@pytest.fixture(scope="module")
+def loud(tmp_path_factory, tiny_model_dir) -> Path:
+    """A stand-alone adapter with large random weights: it changes every answer."""
+    rng = np.random.default_rng(0)
+    lm = attach_lora(load_base_model(str(tiny_model_dir), dtype="fp32"), LoraSpec(), seed=3)
+    set_adapter_arrays(lm, [rng.normal(0, 0.5, a.shape) for a in get_adapter_arrays(lm)])
+    return save_adapter(lm, tmp_path_factory.mktemp("adapters") / "loud",
+                        base_model=str(tiny_model_dir))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Served:
+    """A `fedit serve` process; ``url`` once /health answers."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"fedit-serve-{self.port}.log"
+        cmd = [sys.executable, "-m", "fedit", "serve", *args, "--port", str(self.port)]
+        self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + 120
+        while True:  # wait for the port, not for a fixed time
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"fedit serve exited: {self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        return self.log.read_text()
+
+
+@pytest.fixture(scope="module")
+def server(run, loud):
+    served = Served([str(run), str(loud), "--api-key-env", "FEDIT_TEST_KEY", "--max-batch", "4"],
+                    env={"FEDIT_TEST_KEY": KEY})
+    yield served
+    served.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+def test_models_lists_base_the_run_and_its_rounds(client, run):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["base", "tiny", "tiny/round-0000", "tiny/round-0001", "tiny/round-0002",
+                   "loud"]
+    assert client.models.retrieve("tiny/round-0002").id == "tiny/round-0002"
+
+
+def test_chat_and_completion_greedy_with_usage(client):
+    messages = [{"role": "user", "content": "Name a colour."}]
+    a = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12,
+                                       temperature=0)
+    b = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12,
+                                       temperature=0)
+    assert a.choices[0].message.content == b.choices[0].message.content  # greedy repeats
+    assert a.choices[0].message.role == "assistant"
+    assert a.usage.completion_tokens <= 12 and a.usage.prompt_tokens > 10
+    assert a.usage.total_tokens == a.usage.prompt_tokens + a.usage.completion_tokens
+    if a.choices[0].finish_reason == "length":
+        assert a.usage.completion_tokens == 12
+    c = client.completions.create(model="base", prompt="Once upon a time", max_tokens=5,
+                                  temperature=0)
+    assert c.usage.completion_tokens <= 5 and c.usage.prompt_tokens > 0
+    assert c.choices[0].finish_reason in ("stop", "length")
+
+
+def test_streaming_equals_the_whole_answer(client):
+    messages = [{"role": "user", "content": "Tell me about rivers."}]
+    whole = client.chat.completions.create(model="tiny/round-0001", messages=messages,
+                                           max_tokens=16, temperature=0)
+    stream = client.chat.completions.create(model="tiny/round-0001", messages=messages,
+                                            max_tokens=16, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert reasons[-1] == whole.choices[0].finish_reason and set(reasons[:-1]) == {None}
+    done = list(client.completions.create(model="base", prompt="abc", max_tokens=4,
+                                          temperature=0, stream=True))
+    assert done[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_adapters_answer_differently_and_seeded_sampling_repeats(client):
+    prompt = "Below is a list"
+    greedy = {m: client.completions.create(model=m, prompt=prompt, max_tokens=10,
+                                           temperature=0).choices[0].text
+              for m in ("base", "loud", "tiny/round-0000")}
+    assert greedy["loud"] != greedy["base"]  # the adapter is applied
+    assert greedy["tiny/round-0000"] == greedy["base"]  # round 0: B = 0, the base model
+    kw = {"model": "tiny", "prompt": prompt, "max_tokens": 10, "temperature": 1.0, "seed": 7}
+    assert client.completions.create(**kw).choices[0].text == \
+        client.completions.create(**kw).choices[0].text
+
+
+def test_stop_strings_cut_the_answer(client):
+    free = client.completions.create(model="base", prompt="Once", max_tokens=20,
+                                     temperature=0).choices[0].text
+    assert len(free) > 3
+    stop = free[2:4]
+    cut = client.completions.create(model="base", prompt="Once", max_tokens=20, temperature=0,
+                                    stop=[stop])
+    assert cut.choices[0].text == free[: free.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def _error(server, path, body, key=KEY, raw=None):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if raw is not None:
+        r = httpx.post(server.url + path, content=raw, headers=headers, timeout=30)
+    else:
+        r = httpx.post(server.url + path, json=body, headers=headers, timeout=30)
+    return r.status_code, r.json()["error"]
+
+
+def test_client_mistakes_are_openai_errors(server, client):
+    with pytest.raises(openai.NotFoundError, match="The model `nope` does not exist"):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    wrong = openai.OpenAI(base_url=server.url + "/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError, match="Incorrect API key"):
+        wrong.models.list()
+    status, err = _error(server, "/v1/completions", {"model": "base", "prompt": "x"}, key=None)
+    assert status == 401 and "didn't provide an API key" in err["message"]
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 1024 tokens"):
+        client.completions.create(model="base", prompt="hello", max_tokens=5000)
+    status, err = _error(server, "/v1/chat/completions", None, raw=b"{not json")
+    assert status == 400 and "not valid JSON" in err["message"]
+    status, err = _error(server, "/v1/chat/completions",
+                         {"model": "base", "messages": [{"role": "user", "content": "x"}],
+                          "temperature": 3})
+    assert status == 400 and err["param"] == "temperature" and "less than or equal to 2" \
+        in err["message"]
+    status, err = _error(server, "/v1/chat/completions", {"model": "base", "messages": []})
+    assert status == 400 and err["param"] == "messages"
+    status, err = _error(server, "/v1/completions", {"model": "base", "prompt": "x", "n": 2})
+    assert status == 400 and "only n=1" in err["message"]
+    status, err = _error(server, "/v1/nothing-here", {})
+    assert status == 404 and err["message"] == "Not Found"
+
+
+def test_loss_chart_data_and_info(server, run):
+    info = httpx.get(server.url + "/fedit/info").json()
+    assert info["default_pair"] == ["base", "tiny"] and info["auth"] is True
+    curve = httpx.get(server.url + "/fedit/metrics", params={"model": "tiny"}).json()
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert curve["rounds"] == [0, 1, 2]
+    assert curve["eval_loss"] == [x["eval_loss"] for x in lines]
+    assert httpx.get(server.url + "/fedit/metrics", params={"model": "base"}).status_code == 404
+
+
+@pytest.fixture(scope="module")
+def one_slot(run):
+    """A server decoding one request at a time with one place in its queue."""
+    served = Served([str(run), "--max-batch", "1", "--max-queue", "1"])
+    yield served
+    served.stop()
+
+
+def _health(served):
+    return httpx.get(served.url + "/health").json()
+
+
+def _wait_for(served, key, value):
+    deadline = time.monotonic() + 60
+    while _health(served)[key] != value:
+        assert time.monotonic() < deadline, _health(served)
+        time.sleep(0.05)
+
+
+def test_disconnect_mid_stream_frees_the_slot_and_full_queue_is_429(one_slot):
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 1000,
+            "temperature": 0, "stream": True, "ignore_eos": True}
+    short = {**body, "stream": False, "max_tokens": 2}
+    with httpx.Client(timeout=60) as http, ThreadPoolExecutor(1) as pool:
+        with http.stream("POST", one_slot.url + "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            first = [next(lines) for _ in range(4)]  # data lines and their blank separators
+            assert first[0].startswith("data: ")
+            _wait_for(one_slot, "running", 1)
+            # one request running, one waiting fills the queue: the next is refused
+            pending = pool.submit(httpx.post, one_slot.url + "/v1/completions", json=short,
+                                  timeout=60)
+            _wait_for(one_slot, "waiting", 1)
+            busy = httpx.post(one_slot.url + "/v1/completions", json=short)
+            assert busy.status_code == 429
+            assert busy.json()["error"]["code"] == "rate_limit_exceeded"
+            assert not pending.done()  # still waiting behind the stream
+        # the stream is closed mid-answer: its row leaves and the waiting request runs
+        done = pending.result()
+        assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 2
+    # the stream's row left long before its 1,000 tokens (the engine counts its steps)
+    assert _health(one_slot)["steps"] < 500
+    _wait_for(one_slot, "running", 0)
+    ok = httpx.post(one_slot.url + "/v1/completions",
+                    json={"model": "base", "prompt": "a", "max_tokens": 2})
+    assert ok.status_code == 200
