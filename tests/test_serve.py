@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +20,9 @@ import pytest
 
 from fedit.adapter import get_adapter_arrays, save_adapter, set_adapter_arrays
 from fedit.config import load_config
+from fedit.errors import ConfigError, ModelError
 from fedit.model import LoraSpec, attach_lora, load_base_model
+from fedit.serve.models import build_catalog
 from fedit.simulation import Simulation, make_run_dir
 from tests.conftest import make_rows, write_config, write_jsonl
 
@@ -254,3 +257,37 @@ def test_disconnect_mid_stream_frees_the_slot_and_full_queue_is_429(one_slot):
     ok = httpx.post(one_slot.url + "/v1/completions",
                     json={"model": "base", "prompt": "a", "max_tokens": 2})
     assert ok.status_code == 200
+
+
+def test_catalog_names_an_experiments_arms_and_refuses_mixed_bases(run, loud, tmp_path):
+    exp = tmp_path / "exp"
+    shutil.copytree(run, exp / "fedit")
+    shutil.copytree(loud, exp / "centralized" / "adapter")
+    shutil.copytree(loud, exp / "local-only" / "client_0001" / "adapter")
+    (exp / "experiment.json").write_text("{}")
+    catalog = build_catalog([str(exp)])
+    assert list(catalog.models) == [
+        "base", "exp/centralized", "exp/fedit", "exp/fedit/round-0000", "exp/fedit/round-0001",
+        "exp/fedit/round-0002", "exp/local-only/client_0001"]
+    assert catalog.default_pair() == ("base", "exp/fedit")
+    assert catalog.models["exp/fedit/round-0001"].round == 1
+    assert catalog.template == "alpaca"  # the run's data.template, used for every model
+    # an adapter inside a run is named as the run names it
+    only = build_catalog([str(run / "rounds" / "0001" / "adapter")])
+    assert list(only.models) == ["base", "tiny/round-0001"]
+    arm = build_catalog([str(exp / "centralized" / "adapter")])  # arm/adapter: the arm's name
+    assert list(arm.models) == ["base", "centralized"]
+    other = tmp_path / "other"
+    shutil.copytree(loud, other)
+    config = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(
+        json.dumps({**config, "base_model_name_or_path": "some/other-model"}))
+    with pytest.raises(ModelError, match="different base models"):
+        build_catalog([str(run), str(other)])
+    with pytest.raises(ConfigError, match="two models named 'loud'"):
+        build_catalog([str(loud), str(exp / "centralized" / "adapter"), str(loud)])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no run folder"):
+        build_catalog([str(tmp_path / "empty")])
+    with pytest.raises(ConfigError, match="--template jinja"):
+        build_catalog([str(run)], template="jinja")

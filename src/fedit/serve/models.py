@@ -67,10 +67,11 @@ class Catalog:
     template: str = "chat"
 
     def default_pair(self) -> tuple[str, str]:
-        """What the chat page compares first: base vs the first run's (final) adapter."""
-        finals = [m.name for m in self.models.values() if m.adapter and m.round is None]
+        """What the chat page compares first: base vs the first run's final adapter (else
+        the first adapter)."""
+        runs = [m.name for m in self.models.values() if m.run and m.adapter and m.round is None]
         adapters = [m.name for m in self.models.values() if m.adapter]
-        return BASE, (finals or adapters or [BASE])[0]
+        return BASE, (runs or adapters or [BASE])[0]
 
     def loss_curve(self, name: str) -> dict[str, Any]:
         """The held-out loss per round of the run a model belongs to (metrics.jsonl)."""
@@ -131,7 +132,9 @@ def _entries(path: Path, depth: int = 0, prefix: str | None = None) -> list[Serv
         run = run_of_adapter(path)
         if run is not None and prefix is None:
             return [e for e in _run_entries(run, run.name) if e.adapter == path.resolve()]
-        return [_adapter_entry(prefix or path.resolve().name, path.resolve())]
+        folder = path.resolve()
+        own = folder.parent.name if folder.name == "adapter" else folder.name  # arm/adapter
+        return [_adapter_entry(prefix or own, folder)]
     if depth >= _MAX_DEPTH or not path.is_dir():
         return []
     top = prefix or path.resolve().name
