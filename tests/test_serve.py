@@ -291,3 +291,22 @@ def test_catalog_names_an_experiments_arms_and_refuses_mixed_bases(run, loud, tm
         build_catalog([str(tmp_path / "empty")])
     with pytest.raises(ConfigError, match="--template jinja"):
         build_catalog([str(run)], template="jinja")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["/no/such/run"], "/no/such/run: no such run or adapter folder"),
+    (["{run}", "--api-key-env", "FEDIT_UNSET_KEY"],
+     "--api-key-env FEDIT_UNSET_KEY: the environment variable is unset or empty; "
+     "export FEDIT_UNSET_KEY=... or leave --api-key-env out"),
+    (["{run}", "--max-batch", "0"], "--max-batch must be >= 1, got 0"),
+    (["{run}", "--max-queue", "0"], "--max-queue must be >= 1, got 0"),
+])
+def test_serve_refuses_bad_arguments_in_one_line(run, args, message, monkeypatch):
+    from typer.testing import CliRunner
+
+    from fedit.cli import app
+
+    monkeypatch.delenv("FEDIT_UNSET_KEY", raising=False)
+    result = CliRunner().invoke(app, ["serve", *(a.format(run=run) for a in args)])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [f"error: {message}"]

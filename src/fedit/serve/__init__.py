@@ -24,6 +24,12 @@ def load_server(paths: list[str], *, model: str | None = None, template: str | N
     from fedit.device import pick_device
     from fedit.model import load_base_model, load_tokenizer
 
+    limits = {"--max-batch": max_batch, "--max-queue": max_queue,
+              "--max-adapters": max_adapters, "--max-model-len": max_model_len,
+              "default max_tokens": default_max_tokens}
+    for flag, value in limits.items():
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
     api_key = api_key_from_env(api_key_env)
     catalog = build_catalog(paths, model, template)
     if not catalog.base_model:
