@@ -172,3 +172,20 @@ def test_text_held_back_for_stops(text, stops, end):
 def test_first_stop():
     assert _first_stop("a STOP b END", ("END", "STOP")) == 2
     assert _first_stop("nothing", ("x",)) is None
+
+
+def test_a_broken_adapter_fails_its_own_requests_only(tiny_model_dir, folders, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{not json")
+    tok = load_tokenizer(str(tiny_model_dir))
+    engine = _engine(tiny_model_dir, {**folders, "broken": broken}, max_batch=4)
+    answers = [Answer() for _ in range(3)]
+    ids = tok("hi")["input_ids"]
+    for answer, model in zip(answers, ["y", "broken", "base"], strict=True):
+        engine.submit(Job(ids, model, Sampling(max_tokens=3, temperature=0), answer))
+    engine.start()
+    assert all(a.done.wait(60) for a in answers)
+    engine.stop()
+    assert answers[1].end.kind == "error" and "broken" in answers[1].end.text
+    assert [a.end.kind for a in (answers[0], answers[2])] == ["finish", "finish"]

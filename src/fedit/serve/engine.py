@@ -164,32 +164,33 @@ class Engine:
                 self.adapters.release_all()
 
     def _take(self, room: int, block: bool) -> list[Job]:
-        """Up to ``room`` jobs whose adapter can be held now, oldest first."""
-        if room <= 0:
-            return []
+        """Up to ``room`` jobs whose adapter can be held now, oldest first.
+
+        A job whose adapter cannot be loaded yet (every slot in use by running rows) waits
+        in ``deferred``, ahead of the queue; at most ``max_batch`` wait there."""
+        taken: list[Job] = []
         waiting, self.deferred = self.deferred, []
-        if not waiting:
+        for job in waiting:
+            self._consider(job, taken, room)
+        while len(taken) < room and len(self.deferred) < self.max_batch:
             try:
-                waiting.append(self.queue.get(timeout=0.1) if block else self.queue.get_nowait())
-            except queue.Empty:
-                return []
-        while len(waiting) < room + len(self.deferred) + 8:
-            try:
-                waiting.append(self.queue.get_nowait())
+                wait = block and not taken and not self.deferred
+                job = self.queue.get(timeout=0.1) if wait else self.queue.get_nowait()
             except queue.Empty:
                 break
-        taken: list[Job] = []
-        for job in waiting:
-            if job.cancelled.is_set():
-                continue
-            try:
-                if len(taken) < room and self.adapters.acquire(job.model):
-                    taken.append(job)
-                else:
-                    self.deferred.append(job)
-            except ModelError as exc:  # a broken adapter folder fails its own requests only
-                job.emit(Event("error", text=str(exc)))
+            self._consider(job, taken, room)
         return taken
+
+    def _consider(self, job: Job, taken: list[Job], room: int) -> None:
+        if job.cancelled.is_set():
+            return
+        try:
+            if len(taken) < room and self.adapters.acquire(job.model):
+                taken.append(job)
+            else:
+                self.deferred.append(job)
+        except ModelError as exc:  # a broken adapter folder fails its own requests only
+            job.emit(Event("error", text=str(exc)))
 
     def _prefill(self, jobs: Sequence[Job]) -> _Batch | None:
         """Run the new prompts (left-padded) and sample each one's first token."""
