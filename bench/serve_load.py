@@ -9,7 +9,8 @@ the same base model and three adapters (random LoRA weights of the default shape
 row pays for its adapter): ``--max-batch 8`` (ours) and ``--max-batch 1`` (one request at
 a time, as a server without batching decodes). Each arm sends the same requests: fixed
 prompts from databricks-dolly-15k, spread over the three adapters in turn, greedy,
-``max_tokens`` fixed and ``ignore_eos`` so every answer has exactly that many tokens,
+``max_tokens`` fixed and ``ignore_eos`` so every answer has that many tokens (SmolLM2's
+chat template; the tiny model's alpaca template may stop earlier at its markers),
 ``--concurrency`` in flight at once, streamed through the official ``openai`` client.
 Reported per arm: completion tokens/s over the wall time, p50/p95 latency and time to first
 token, errors (must be 0); and the ratio of the two throughputs. Writes
@@ -133,9 +134,12 @@ def main() -> None:
         folder = Path(tmp) / "adapters"
         make_adapters(base, folder)
         texts = prompts(16)
+        # SmolLM2's chat template has no stop markers, so every answer is max_tokens long;
+        # the tiny tokenizer has no chat template (alpaca's markers may stop an answer early)
+        template = "alpaca" if args.fast else "chat"
         arms = {}
         for arm, batch in (("batched", args.concurrency), ("one_at_a_time", 1)):
-            with ServerProcess([str(folder), "--max-batch", str(batch), "--template", "alpaca"]
+            with ServerProcess([str(folder), "--max-batch", str(batch), "--template", template]
                                ) as server:
                 asyncio.run(load(server.url, 4, min(4, args.concurrency), 4, texts))  # warm-up
                 arms[arm] = asyncio.run(load(server.url, args.requests, args.concurrency,

@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +17,7 @@ from fedit.adapter import get_adapter_arrays, save_adapter, set_adapter_arrays
 from fedit.config import load_config
 from fedit.errors import ConfigError, ModelError
 from fedit.model import LoraSpec, attach_lora, load_base_model
+from fedit.serve.launch import ServerProcess as Served  # also used by test_chat_page
 from fedit.serve.models import build_catalog
 from fedit.simulation import Simulation, make_run_dir
 from tests.conftest import make_rows, write_config, write_jsonl
@@ -49,43 +45,6 @@ def loud(tmp_path_factory, tiny_model_dir) -> Path:
     set_adapter_arrays(lm, [rng.normal(0, 0.5, a.shape) for a in get_adapter_arrays(lm)])
     return save_adapter(lm, tmp_path_factory.mktemp("adapters") / "loud",
                         base_model=str(tiny_model_dir))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Served:
-    """A `fedit serve` process; ``url`` once /health answers."""
-
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"fedit-serve-{self.port}.log"
-        cmd = [sys.executable, "-m", "fedit", "serve", *args, "--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
-        deadline = time.monotonic() + 120
-        while True:  # wait for the port, not for a fixed time
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"fedit serve exited: {self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-
-    def stop(self) -> str:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        return self.log.read_text()
 
 
 @pytest.fixture(scope="module")
