@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fedit.data.batching import capped_batches
-from fedit.data.prompts import build_prompt
-from fedit.generate import generate_answers
+from fedit.data.prompts import TEMPLATE_STOPS, build_prompt
+from fedit.generate import cut_at_stops, generate_answers
 from fedit.model import LoraSpec, attach_lora, load_base_model, load_tokenizer
 
 
@@ -42,3 +42,35 @@ def test_batches_keep_within_rows_and_tokens():
     # three rows at most; every row fits alone even when over the budget
     assert capped_batches(order, lengths, 3, 10_000, 10) == [[0, 6, 1], [2, 3, 4], [5]]
     assert capped_batches(order, lengths, 8, 5, 10) == [[i] for i in order]
+
+
+class _RunsOn(torch.nn.Module):
+    """A stand-in model whose every answer runs on into a new alpaca section."""
+
+    def __init__(self, tok, continuation):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.tok, self.continuation, self.kwargs = tok, continuation, {}
+
+    def generate(self, input_ids, **kwargs):
+        self.kwargs = kwargs
+        new = self.tok(self.continuation, add_special_tokens=False, return_tensors="pt")
+        return torch.cat([input_ids, new.input_ids.repeat(len(input_ids), 1)], dim=1)
+
+
+def test_answers_stop_at_the_templates_markers(tiny_model_dir, tiny_rows):
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = _RunsOn(tok, "Paris is the capital.\n\n### Instruction:\nName a river.")
+    # Execute
+    out = generate_answers(model, tok, tiny_rows[:2], max_new_tokens=32)
+    # Assert: transformers is asked to stop there, and what it ran on with is cut off
+    assert model.kwargs["stop_strings"] == list(TEMPLATE_STOPS["alpaca"])
+    assert out.answers == ["Paris is the capital."] * 2
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("a ### Input: b ### Instruction: c", "a "), ("no marker", "no marker"), ("", "")],
+)
+def test_cut_at_stops(text, expected):
+    assert cut_at_stops(text, TEMPLATE_STOPS["alpaca"]) == expected

@@ -52,6 +52,40 @@ def test_rouge_l_f1_is_symmetric():
 
 
 @pytest.mark.parametrize(
+    ("prediction", "reference", "expected"),
+    [
+        # German: [äpfel, schmecken, süß] vs [süße, äpfel, schmecken, gut]; LCS "äpfel
+        # schmecken" = 2; P = 2/3, R = 2/4 (rouge-score would cut "äpfel" to "pfel")
+        ("Äpfel schmecken süß.", "Süße Äpfel schmecken gut", _f1(2 / 3, 2 / 4)),
+        # Chinese, one token a character: 我喜欢吃苹果 (6) vs 我不喜欢吃香蕉 (7);
+        # LCS 我喜欢吃 = 4; P = 4/6, R = 4/7 (rouge-score: no token at all, 0.0)
+        ("我喜欢吃苹果", "我不喜欢吃香蕉", _f1(4 / 6, 4 / 7)),
+        # mixed: [gpu, 很, 快] vs [gpu, 非, 常, 快]; LCS "gpu 快" = 2; P = 2/3, R = 2/4
+        ("GPU很快", "GPU 非常快", _f1(2 / 3, 2 / 4)),
+    ],
+)
+def test_rouge_l_non_english_by_hand(prediction, reference, expected):
+    assert rouge_l(prediction, reference) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("prediction", "reference"),
+    [
+        ("The cat sat on the mat.", "A cat was sitting on a mat"),
+        ("running dogs, 42 of them!", "the dog runs (42 times)"),
+        ("snake_case and x-ray in 3.14", "x ray snake case 3 14"),
+        ("Generalization is hard", "generalizing was harder than expected"),
+    ],
+)
+def test_rouge_l_equals_rouge_score_on_ascii(prediction, reference):
+    from rouge_score import rouge_scorer
+
+    stock = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    expected = stock.score(reference, prediction)["rougeL"].fmeasure
+    assert rouge_l(prediction, reference) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize(
     ("text", "expected"),
     [
         ("  The  quick, brown fox. ", "quick brown fox"),

@@ -1,4 +1,10 @@
-"""Batched answer generation with the KV cache: prompts sorted by length, left-padded."""
+"""Batched answer generation with the KV cache: prompts sorted by length, left-padded.
+
+Generation stops at the prompt template's own section markers
+(:data:`fedit.data.prompts.TEMPLATE_STOPS`, e.g. alpaca's ``### Instruction:``) and the
+answer is cut before the first one: an untuned model that runs on into a new section of
+the template is scored on its answer only.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ from typing import Any
 import torch
 
 from fedit.data.batching import capped_batches
-from fedit.data.prompts import build_prompt
+from fedit.data.prompts import TEMPLATE_STOPS, build_prompt
 
 
 @dataclass
@@ -52,6 +58,9 @@ def generate_answers(
     device = next(model.parameters()).device
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample \
         else {"do_sample": False}
+    stops = TEMPLATE_STOPS.get(template, ())
+    if stops:  # transformers' StopStringCriteria, per row of the batch
+        sampling = {**sampling, "stop_strings": list(stops), "tokenizer": tokenizer}
     new_tokens = 0
     try:
         for idx in capped_batches(order, lengths, batch_size, max_batch_tokens,
@@ -67,8 +76,14 @@ def generate_answers(
             new_tokens += int((new != tokenizer.pad_token_id).sum())
             for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True),
                                strict=True):
-                answers[i] = text.strip()
+                answers[i] = cut_at_stops(text, stops).strip()
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
     return Generations(answers, new_tokens)
+
+
+def cut_at_stops(text: str, stops: Sequence[str]) -> str:
+    """``text`` up to the first of ``stops`` (all of it when none occurs)."""
+    ends = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[: min(ends)] if ends else text

@@ -1,6 +1,10 @@
 """Metrics of a generated answer against its reference, and perplexity.
 
-- ROUGE-L F1 (``rouge-score``, Porter stemming): the longest common subsequence of words.
+- ROUGE-L F1 (``rouge-score``'s LCS, our tokenizer): the longest common subsequence of
+  words. rouge-score's own tokenizer keeps ASCII letters and digits only (a German word
+  loses its umlaut, a Chinese answer scores 0); ours lowercases and splits on Unicode word
+  characters, each CJK character (Han, kana) is a token of its own, and ASCII words of more
+  than 3 letters are Porter-stemmed as rouge-score does. On plain ASCII text the two agree.
 - Exact match after SQuAD's normalisation (lowercase, no punctuation, no articles, single
   spaces): only meaningful for short answers, so only for ``EXACT_MATCH_CATEGORIES``.
 - Embedding cosine similarity with all-MiniLM-L6-v2, shipped for offline use by the PyPI
@@ -46,6 +50,25 @@ def exact_match(prediction: str, reference: str) -> float:
 
 
 _SCORER: list[Any] = []  # the one RougeScorer (building it loads the stemmer)
+# Han (with extension A and compatibility ideographs) and kana: written without spaces
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_WORD = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+")
+
+
+class UnicodeTokenizer:
+    """Words for ROUGE in any script: lowercase, runs of Unicode letters and digits, one
+    token per CJK character; ASCII words longer than 3 letters Porter-stemmed (as
+    rouge-score's default tokenizer, so plain English scores the same)."""
+
+    def __init__(self) -> None:
+        from nltk.stem import porter
+
+        self._stemmer = porter.PorterStemmer()
+
+    def tokenize(self, text: str) -> list[str]:
+        """The tokens of ``text``, in order."""
+        words = _WORD.findall(text.lower())
+        return [self._stemmer.stem(w) if len(w) > 3 and w.isascii() else w for w in words]
 
 
 def rouge_l(prediction: str, reference: str) -> float:
@@ -53,7 +76,7 @@ def rouge_l(prediction: str, reference: str) -> float:
     if not _SCORER:
         from rouge_score import rouge_scorer
 
-        _SCORER.append(rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True))
+        _SCORER.append(rouge_scorer.RougeScorer(["rougeL"], tokenizer=UnicodeTokenizer()))
     return float(_SCORER[0].score(reference, prediction)["rougeL"].fmeasure)
 
 
