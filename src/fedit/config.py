@@ -77,15 +77,22 @@ class DataConfig:
     fields: dict[str, str] = field(default_factory=dict)  # canonical name -> source column
     label_field: str = "category"  # per-label held-out rows, partitions, per-label metrics
     test_per_label: int = 10  # Shepherd holds out 10 rows per category
+    clients_dir: str = ""  # a folder, one data file per client (README "Client folders")
+    test_per_client: int = 0  # rows held out from each client's own rows (0 = none)
     max_rows: int = 0  # 0 = all rows; else a seeded random subset (taken before the split)
     template: str = "alpaca"  # alpaca (Shepherd's text) | chat (the model's chat template)
     cutoff_len: int = 512
     train_on_inputs: bool = False  # False: loss on response tokens only
+    truncation: str = "context"  # context (shorten it to fit, README "Data") | skip
+    min_response_tokens: int = 16  # truncation = context: response tokens kept
 
     def __post_init__(self) -> None:
         _check(self.template in ("alpaca", "chat"), "data.template", "use alpaca or chat")
         _check(self.cutoff_len >= 8, "data.cutoff_len", "must be >= 8")
+        _check(self.truncation in ("context", "skip"), "data.truncation", "use context or skip")
+        _check(self.min_response_tokens >= 1, "data.min_response_tokens", "must be >= 1")
         _check(self.test_per_label >= 0, "data.test_per_label", "must be >= 0")
+        _check(self.test_per_client >= 0, "data.test_per_client", "must be >= 0")
         _check(self.max_rows >= 0, "data.max_rows", "must be >= 0 (0 = all rows)")
         bad = set(self.fields) - {"instruction", "context", "response"}
         _check(not bad, "data.fields", f"unknown canonical field(s) {sorted(bad)}; "
@@ -285,6 +292,28 @@ class FlowerConfig:
         _check(self.secagg_max_weight > 0, "flower.secagg_max_weight", "must be > 0")
 
 
+PERSONALIZE_METHODS = ("none", "finetune", "ditto")
+
+
+@dataclass
+class PersonalizeConfig:
+    """Personal adapters, one per client (see README "Personalisation")."""
+
+    method: str = "none"  # none | finetune (after the last round) | ditto (Li et al. 2021)
+    lam: float = 0.1  # ditto: lambda of the term lam/2 ||v_k - w_global||^2 (0 = local only)
+    lr: float = 0.0  # the personal adapter's learning rate; 0 = train.lr
+    epochs: int = 1  # finetune: epochs over the client's rows after the last round
+    max_steps: int = 0  # finetune: cap on its optimizer steps; 0 = epochs decide
+
+    def __post_init__(self) -> None:
+        _check(self.method in PERSONALIZE_METHODS, "personalize.method",
+               f"use one of {', '.join(PERSONALIZE_METHODS)}")
+        _check(self.lam >= 0, "personalize.lam", "must be >= 0")
+        _check(self.lr >= 0, "personalize.lr", "must be >= 0 (0 = train.lr)")
+        _check(self.epochs >= 1, "personalize.epochs", "must be >= 1")
+        _check(self.max_steps >= 0, "personalize.max_steps", "must be >= 0 (0 = no cap)")
+
+
 @dataclass
 class RunConfig:
     name: str = ""  # run folder name; default: <config file stem>-<timestamp>
@@ -302,9 +331,13 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
+    personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "rounds", "must be >= 1")
+        if self.data.clients_dir:  # one client a file: the folder sets partition.clients
+            from fedit.data.clients import client_files
+            self.partition.clients = len(client_files(self.data.clients_dir))
         ranks = self.lora.client_ranks
         _check(not ranks or len(ranks) == self.partition.clients, "lora.client_ranks",
                f"give one rank per client: {len(ranks)} ranks for partition.clients = "

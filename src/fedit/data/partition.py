@@ -323,7 +323,9 @@ def _draw_partitions(names: list[str], counts: np.ndarray, stats: dict[str, Any]
     image = ax_map.imshow(counts, aspect="auto", cmap="YlGnBu", norm=norm, interpolation="nearest")
     ax_map.set_yticks(range(n_labels), names)
     step = max(1, int(np.ceil(n_clients / 25)))  # at most ~25 client ticks stay legible
-    ax_map.set_xticks(x[::step], [str(i) for i in x[::step]])
+    ticks = [str(c.get("name", i)) for i, c in enumerate(stats["clients"])]
+    ax_map.set_xticks(x[::step], [ticks[i] for i in x[::step]], rotation=90 if n_clients > 8
+                      and max(map(len, ticks), default=0) > 4 else 0)
     ax_map.set_xlabel("client")
     fig.colorbar(image, ax=ax_map, label="rows", pad=0.01)
     if n_clients <= 30 and n_labels <= 30:
@@ -340,11 +342,13 @@ def write_partitions(
     parts: Sequence[Sequence[int]],
     label_field: str | None,
     write_rows: bool = True,
+    names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Write ``client_NNNN.jsonl`` (0-based), ``stats.json`` and ``clients.png``.
 
     Every file is written atomically. Client files of an earlier, larger partition in the
-    same folder are removed, so the folder never mixes two partitions.
+    same folder are removed, so the folder never mixes two partitions. ``names`` (one a
+    client, e.g. the labels of a client folder) go into the statistics and the plot.
 
     Returns
     -------
@@ -355,6 +359,9 @@ def write_partitions(
     out.mkdir(parents=True, exist_ok=True)
     labels = [row.get(label_field) for row in rows] if label_field else None
     stats = {"label_field": label_field, **partition_stats(labels, parts)}
+    if names is not None:
+        for client, name in zip(stats["clients"], names, strict=True):
+            client["name"] = str(name)
     if write_rows:
         for i, part in enumerate(parts):
             atomic_write_jsonl(out / f"client_{i:04d}.jsonl", [rows[j] for j in part])

@@ -1,0 +1,152 @@
+"""A client folder (``data.clients_dir``): one data file per client, as real parties hold data.
+
+Every entry of the folder whose name does not start with a dot, except ``clients.toml``,
+is one client, in sorted name order (client 0 is the first name). Each is read by
+:func:`fedit.data.load.load_rows`, so it may be any format that reads: ``.jsonl``, ``.json``,
+``.csv``, ``.parquet`` (the text ones gzipped too) or a ``datasets`` folder. The optional
+``clients.toml`` names a file's label and its own field mapping; files it does not name use
+``data.fields`` and are labelled by their name without the extension::
+
+    [files."hospital_a.jsonl"]
+    label = "A"
+    fields = {instruction = "q", response = "a"}
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedit.data.load import FILE_TYPES, load_rows
+from fedit.errors import DataError
+
+SPEC_FILE = "clients.toml"
+SPEC_KEYS = ("label", "fields")
+
+
+@dataclass
+class ClientFile:
+    """One client of a folder: its data file, its label and its field mapping."""
+
+    path: Path
+    label: str
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+def client_files(folder: str | Path) -> list[Path]:
+    """The clients' data files of ``folder``, sorted by name.
+
+    Raises
+    ------
+    DataError
+        When the folder does not exist or holds no data file.
+    """
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.clients_dir = {str(folder)!r}: folder not found; give a folder "
+                        "holding one data file per client")
+    files = sorted(p for p in root.iterdir()
+                   if not p.name.startswith(".") and p.name != SPEC_FILE)
+    if not files:
+        raise DataError(f"data.clients_dir = {str(folder)!r}: the folder holds no data file; "
+                        "put one file per client in it (.jsonl, .json, .csv, .parquet)")
+    return files
+
+
+def _default_label(path: Path) -> str:
+    """``hospital_a.jsonl.gz`` -> ``hospital_a``."""
+    name = path.name.removesuffix(".gz").removesuffix(".GZ")
+    ext = next((e for e in FILE_TYPES if name.lower().endswith(e)), "")
+    return name[: len(name) - len(ext)] if ext else name
+
+
+def _read_spec(root: Path) -> dict[str, Any]:
+    """The ``[files."name"]`` tables of ``clients.toml`` ({} when there is none)."""
+    spec_path = root / SPEC_FILE
+    if not spec_path.is_file():
+        return {}
+    try:
+        spec = tomllib.loads(spec_path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{spec_path}: not valid TOML ({e})") from None
+    unknown = sorted(set(spec) - {"files"})
+    if unknown:
+        raise DataError(f"{spec_path}: unknown key {unknown[0]!r}; per-file settings go in "
+                        '[files."NAME"] tables')
+    files = spec.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+        raise DataError(f'{spec_path}: "files" must hold one table per file: [files."NAME"]')
+    return files
+
+
+def _client(path: Path, entry: Mapping[str, Any], default_fields: Mapping[str, str],
+            spec_path: Path) -> ClientFile:
+    """A checked :class:`ClientFile` from its ``clients.toml`` table (possibly empty)."""
+    where = f'{spec_path}: [files."{path.name}"]'
+    bad = sorted(set(entry) - set(SPEC_KEYS))
+    if bad:
+        raise DataError(f"{where}: unknown key {bad[0]!r}; use {' or '.join(SPEC_KEYS)}")
+    label = entry.get("label", _default_label(path))
+    if not isinstance(label, str) or not label.strip():
+        raise DataError(f"{where}: label must be a non-empty string")
+    fields = entry.get("fields", default_fields)
+    if not isinstance(fields, dict) or not all(isinstance(v, str) for v in fields.values()):
+        raise DataError(f'{where}: fields must be a table of strings, e.g. {{instruction = "q"}}')
+    return ClientFile(path, label, dict(fields))
+
+
+def read_client_folder(folder: str | Path,
+                       default_fields: Mapping[str, str] | None = None) -> list[ClientFile]:
+    """The clients of a folder with their labels and field mappings (nothing read yet).
+
+    Raises
+    ------
+    DataError
+        For a missing or empty folder, a bad ``clients.toml``, a table naming a file that
+        is not there, or two clients with one label.
+    """
+    files = client_files(folder)
+    root = Path(folder).expanduser()
+    spec = _read_spec(root)
+    names = {p.name for p in files}
+    missing = sorted(set(spec) - names)
+    if missing:
+        raise DataError(f'{root / SPEC_FILE}: [files."{missing[0]}"] names no file in {folder} '
+                        f"(files: {', '.join(sorted(names))})")
+    clients = [_client(p, spec.get(p.name, {}), default_fields or {}, root / SPEC_FILE)
+               for p in files]
+    seen: dict[str, str] = {}
+    for c in clients:
+        if c.label in seen:
+            raise DataError(f"{root / SPEC_FILE}: {c.path.name} and {seen[c.label]} share the "
+                            f"label {c.label!r}; give each client its own label")
+        seen[c.label] = c.path.name
+    return clients
+
+
+def load_client_folder(folder: str | Path, default_fields: Mapping[str, str] | None = None
+                       ) -> tuple[list[ClientFile], list[list[dict[str, Any]]]]:
+    """Every client's rows, in sorted file-name order.
+
+    Returns
+    -------
+    (clients, rows) : tuple
+        ``rows[i]`` are the validated rows of ``clients[i].path``.
+
+    Raises
+    ------
+    DataError
+        Naming the file (and line) that cannot be read.
+    """
+    clients = read_client_folder(folder, default_fields)
+    return clients, [_load(c) for c in clients]
+
+
+def _load(client: ClientFile) -> list[dict[str, Any]]:
+    try:
+        return load_rows(str(client.path), client.fields or None)
+    except OSError as e:  # no permission, a broken link: load_rows names format errors itself
+        raise DataError(f"{client.path}: cannot read the file ({e.strerror or e})") from None

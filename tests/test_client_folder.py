@@ -1,0 +1,157 @@
+"""A client folder (data.clients_dir): one file a client, clients.toml, held-out rows."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from fedit.config import config_from_dict
+from fedit.data.clients import load_client_folder, read_client_folder
+from fedit.data.federated import split_data, write_split
+from fedit.errors import DataError
+from tests.conftest import make_rows, write_jsonl
+
+
+def _renamed(rows: list[dict], mapping: dict[str, str]) -> list[dict]:
+    return [{mapping.get(k, k): v for k, v in r.items()} for r in rows]
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """Three clients in three formats: a.jsonl.gz (q/a columns), b.csv, c.parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = make_rows(60, seed=3)
+    root = tmp_path / "clients"
+    root.mkdir()
+    a = _renamed(rows[:20], {"instruction": "q", "response": "a"})
+    with gzip.open(root / "a.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in a)
+    with open(root / "b.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows[20:35])
+    pq.write_table(pa.Table.from_pylist(rows[35:60]), root / "c.parquet")
+    (root / "clients.toml").write_text(
+        '[files."a.jsonl.gz"]\nlabel = "hospital A"\nfields = {instruction = "q", response = "a"}\n'
+        '\n[files."c.parquet"]\nlabel = "clinic C"\n', encoding="utf-8")
+    return root
+
+
+def _cfg(folder: Path, **data: object) -> object:
+    return config_from_dict({"seed": 5, "data": {"clients_dir": str(folder), **data}})
+
+
+def test_three_formats_one_client_each_in_name_order(folder):
+    clients, rows = load_client_folder(folder)
+    assert [c.path.name for c in clients] == ["a.jsonl.gz", "b.csv", "c.parquet"]
+    assert [c.label for c in clients] == ["hospital A", "b", "clinic C"]  # b: from its name
+    assert [len(r) for r in rows] == [20, 15, 25]
+    assert rows[0][0]["instruction"].startswith("Tell me about")  # q mapped to instruction
+
+
+def test_partition_clients_is_set_from_the_folder(folder):
+    cfg = config_from_dict({"data": {"clients_dir": str(folder)}, "partition": {"clients": 10}})
+    assert cfg.partition.clients == 3
+
+
+def test_per_client_held_out_rows_never_reach_training(folder, tmp_path):
+    lines: list[str] = []
+    data = split_data(_cfg(folder, test_per_client=3, test_per_label=1), log=lines.append)
+    assert len(lines) == 1 and "3 files" in lines[0]
+    assert [len(t) for t in data.client_test_rows] == [3, 3, 3]
+    assert data.client_names == ["hospital A", "b", "clinic C"]
+    key = lambda r: r["instruction"]  # noqa: E731 - rows are unique by instruction
+    held = {key(r) for t in data.client_test_rows for r in t}
+    trained = {key(r) for rows in data.client_rows for r in rows}
+    global_test = {key(r) for r in data.test_rows}
+    assert not held & trained and not held & global_test and not trained & global_test
+    assert len(held) + len(trained) + len(global_test) == 60
+    assert len(data.test_rows) == 4  # one a category, over all clients' rows
+    # each client's held-out rows are its own
+    _, per_client = load_client_folder(folder)
+    for own, rows in zip(data.client_test_rows, per_client, strict=True):
+        assert {key(r) for r in own} <= {key(r) for r in rows}
+    write_split(data, tmp_path / "run")
+    written = sorted(p.name for p in (tmp_path / "run" / "client_test").iterdir())
+    assert written == ["client_0000.jsonl", "client_0001.jsonl", "client_0002.jsonl"]
+    stats = json.loads((tmp_path / "run" / "partitions" / "stats.json").read_text())
+    assert [c["name"] for c in stats["clients"]] == data.client_names
+    assert [c["rows"] for c in stats["clients"]] == [len(r) for r in data.client_rows]
+
+
+def test_split_is_seeded(folder):
+    one = split_data(_cfg(folder, test_per_client=2))
+    two = split_data(_cfg(folder, test_per_client=2))
+    assert one.client_test_rows == two.client_test_rows and one.test_rows == two.test_rows
+
+
+def test_no_per_client_rows_by_default_in_both_paths(folder, tiny_data_file, tmp_path):
+    data = split_data(_cfg(folder))
+    assert data.client_test_rows == [[], [], []]
+    cfg = config_from_dict({"data": {"path": str(tiny_data_file), "test_per_label": 2},
+                            "partition": {"method": "iid", "clients": 2}})
+    plain = split_data(cfg)
+    assert plain.client_test_rows == [[], []]
+    write_split(plain, tmp_path / "run")
+    assert not (tmp_path / "run" / "client_test").exists()
+
+
+def test_partitioned_path_holds_out_per_client_too(tiny_data_file):
+    cfg = config_from_dict({"data": {"path": str(tiny_data_file), "test_per_label": 1,
+                                     "test_per_client": 2},
+                            "partition": {"method": "iid", "clients": 4}})
+    data = split_data(cfg)
+    assert [len(t) for t in data.client_test_rows] == [2, 2, 2, 2]
+    held = {r["instruction"] for t in data.client_test_rows for r in t}
+    assert not held & {r["instruction"] for rows in data.client_rows for r in rows}
+    assert sum(map(len, data.client_rows)) + len(held) + len(data.test_rows) == 64
+
+
+def test_unreadable_file_is_named(folder):
+    (folder / "d.jsonl").write_text('{"instruction": "x", "response": "y"}\nnot json\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: invalid JSON"):
+        split_data(_cfg(folder))
+
+
+def test_unknown_file_type_is_named(folder):
+    (folder / "notes.txt").write_text("hello")
+    with pytest.raises(DataError, match=r"notes\.txt: unknown file type"):
+        split_data(_cfg(folder))
+
+
+@pytest.mark.parametrize(("toml", "match"), [
+    ('[files."zz.jsonl"]\nlabel = "Z"\n', r'\[files\."zz\.jsonl"\] names no file'),
+    ('[files."b.csv"]\ncolour = "red"\n', r"unknown key 'colour'"),
+    ('[files."b.csv"]\nlabel = ""\n', "label must be a non-empty string"),
+    ('[files."b.csv"]\nlabel = "clinic C"\n[files."c.parquet"]\nlabel = "clinic C"\n',
+     "share the label 'clinic C'"),
+    ("oops = 1\n", "unknown key 'oops'"),
+    ("[files\n", "not valid TOML"),
+])
+def test_bad_clients_toml(folder, toml, match):
+    (folder / "clients.toml").write_text(toml)
+    with pytest.raises(DataError, match=match):
+        read_client_folder(folder)
+
+
+def test_missing_or_empty_folder(tmp_path):
+    with pytest.raises(DataError, match="folder not found"):
+        _cfg(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no data file"):
+        _cfg(tmp_path / "empty")
+
+
+def test_client_with_nothing_left_to_train_on(tmp_path):
+    root = tmp_path / "c"
+    root.mkdir()
+    write_jsonl(root / "big.jsonl", make_rows(20, seed=1))
+    write_jsonl(root / "tiny.jsonl", make_rows(2, seed=2))
+    with pytest.raises(DataError, match=r"tiny\.jsonl: no training rows left"):
+        split_data(_cfg(root, test_per_client=2, test_per_label=0))
