@@ -79,6 +79,7 @@ def _direct(model, tokenizer, row) -> tuple[float, int] | None:
 def test_per_category_loss_equals_a_direct_computation(tmp_path, tiny_model_dir, lm, rows):
     tokenizer, model = lm
     cfg = _cfg(tmp_path, tiny_model_dir)
+    cfg.data.truncation = "skip"  # the long row keeps no response token (test_truncation.py)
     result, answers = evaluate_model(model, tokenizer, rows, cfg, generate=False, log=print)
     direct = [_direct(model, tokenizer, r) for r in rows]
     assert [d is None for d in direct].count(True) == 1  # the long row
@@ -98,7 +99,7 @@ def test_per_category_loss_equals_a_direct_computation(tmp_path, tiny_model_dir,
     for a, d in zip(answers, direct, strict=True):
         assert a["loss"] == (None if d is None else pytest.approx(d[0] / d[1], rel=1e-5))
     # The same number as the trainer's held-out loss on the same examples
-    examples = tokenize_rows(tokenizer, rows, cutoff_len=256)
+    examples = tokenize_rows(tokenizer, rows, cutoff_len=256, truncation="skip")
     assert result["overall"]["loss"] == pytest.approx(
         evaluate_loss(model, examples, 3, tokenizer.pad_token_id), rel=1e-6)
 
@@ -108,6 +109,9 @@ def test_answers_are_generated_and_scored(tmp_path, tiny_model_dir, lm, rows):
     cfg = _cfg(tmp_path, tiny_model_dir)
     result, answers = evaluate_model(model, tokenizer, rows, cfg, log=print)
     assert [a["id"] for a in answers] == list(range(len(rows)))
+    # data.truncation = context (the default): the long row is shortened, not skipped
+    assert result["settings"]["rows_truncated"] == 1
+    assert result["settings"]["rows_without_loss"] == 0
     for a, row in zip(answers, rows, strict=True):
         assert set(a) == ANSWER_KEYS
         assert (a["category"], a["instruction"], a["reference"]) == (

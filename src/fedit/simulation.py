@@ -23,7 +23,7 @@ from fedit import checkpoint as ckpt
 from fedit.adapter import adapter_names
 from fedit.client import load_model, run_client_round
 from fedit.config import RunConfig
-from fedit.data.batching import tokenize_for_run
+from fedit.data.batching import DATA_STATS, tokenize_for_run
 from fedit.data.federated import FederatedData, split_data, write_split
 from fedit.data.prompts import Example
 from fedit.replies import Dropped
@@ -66,7 +66,7 @@ class InProcessRuntime:
         if client not in self._examples:
             self._examples[client] = tokenize_for_run(
                 self.tokenizer, self.data.client_rows[client], self.cfg.data,
-                f"client {client}", self.log)[0]
+                f"client {client}", self.log, self.run_dir / DATA_STATS)[0]
             while len(self._examples) > EXAMPLE_CACHE:
                 self._examples.popitem(last=False)
         self._examples.move_to_end(client)

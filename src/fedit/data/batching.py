@@ -7,16 +7,20 @@ length, so padding (which costs compute and carries no label) stays small.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from fedit.data.prompts import IGNORE_INDEX, Example, tokenize_row
+from fedit.io import atomic_write_json
 
 MEGA_CHUNK = 50  # batches per sorted mega-chunk
+DATA_STATS = "data_stats.json"  # a run's rows shortened / skipped for length, per client
 
 
 @dataclass
@@ -42,35 +46,21 @@ class Batch:
         return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def tokenize_rows(
-    tokenizer: Any,
-    rows: Iterable[Mapping[str, Any]],
-    *,
-    template: str = "alpaca",
-    cutoff_len: int = 512,
-    train_on_inputs: bool = False,
-) -> list[Example]:
-    """Tokenise every row; rows whose response was cut away entirely carry no label and are
-    dropped (they would add nothing but compute)."""
-    return tokenize_rows_indexed(tokenizer, rows, template=template, cutoff_len=cutoff_len,
-                                 train_on_inputs=train_on_inputs)[0]
+def tokenize_rows(tokenizer: Any, rows: Iterable[Mapping[str, Any]], **options: Any
+                  ) -> list[Example]:
+    """Tokenise every row (``options`` as :func:`~fedit.data.prompts.tokenize_row` takes);
+    rows whose response was cut away entirely carry no label and are dropped (they would
+    add nothing but compute)."""
+    return tokenize_rows_indexed(tokenizer, rows, **options)[0]
 
 
 def tokenize_rows_indexed(
-    tokenizer: Any,
-    rows: Iterable[Mapping[str, Any]],
-    *,
-    template: str = "alpaca",
-    cutoff_len: int = 512,
-    train_on_inputs: bool = False,
+    tokenizer: Any, rows: Iterable[Mapping[str, Any]], **options: Any
 ) -> tuple[list[Example], list[int]]:
     """``tokenize_rows``, plus the index in ``rows`` of each example kept."""
     out, kept = [], []
     for i, row in enumerate(rows):
-        ex = tokenize_row(
-            tokenizer, row, template=template, cutoff_len=cutoff_len,
-            train_on_inputs=train_on_inputs,
-        )
+        ex = tokenize_row(tokenizer, row, **options)
         if ex.num_labels > 1:
             out.append(ex)
             kept.append(i)
@@ -79,18 +69,38 @@ def tokenize_rows_indexed(
 
 def tokenize_for_run(
     tokenizer: Any, rows: Sequence[Mapping[str, Any]], data: Any, who: str,
-    log: Callable[[str], None] | None = print,
+    log: Callable[[str], None] | None = print, stats_file: Path | None = None,
 ) -> tuple[list[Example], list[int]]:
     """Tokenise rows as a run's data config (``data.template``, ``cutoff_len``,
-    ``train_on_inputs``) says; tell ``log`` how many did not fit. Returns the examples and
-    the index of each kept row."""
-    examples, kept = tokenize_rows_indexed(tokenizer, rows, template=data.template,
-                                           cutoff_len=data.cutoff_len,
-                                           train_on_inputs=data.train_on_inputs)
-    if log is not None and len(kept) < len(rows):
-        log(f"{who}: {len(rows) - len(kept)} of {len(rows)} rows skipped: the prompt "
+    ``train_on_inputs``, ``truncation``, ``min_response_tokens``) says; tell ``log`` how
+    many rows were shortened or skipped, and record it under ``who`` in ``stats_file``
+    (see :func:`record_length_counts`). Returns the examples and the index of each kept
+    row."""
+    examples, kept = tokenize_rows_indexed(
+        tokenizer, rows, template=data.template, cutoff_len=data.cutoff_len,
+        train_on_inputs=data.train_on_inputs, truncation=data.truncation,
+        min_response_tokens=data.min_response_tokens)
+    counts = {"rows": len(rows), "truncated": sum(e.truncated for e in examples),
+              "skipped": len(rows) - len(kept)}
+    if log is not None and counts["truncated"]:
+        log(f"{who}: {counts['truncated']} of {len(rows)} rows shortened to fit "
+            f"data.cutoff_len = {data.cutoff_len} (data.truncation = {data.truncation})")
+    if log is not None and counts["skipped"]:
+        log(f"{who}: {counts['skipped']} of {len(rows)} rows skipped: the prompt "
             f"alone fills data.cutoff_len = {data.cutoff_len}, leaving no response token")
+    if stats_file is not None:
+        record_length_counts(stats_file, who, counts)
     return examples, kept
+
+
+def record_length_counts(path: Path, who: str, counts: dict[str, int]) -> None:
+    """Set ``who``'s counts (rows, truncated, skipped) in the JSON file ``path`` (e.g.
+    ``<run>/data_stats.json``) and recompute its ``"total"`` over every other entry."""
+    stats = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    stats.pop("total", None)
+    stats[who] = counts
+    stats["total"] = {k: sum(v[k] for v in stats.values()) for k in counts}
+    atomic_write_json(path, stats)
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> Batch:

@@ -5,6 +5,13 @@ adapters trained here are prompted the same way. ``chat`` uses the base model's 
 template. Labels are ``-100`` on the prompt unless ``train_on_inputs``; EOS is appended
 when the text fits in ``cutoff_len`` (as Shepherd does: a truncated answer gets no EOS, so
 the model is not taught to stop mid-sentence).
+
+Length (``truncation="context"``): a row whose prompt would leave fewer than
+``min_response_tokens`` response tokens (or its whole response, when shorter) within
+``cutoff_len`` is kept by shortening its context: its start and its end are kept, joined by
+:data:`TRUNCATION_MARKER`. When even the context's marker is too much, the context is
+dropped and the instruction is shortened the same way. ``"skip"`` leaves the row as it is
+(a prompt that fills ``cutoff_len`` then leaves no label, and the caller skips the row).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ ALPACA_PROMPT_NO_INPUT = (
 )
 ALPACA_RESPONSE_SPLIT = "### Response:"
 TEMPLATES = ("alpaca", "chat")
+TRUNCATION_MARKER = " [...] "  # where a shortened context or instruction lost its middle
 # Where an answer in a template ends when the model runs on into a new section of its own.
 TEMPLATE_STOPS = {"alpaca": ("### Instruction:", "### Input:", "### Response:"), "chat": ()}
 
@@ -36,6 +44,7 @@ class Example:
 
     input_ids: list[int]
     labels: list[int]
+    truncated: bool = False  # the context or instruction was shortened to fit
 
     @property
     def num_labels(self) -> int:
@@ -66,11 +75,20 @@ def tokenize_row(
     template: str = "alpaca",
     cutoff_len: int = 512,
     train_on_inputs: bool = False,
+    truncation: str = "context",
+    min_response_tokens: int = 16,
 ) -> Example:
-    """Tokenise prompt + response, truncate to ``cutoff_len``, append EOS, mask the prompt."""
-    prompt = build_prompt(row, template, tokenizer)
+    """Tokenise prompt + response, truncate to ``cutoff_len``, append EOS, mask the prompt.
+
+    With ``truncation="context"`` the row is first fitted (see the module's docstring), so
+    that at least ``min_response_tokens`` response tokens carry a label."""
     # The chat template already carries the model's special tokens in its text.
     special = template != "chat"
+    fitted = row
+    if truncation == "context":
+        need = min(min_response_tokens, _count(tokenizer, row["response"], False) + 1)
+        fitted = fit_prompt(tokenizer, row, template, cutoff_len - need) or row
+    prompt = build_prompt(fitted, template, tokenizer)
     ids = tokenizer(prompt + row["response"], add_special_tokens=special)["input_ids"]
     ids = list(ids[:cutoff_len])
     eos = tokenizer.eos_token_id
@@ -78,7 +96,51 @@ def tokenize_row(
         ids.append(eos)
     labels = list(ids)
     if not train_on_inputs:
-        prompt_len = len(tokenizer(prompt, add_special_tokens=special)["input_ids"])
-        prompt_len = min(prompt_len, len(ids))
+        prompt_len = min(_count(tokenizer, prompt, special), len(ids))
         labels[:prompt_len] = [IGNORE_INDEX] * prompt_len
-    return Example(input_ids=ids, labels=labels)
+    return Example(input_ids=ids, labels=labels, truncated=fitted is not row)
+
+
+def fit_prompt(
+    tokenizer: Any, row: Mapping[str, Any], template: str, max_tokens: int
+) -> Mapping[str, Any] | None:
+    """``row`` itself when its prompt takes at most ``max_tokens`` tokens; else a copy with
+    the context shortened (or dropped, and the instruction shortened); None when even that
+    does not fit."""
+    if _prompt_tokens(tokenizer, row, template) <= max_tokens:
+        return row
+    if row.get("context"):
+        short = _shorten_field(tokenizer, row, "context", template, max_tokens)
+        if short is not None:
+            return short
+        row = {**row, "context": ""}
+        if _prompt_tokens(tokenizer, row, template) <= max_tokens:
+            return row
+    return _shorten_field(tokenizer, row, "instruction", template, max_tokens)
+
+
+def _shorten_field(
+    tokenizer: Any, row: Mapping[str, Any], name: str, template: str, max_tokens: int
+) -> dict[str, Any] | None:
+    """``row`` with field ``name`` cut to its start + marker + end so that the prompt fits
+    in ``max_tokens`` (None when not even a token of it fits)."""
+    ids = tokenizer(row[name], add_special_tokens=False)["input_ids"]
+    keep = len(ids) - (_prompt_tokens(tokenizer, row, template) - max_tokens)
+    while keep > 0:  # the marker and re-tokenising at the cuts cost a few tokens: retry
+        head, tail = keep - keep // 2, keep // 2
+        text = tokenizer.decode(ids[:head]) + TRUNCATION_MARKER
+        text += tokenizer.decode(ids[len(ids) - tail :]) if tail else ""
+        candidate = {**row, name: text}
+        over = _prompt_tokens(tokenizer, candidate, template) - max_tokens
+        if over <= 0:
+            return candidate
+        keep -= over
+    return None
+
+
+def _prompt_tokens(tokenizer: Any, row: Mapping[str, Any], template: str) -> int:
+    return _count(tokenizer, build_prompt(row, template, tokenizer), template != "chat")
+
+
+def _count(tokenizer: Any, text: str, special: bool) -> int:
+    return len(tokenizer(text, add_special_tokens=special)["input_ids"])

@@ -194,7 +194,9 @@ def evaluate_model(
                         [n for i, (_, n) in losses.items() if labels[i] == c])
             for c in sorted(set(labels))
         },
-        "settings": _settings(cfg, rows, kept, generate, new_tokens, start),
+        "settings": {**_settings(cfg, rows, kept, generate, new_tokens, start),
+                     "rows_truncated": sum(e.truncated for e in examples),
+                     "truncation": cfg.data.truncation},
     }
     return result, answers
 
