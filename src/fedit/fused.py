@@ -361,6 +361,28 @@ def _fused_attention(sdpa: Any) -> Any:
 
 # --- switching them on ---------------------------------------------------------------------
 
+#: architectures (``config.model_type``) whose modules the kernels above reproduce
+FUSED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def model_type(model: torch.nn.Module) -> str:
+    """``config.model_type`` of a (PEFT-wrapped) transformers model, or ``"unknown"``."""
+    return str(getattr(getattr(model, "config", None), "model_type", "") or "unknown")
+
+
+def fused_supported(model: torch.nn.Module) -> bool:
+    """Whether ``fused_training`` applies to the model: Llama-like architectures only."""
+    return model_type(model) in FUSED_MODEL_TYPES
+
+
+def fused_note(model: torch.nn.Module) -> str | None:
+    """The line a log says once when the fused kernels cannot apply (None when they can)."""
+    if fused_supported(model):
+        return None
+    return (f"fused kernels: off for {model_type(model)} (only llama-like models: "
+            f"{', '.join(sorted(FUSED_MODEL_TYPES))}); stock PyTorch path")
+
+
 
 @contextmanager
 def fused_training(model: torch.nn.Module, seed: int = 0, enabled: bool = True
@@ -375,6 +397,9 @@ def fused_training(model: torch.nn.Module, seed: int = 0, enabled: bool = True
     changes nothing (``labelled_cross_entropy`` serves every device)."""
     if not enabled or next(model.parameters()).device.type != "cpu":
         yield  # on CUDA, SDPA's flash kernels and the device's own RNG are the fast path
+        return
+    if not fused_supported(model):
+        yield  # GPT-2's Conv1D, fused QKV, LayerNorm...: the stock modules know their own
         return
     from peft.tuners.lora.layer import Linear as LoraLinear
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS

@@ -20,6 +20,7 @@ from fedit.adapter import adapter_params
 from fedit.convert import ALIASES, resolve_model
 from fedit.device import parse_dtype, pick_device
 from fedit.errors import ConfigError, ModelError
+from fedit.fused import fused_note, model_type
 from fedit.hub import hub_offline, hub_reachable
 
 
@@ -156,6 +157,9 @@ class LoraSpec:
 def attach_lora(model: Any, spec: LoraSpec, seed: int = 0) -> Any:
     """Wrap a base model with a fresh LoRA adapter named ``default``.
 
+    The adapter goes on ``spec.target_modules``, or, when those are the default q/k/v/o
+    projections and the architecture has none of them, on the attention projections PEFT
+    names for the architecture (:func:`lora_targets`).
     The base model is modified in place (PEFT injects the adapter layers): attach once per
     process and move adapters in and out with ``fedit.adapter.set_adapter_arrays``. ``A``
     is drawn from ``seed`` without touching the global RNG; ``B`` is zero, so the adapter
@@ -173,7 +177,7 @@ def attach_lora(model: Any, spec: LoraSpec, seed: int = 0) -> Any:
         r=spec.r,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
-        target_modules=list(spec.target_modules),
+        target_modules=list(lora_targets(model, spec.target_modules)),
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -187,3 +191,61 @@ def attach_lora(model: Any, spec: LoraSpec, seed: int = 0) -> Any:
     for param in adapter_params(peft_model).values():
         param.data = param.data.float()
     return peft_model.eval()  # PEFT's new dropout layers start in train mode
+
+
+#: ``LoraSpec``'s targets: Llama-style attention projections
+DEFAULT_TARGETS = LoraSpec().target_modules
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """Distinct names (last part) of the model's linear layers, ``lm_head`` aside, sorted.
+
+    GPT-2's ``Conv1D`` counts as linear: LoRA can target it as well."""
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if name and (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D")}
+    return sorted(names - {"lm_head"})
+
+
+def _matches(model: Any, targets: tuple[str, ...]) -> bool:
+    """Whether a module name matches a target the way PEFT's list matching does."""
+    return any(name == t or name.endswith("." + t)
+               for name, _ in model.named_modules() for t in targets)
+
+
+def lora_targets(model: Any, wanted: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The modules a LoRA adapter goes on: ``wanted`` when the model has them, else (for
+    the default q/k/v/o only) PEFT's attention projections for the architecture.
+
+    Raises
+    ------
+    ModelError
+        When nothing matches, listing the model's linear layer names for
+        ``lora.target_modules``.
+    """
+    wanted = tuple(wanted)
+    if _matches(model, wanted):
+        return wanted
+    arch = str(getattr(getattr(model, "config", None), "model_type", "") or "unknown")
+    if wanted == DEFAULT_TARGETS:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+        known = tuple(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(arch, ()))
+        if known and _matches(model, known):
+            return known
+    raise ModelError(
+        f"cannot attach LoRA: lora.target_modules = {list(wanted)}: no layer of this {arch} "
+        f"model has those names; set lora.target_modules to some of its linear layers: "
+        f"{', '.join(linear_module_names(model))}")
+
+
+def model_notes(model: Any, wanted: tuple[str, ...] | list[str], fused: bool) -> list[str]:
+    """Lines a run logs once about a model of another architecture: the LoRA targets picked
+    for it (when not ``wanted``) and the fused kernels being off (when ``fused`` asks)."""
+    notes = []
+    config = getattr(model, "peft_config", {}).get("default")
+    used = sorted(config.target_modules) if config is not None else []
+    if used and set(used) != set(wanted):
+        notes.append(f"lora: this {model_type(model)} model has no {', '.join(wanted)}; "
+                     f"LoRA on {', '.join(used)} (PEFT's attention projections for it)")
+    note = fused_note(model) if fused else None
+    return notes + ([note] if note else [])

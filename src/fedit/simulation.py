@@ -26,6 +26,7 @@ from fedit.config import RunConfig
 from fedit.data.batching import DATA_STATS, tokenize_for_run
 from fedit.data.federated import FederatedData, split_data, write_split
 from fedit.data.prompts import Example
+from fedit.model import model_notes
 from fedit.replies import Dropped
 from fedit.rounds import Evaluator, Log, RoundLoop, RoundResult, check_new_run_dir, run_dir_for
 from fedit.strategies import ClientState, Instruction, Reply, strategy_from_config
@@ -155,6 +156,8 @@ class Simulation:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_split(self.data, run_dir)
         self.tokenizer, self.model = loaded if loaded is not None else load_model(cfg)
+        for note in model_notes(self.model, cfg.lora.target_modules, cfg.train.fused):
+            log(note)
         self.pipe = pipeline_from_config(cfg, adapter_names(self.model))
         self.runtime = InProcessRuntime(cfg, self.data, self.tokenizer, self.model,
                                         self.pipe, run_dir, log)
@@ -179,7 +182,7 @@ def run_federated(cfg: RunConfig, *, stem: str = "run", log: Log = print) -> dic
     cfg = dataclasses.replace(cfg)
     run_dir = run_dir_for(cfg, stem)
     check_new_run_dir(run_dir)
-    data = split_data(cfg)
+    data = split_data(cfg, log)
     log(f"run folder {run_dir}")
     return Simulation(cfg, run_dir, log, data=data).run()
 

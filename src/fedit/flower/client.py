@@ -84,11 +84,14 @@ def _key(*parts: Any) -> str:
 
 def _model(cfg: RunConfig) -> tuple[Any, Any]:
     from fedit.client import load_model
+    from fedit.model import model_notes
 
     key = _key(asdict(cfg.model), asdict(cfg.lora))
     if key not in _models:
         _models.clear()  # one base model per process: memory stays flat
         _models[key] = load_model(cfg)
+        for note in model_notes(_models[key][1], cfg.lora.target_modules, cfg.train.fused):
+            log.info("fedit: %s", note)
     return _models[key]
 
 
