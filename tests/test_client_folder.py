@@ -155,3 +155,35 @@ def test_client_with_nothing_left_to_train_on(tmp_path):
     write_jsonl(root / "tiny.jsonl", make_rows(2, seed=2))
     with pytest.raises(DataError, match=r"tiny\.jsonl: no training rows left"):
         split_data(_cfg(root, test_per_client=2, test_per_label=0))
+
+
+def test_partition_natural_from_a_folder(folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from fedit.cli import app
+
+    out = tmp_path / "parts"
+    result = CliRunner().invoke(app, ["partition", "--natural-from", str(folder), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "60 rows in 3 client files (hospital A 20, b 15, clinic C 25)" in result.output
+    stats = json.loads((out / "stats.json").read_text())
+    assert [(c["name"], c["rows"]) for c in stats["clients"]] == [
+        ("hospital A", 20), ("b", 15), ("clinic C", 25)]
+    assert stats["label_field"] == "category" and len(stats["labels"]) == 4
+    assert (out / "clients.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(out.glob("client_*.jsonl"))
+
+
+def test_partition_natural_from_names_the_bad_file(folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from fedit.cli import app
+
+    (folder / "b.csv").write_bytes(b"instruction,response\nok,\xff\xfe\n")
+    result = CliRunner().invoke(app, ["partition", "--natural-from", str(folder), "-o",
+                                      str(tmp_path / "p")])
+    assert result.exit_code != 0
+    assert "b.csv" in result.output
+    both = CliRunner().invoke(app, ["partition", "x.jsonl", "--natural-from", str(folder),
+                                    "-o", str(tmp_path / "p")])
+    assert both.exit_code != 0 and "give one of them" in both.output

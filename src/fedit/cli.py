@@ -201,8 +201,11 @@ def serve_cmd(
 
 @app.command("partition")
 def partition_cmd(
-    data: Annotated[str, typer.Argument(help="data file, folder, or dolly-15k")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
+    data: Annotated[str | None, typer.Argument(help="data file, folder, or dolly-15k")] = None,
+    natural_from: Annotated[Path | None, typer.Option(
+        "--natural-from", help="a client folder (one file a client, README \"Client folders\"): "
+                               "stats.json and clients.png of it, nothing split")] = None,
     clients: Annotated[int, typer.Option(help="number of clients")] = 10,
     method: Annotated[str, typer.Option(help="iid | shards | dirichlet | natural")] = "dirichlet",
     by: Annotated[str, typer.Option(help="label field (dirichlet/shards) or id (natural)")] = (
@@ -217,6 +220,11 @@ def partition_cmd(
     seed: Annotated[int, typer.Option(help="random seed")] = 42,
 ) -> None:
     """Split a data set over clients: client_NNNN.jsonl, stats.json, clients.png."""
+    if natural_from is not None:
+        _folder_partitions(natural_from, out, by, data)
+        return
+    if data is None:
+        _fail(FeditError("give a data file (or dolly-15k), or --natural-from a client folder"))
     from fedit.data.load import load_rows
     from fedit.data.partition import holdout_split, partition, write_partitions
     from fedit.io import atomic_write_jsonl
@@ -241,6 +249,21 @@ def partition_cmd(
         f"median {sorted(sizes)[len(sizes) // 2]}, max {max(sizes)}\nwrote {out}/client_*.jsonl, "
         f"{out}/stats.json, {out}/clients.png"
     )
+
+
+def _folder_partitions(folder: Path, out: Path, by: str, data: str | None) -> None:
+    """``fedit partition --natural-from DIR``: one client a file, as a run would see it."""
+    from fedit.data.clients import write_folder_partitions
+
+    try:
+        if data is not None:
+            raise FeditError(f"--natural-from {folder} and {data}: give one of them")
+        stats = write_folder_partitions(folder, out, by)
+    except (FeditError, ValueError) as e:
+        _fail(e)
+    sizes = ", ".join(f"{c['name']} {c['rows']}" for c in stats["clients"])
+    typer.echo(f"{stats['num_rows']} rows in {stats['num_clients']} client files ({sizes})\n"
+               f"wrote {out}/stats.json, {out}/clients.png")
 
 
 @data_app.command("inspect")

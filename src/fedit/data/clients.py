@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fedit.data.load import FILE_TYPES, load_rows
+from fedit.data.partition import write_partitions
 from fedit.errors import DataError
 
 SPEC_FILE = "clients.toml"
@@ -150,3 +151,19 @@ def _load(client: ClientFile) -> list[dict[str, Any]]:
         return load_rows(str(client.path), client.fields or None)
     except OSError as e:  # no permission, a broken link: load_rows names format errors itself
         raise DataError(f"{client.path}: cannot read the file ({e.strerror or e})") from None
+
+
+def write_folder_partitions(folder: str | Path, out: str | Path,
+                            label_field: str | None = "category") -> dict[str, Any]:
+    """``stats.json`` and ``clients.png`` of a client folder (one client a file), in ``out``.
+
+    The heatmap counts ``label_field`` values when every row has one, else rows only;
+    clients are named by their labels. Returns the statistics written.
+    """
+    clients, per_client = load_client_folder(folder)
+    rows = [r for rows in per_client for r in rows]
+    starts = [sum(len(r) for r in per_client[:c]) for c in range(len(per_client))]
+    parts = [list(range(s, s + len(r))) for s, r in zip(starts, per_client, strict=True)]
+    label = label_field if label_field and all(label_field in r for r in rows) else None
+    return write_partitions(out, rows, parts, label, write_rows=False,
+                            names=[c.label for c in clients])
