@@ -81,22 +81,24 @@ class DataConfig:
     test_per_client: int = 0  # rows held out from each client's own rows (0 = none)
     max_rows: int = 0  # 0 = all rows; else a seeded random subset (taken before the split)
     template: str = "alpaca"  # alpaca (Shepherd's text) | chat (the model's chat template)
+    # | chatml (built-in ChatML text); conversation rows use the chat template or chatml
     cutoff_len: int = 512
     train_on_inputs: bool = False  # False: loss on response tokens only
     truncation: str = "context"  # context (shorten it to fit, README "Data") | skip
     min_response_tokens: int = 16  # truncation = context: response tokens kept
 
     def __post_init__(self) -> None:
-        _check(self.template in ("alpaca", "chat"), "data.template", "use alpaca or chat")
+        _check(self.template in ("alpaca", "chat", "chatml"), "data.template",
+               "use alpaca, chat or chatml")
         _check(self.cutoff_len >= 8, "data.cutoff_len", "must be >= 8")
         _check(self.truncation in ("context", "skip"), "data.truncation", "use context or skip")
         _check(self.min_response_tokens >= 1, "data.min_response_tokens", "must be >= 1")
         _check(self.test_per_label >= 0, "data.test_per_label", "must be >= 0")
         _check(self.test_per_client >= 0, "data.test_per_client", "must be >= 0")
         _check(self.max_rows >= 0, "data.max_rows", "must be >= 0 (0 = all rows)")
-        bad = set(self.fields) - {"instruction", "context", "response"}
+        bad = set(self.fields) - {"instruction", "context", "response", "messages"}
         _check(not bad, "data.fields", f"unknown canonical field(s) {sorted(bad)}; "
-               "map instruction, context or response")
+               "map instruction, context, response or messages")
 
 
 @dataclass

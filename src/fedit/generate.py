@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from fedit.data.batching import capped_batches
-from fedit.data.prompts import TEMPLATE_STOPS, build_prompt
+from fedit.data.conversations import chat_template_of
+from fedit.data.prompts import TEMPLATE_STOPS, adds_special_tokens, build_prompt
 
 
 @dataclass
@@ -48,35 +49,39 @@ def generate_answers(
     so one very long prompt does not pad a whole batch to its length (it goes alone).
     """
     prompts = [build_prompt(r, template, tokenizer) for r in rows]
-    lengths = [len(tokenizer(p, add_special_tokens=template != "chat")["input_ids"])
-               for p in prompts]
+    ids = [tokenizer(p, add_special_tokens=adds_special_tokens(r, template))["input_ids"]
+           for p, r in zip(prompts, rows, strict=True)]
+    lengths = [len(x) for x in ids]
+    stops = [TEMPLATE_STOPS.get(chat_template_of(r, template), ()) for r in rows]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     answers: list[str] = [""] * len(prompts)
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample \
-        else {"do_sample": False}
-    stops = TEMPLATE_STOPS.get(template, ())
-    if stops:  # transformers' StopStringCriteria, per row of the batch
-        sampling = {**sampling, "stop_strings": list(stops), "tokenizer": tokenizer}
+    sampling: dict[str, Any] = {"do_sample": do_sample}
+    if do_sample:
+        sampling |= {"temperature": temperature, "top_p": top_p}
     new_tokens = 0
     try:
         for idx in capped_batches(order, lengths, batch_size, max_batch_tokens,
                                   max_new_tokens):
-            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                            add_special_tokens=template != "chat").to(device)
+            enc = tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt",
+                                padding=True).to(device)
+            batch_stops = sorted({x for i in idx for x in stops[i]})
+            if batch_stops:  # transformers' StopStringCriteria, per row of the batch
+                sampling["stop_strings"], sampling["tokenizer"] = batch_stops, tokenizer
             out = model.generate(
                 **enc, max_new_tokens=max_new_tokens, use_cache=True,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                 **sampling,
             )
+            sampling.pop("stop_strings", None)
             new = out[:, enc["input_ids"].shape[1] :]
             new_tokens += int((new != tokenizer.pad_token_id).sum())
             for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True),
                                strict=True):
-                answers[i] = cut_at_stops(text, stops).strip()
+                answers[i] = cut_at_stops(text, stops[i]).strip()
     finally:
         tokenizer.padding_side = side
         model.train(was_training)

@@ -2,7 +2,11 @@
 
 Every source ends as a list of plain dicts with the canonical keys ``instruction``,
 ``context`` (``""`` when absent or null) and ``response``, plus every other column of the
-source unchanged (``category``, say). A row that fails validation stops the load with a
+source unchanged (``category``, say). A conversation row (a ``messages`` column, or
+ShareGPT's ``conversations``, or the column ``data.fields.messages`` names) carries
+``messages`` instead, as :func:`fedit.data.conversations.canonical_conversation` gives.
+
+A row that fails validation stops the load with a
 one-line :class:`~fedit.errors.DataError` naming where it is and what to do:
 
 - ``data/x.jsonl:17: ...``: a line number (1-based) in a JSON-lines or CSV file (the CSV
@@ -23,12 +27,15 @@ from importlib import resources
 from pathlib import Path
 from typing import IO, Any
 
+from fedit.data.conversations import canonical_conversation
 from fedit.errors import DataError
 from fedit.hub import hub_reachable
 
 DOLLY = "dolly-15k"
 DOLLY_FILE = "databricks-dolly-15k.jsonl.gz"
 CANONICAL = ("instruction", "context", "response")
+MESSAGES = "messages"  # the canonical conversation field
+CONVERSATION_COLUMNS = ("messages", "conversations")  # OpenAI's, ShareGPT's: found unmapped
 FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
 
 Records = Iterable[tuple[int, Any]]
@@ -64,8 +71,10 @@ def load_rows(
         Naming file, line or row, field and what to do.
     """
     mapping = _field_map(fields)
+    conversation = (fields or {}).get(MESSAGES)
     records, where = _read_source(source)
-    rows = [_canonical(rec, where, loc, mapping, required_label) for loc, rec in records]
+    rows = [_canonical(rec, where, loc, mapping, required_label, conversation)
+            for loc, rec in records]
     if not rows:
         raise DataError(f"{source}: no rows (the file is empty); give a file with at least one row")
     return rows
@@ -80,8 +89,9 @@ def _field_map(fields: Mapping[str, str] | None) -> dict[str, str]:
     """Canonical name -> source column for all three canonical names."""
     fields = dict(fields or {})
     for name, column in fields.items():
-        if name not in CANONICAL:
-            raise DataError(f"data.fields.{name}: unknown field; map one of {', '.join(CANONICAL)}")
+        if name not in (*CANONICAL, MESSAGES):
+            raise DataError(f"data.fields.{name}: unknown field; map one of "
+                            f"{', '.join(CANONICAL)} or {MESSAGES}")
         if not isinstance(column, str) or not column:
             raise DataError(f"data.fields.{name}: the column name must be a non-empty string")
     return {name: fields.get(name, name) for name in CANONICAL}
@@ -101,14 +111,24 @@ def _type_name(value: Any) -> str:
 
 
 def _canonical(
-    rec: Any, where: Where, loc: int, mapping: dict[str, str], label: str | None
+    rec: Any, where: Where, loc: int, mapping: dict[str, str], label: str | None,
+    conversation: str | None = None,
 ) -> dict[str, Any]:
     """One validated row: canonical keys first, then the source's other columns."""
     if not isinstance(rec, dict):
         got = _type_name(rec)
         raise DataError(f"{where(loc)}: expected an object with named fields, got {got}")
-    row = {name: _field(rec, where, loc, name, column) for name, column in mapping.items()}
-    consumed = set(mapping.values())
+    column = conversation or next((c for c in CONVERSATION_COLUMNS if c in rec), None)
+    if column is not None:
+        if column not in rec:
+            have = ", ".join(map(str, rec)) or "none"
+            raise DataError(f"{where(loc)}: field {column!r} is missing (data.fields.messages "
+                            f"= {column!r} asks for it; columns: {have})")
+        row = canonical_conversation(rec[column], where(loc), column)
+        consumed = {column}
+    else:
+        row = {name: _field(rec, where, loc, name, col) for name, col in mapping.items()}
+        consumed = set(mapping.values())
     for key, value in rec.items():
         if key not in consumed and key not in row:
             row[key] = value

@@ -2,7 +2,10 @@
 
 The alpaca template is the text FederatedGPT-Shepherd (and alpaca-lora before it) uses, so
 adapters trained here are prompted the same way. ``chat`` uses the base model's own chat
-template. Labels are ``-100`` on the prompt unless ``train_on_inputs``; EOS is appended
+template, ``chatml`` the built-in ChatML text (for a model without one). Conversation rows
+(``messages``) are rendered and masked by :mod:`fedit.data.conversations`.
+
+Labels are ``-100`` on the prompt unless ``train_on_inputs``; EOS is appended
 when the text fits in ``cutoff_len`` (as Shepherd does: a truncated answer gets no EOS, so
 the model is not taught to stop mid-sentence).
 
@@ -20,6 +23,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fedit.data.conversations import (
+    chat_template_of,
+    conversation_prompt,
+    fit_conversation,
+    is_conversation,
+    render,
+)
+
 IGNORE_INDEX = -100
 
 ALPACA_PROMPT_INPUT = (
@@ -32,10 +43,11 @@ ALPACA_PROMPT_NO_INPUT = (
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 )
 ALPACA_RESPONSE_SPLIT = "### Response:"
-TEMPLATES = ("alpaca", "chat")
+TEMPLATES = ("alpaca", "chat", "chatml")
 TRUNCATION_MARKER = " [...] "  # where a shortened context or instruction lost its middle
 # Where an answer in a template ends when the model runs on into a new section of its own.
-TEMPLATE_STOPS = {"alpaca": ("### Instruction:", "### Input:", "### Response:"), "chat": ()}
+TEMPLATE_STOPS = {"alpaca": ("### Instruction:", "### Input:", "### Response:"), "chat": (),
+                  "chatml": ("<|im_end|>", "<|im_start|>")}
 
 
 @dataclass(frozen=True)
@@ -52,20 +64,28 @@ class Example:
 
 
 def build_prompt(row: Mapping[str, Any], template: str = "alpaca", tokenizer: Any = None) -> str:
-    """The prompt text (everything before the response) for a canonical row."""
+    """The prompt text (everything before the response) for a canonical row; for a
+    conversation, the turns before its last answer."""
+    if is_conversation(row):
+        return conversation_prompt(tokenizer, row, template)
     instruction, context = row["instruction"], row.get("context") or ""
     if template == "alpaca":
         if context:
             return ALPACA_PROMPT_INPUT.format(instruction=instruction, input=context)
         return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
-    if template == "chat":
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+    if template in ("chat", "chatml"):
+        if template == "chat" and (tokenizer is None or not getattr(tokenizer, "chat_template",
+                                                                     None)):
             raise ValueError("template 'chat' needs a tokenizer with a chat template")
         content = f"{instruction}\n\n{context}" if context else instruction
-        messages = [{"role": "user", "content": content}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return str(text)
+        return render(tokenizer, [{"role": "user", "content": content}], template, True)
     raise ValueError(f"unknown prompt template {template!r}; use one of {', '.join(TEMPLATES)}")
+
+
+def adds_special_tokens(row: Mapping[str, Any], template: str) -> bool:
+    """Whether the tokenizer adds its special tokens (BOS) to a row's text: not for a
+    model's chat template, whose text already carries them."""
+    return chat_template_of(row, template) != "chat"
 
 
 def tokenize_row(
@@ -81,9 +101,11 @@ def tokenize_row(
     """Tokenise prompt + response, truncate to ``cutoff_len``, append EOS, mask the prompt.
 
     With ``truncation="context"`` the row is first fitted (see the module's docstring), so
-    that at least ``min_response_tokens`` response tokens carry a label."""
-    # The chat template already carries the model's special tokens in its text.
-    special = template != "chat"
+    that at least ``min_response_tokens`` response tokens carry a label. A conversation
+    has labels on every assistant turn and loses whole turns past ``cutoff_len``."""
+    if is_conversation(row):
+        return _tokenize_conversation(tokenizer, row, template, cutoff_len, train_on_inputs)
+    special = adds_special_tokens(row, template)
     fitted = row
     if truncation == "context":
         need = min(min_response_tokens, _count(tokenizer, row["response"], False) + 1)
@@ -99,6 +121,16 @@ def tokenize_row(
         prompt_len = min(_count(tokenizer, prompt, special), len(ids))
         labels[:prompt_len] = [IGNORE_INDEX] * prompt_len
     return Example(input_ids=ids, labels=labels, truncated=fitted is not row)
+
+
+def _tokenize_conversation(tokenizer: Any, row: Mapping[str, Any], template: str,
+                           cutoff_len: int, train_on_inputs: bool) -> Example:
+    ids, spans, truncated = fit_conversation(tokenizer, row, template=template,
+                                             cutoff_len=cutoff_len)
+    labels = list(ids) if train_on_inputs else [IGNORE_INDEX] * len(ids)
+    for start, stop in spans:
+        labels[start:stop] = ids[start:stop]
+    return Example(input_ids=ids, labels=labels, truncated=truncated)
 
 
 def fit_prompt(
@@ -139,7 +171,8 @@ def _shorten_field(
 
 
 def _prompt_tokens(tokenizer: Any, row: Mapping[str, Any], template: str) -> int:
-    return _count(tokenizer, build_prompt(row, template, tokenizer), template != "chat")
+    special = adds_special_tokens(row, template)
+    return _count(tokenizer, build_prompt(row, template, tokenizer), special)
 
 
 def _count(tokenizer: Any, text: str, special: bool) -> int:

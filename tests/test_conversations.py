@@ -1,0 +1,191 @@
+"""Conversation rows: loading (OpenAI and ShareGPT shapes), validation, the assistant-only
+label mask for two chat templates, whole-turn truncation, prompts for evaluation."""
+
+from __future__ import annotations
+
+import json
+import re
+from types import SimpleNamespace
+
+import pytest
+from transformers import AutoTokenizer
+
+from fedit.data.batching import tokenize_for_run
+from fedit.data.load import load_rows
+from fedit.data.prompts import IGNORE_INDEX, build_prompt, tokenize_row
+from fedit.errors import DataError
+from fedit.generate import generate_answers
+from fedit.model import LoraSpec, attach_lora, load_base_model
+
+SYSTEM = {"role": "system", "content": "Be brief."}
+TURNS = [
+    {"role": "user", "content": "Name a bird."},
+    {"role": "assistant", "content": "A robin."},
+    {"role": "user", "content": "And a fish?"},
+    {"role": "assistant", "content": "A trout."},
+]
+# Zephyr's shape, unlike ChatML: <|role|> headers and </s> after every turn
+ZEPHYR = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+ENDS = {"chatml": "<|im_end|>\n", "zephyr": "</s>\n"}
+
+
+@pytest.fixture
+def tok(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _write(tmp_path, rows, name="chats.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _label_runs(ids, labels):
+    """Decoded runs of consecutive labelled tokens; every label equals its token."""
+    runs, current = [], []
+    for token, label in zip(ids, labels, strict=True):
+        assert label in (IGNORE_INDEX, token)
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            runs, current = [*runs, current], []
+    runs += [current] if current else []
+    return runs
+
+
+@pytest.mark.parametrize("template", ["chatml", "zephyr"])
+def test_labels_on_every_assistant_turn_only(tok, template):
+    # Prepare: the built-in ChatML text, or the model's own (Zephyr-like) chat template
+    if template == "zephyr":
+        tok.chat_template = ZEPHYR
+    row = {"messages": [SYSTEM, *TURNS]}
+    # Execute
+    ex = tokenize_row(tok, row, template="chatml" if template == "chatml" else "alpaca",
+                      cutoff_len=512)
+    # Assert: the labelled tokens are exactly the two answers with their end markers, and
+    # every other token (system, user turns, headers) carries none
+    runs = _label_runs(ex.input_ids, ex.labels)
+    assert [tok.decode(r) for r in runs] == [f"A robin.{ENDS[template]}",
+                                             f"A trout.{ENDS[template]}"]
+    unlabelled = [t for t, lab in zip(ex.input_ids, ex.labels, strict=True)
+                  if lab == IGNORE_INDEX]
+    assert "robin" not in tok.decode(unlabelled) and "trout" not in tok.decode(unlabelled)
+    assert "Be brief." in tok.decode(unlabelled) and "And a fish?" in tok.decode(unlabelled)
+    assert not ex.truncated
+
+
+def test_whole_turns_are_dropped_from_the_end(tok):
+    row = {"messages": TURNS}
+    full = tokenize_row(tok, row, template="chatml", cutoff_len=512)
+    first_end = len(tok("<|im_start|>user\nName a bird.<|im_end|>\n<|im_start|>assistant\n"
+                        "A robin.<|im_end|>\n").input_ids)
+    # Execute: room for the first answer and part of the second
+    cut = tokenize_row(tok, row, template="chatml", cutoff_len=len(full.input_ids) - 2)
+    # Assert: the second exchange is gone whole, the first answer is intact
+    assert cut.truncated and len(cut.input_ids) == first_end
+    assert cut.input_ids == full.input_ids[:first_end]
+    assert [tok.decode(r) for r in _label_runs(cut.input_ids, cut.labels)] == [
+        "A robin.<|im_end|>\n"]
+
+
+def test_truncated_and_skipped_conversations_are_counted(tok, tmp_path):
+    short, long = {"messages": TURNS[:2]}, {"messages": TURNS}
+    too_long = {"messages": [{"role": "user", "content": "word " * 80}, TURNS[1]]}
+    data = SimpleNamespace(template="chatml", cutoff_len=40, train_on_inputs=False,
+                           truncation="context", min_response_tokens=16)
+    stats = tmp_path / "data_stats.json"
+    logs: list[str] = []
+    # Execute
+    examples, kept = tokenize_for_run(tok, [short, long, too_long], data, "c", logs.append,
+                                      stats)
+    # Assert: the long one lost its second exchange, the one whose first answer cannot fit
+    # is skipped, and both are counted
+    assert kept == [0, 1] and [e.truncated for e in examples] == [False, True]
+    assert json.loads(stats.read_text())["c"] == {"rows": 3, "truncated": 1, "skipped": 1}
+    assert len(logs) == 2
+
+
+def test_openai_and_sharegpt_rows_load_the_same(tmp_path):
+    sharegpt = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                {"from": "gpt", "value": "Hello."}]
+    openai = [{"role": r, "content": c} for r, c in
+              [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello.")]]
+    path = _write(tmp_path, [{"conversations": sharegpt, "category": "chat"},
+                             {"messages": openai, "category": "chat"}])
+    # Execute
+    rows = load_rows(str(path))
+    # Assert: one canonical shape; the last exchange also as instruction / response
+    for row in rows:
+        assert row["messages"] == openai and row["category"] == "chat"
+        assert (row["instruction"], row["context"], row["response"]) == ("Hi", "", "Hello.")
+        assert "conversations" not in row
+
+
+def test_a_mapped_conversation_column(tmp_path):
+    turns = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]
+    path = _write(tmp_path, [{"dialog": turns, "messages": "not this one"}])
+    rows = load_rows(str(path), {"messages": "dialog"})
+    assert rows[0]["messages"][1] == {"role": "assistant", "content": "Hello."}
+    with pytest.raises(DataError, match=r"chats.jsonl:1: field 'talk' is missing"):
+        load_rows(str(path), {"messages": "talk"})
+
+
+@pytest.mark.parametrize(
+    ("turns", "message"),
+    [
+        ([{"content": "Hi"}, TURNS[1]], r"chats.jsonl:2: turn 1 has no role"),
+        ([TURNS[0], {"role": "assistant", "content": "  "}],
+         r"chats.jsonl:2: turn 2 is an empty assistant turn"),
+        ([TURNS[0], TURNS[2], TURNS[1]], r"chats.jsonl:2: turn 2: two user turns in a row"),
+        (TURNS[1:], r"chats.jsonl:2: turn 1: the conversation starts with an assistant turn"),
+        ([SYSTEM, TURNS[0]], r"chats.jsonl:2: no assistant turn"),
+        (TURNS[:3], r"chats.jsonl:2: the last user turn has no answer"),
+        ([{"from": "bot", "value": "x"}], r"chats.jsonl:2: turn 1 has role 'bot'"),
+        ([], r"chats.jsonl:2: field 'messages' must be a non-empty list"),
+    ],
+)
+def test_bad_conversations_name_file_line_and_reason(tmp_path, turns, message):
+    path = _write(tmp_path, [{"messages": TURNS}, {"messages": turns}])
+    with pytest.raises(DataError, match=message):
+        load_rows(str(path))
+
+
+def test_a_model_without_chat_template_needs_chatml(tok):
+    tok.chat_template = None
+    row = {"messages": TURNS}
+    with pytest.raises(DataError, match='no chat template.*data.template = "chatml"'):
+        tokenize_row(tok, row, template="alpaca")
+    assert tokenize_row(tok, row, template="chatml").num_labels > 0
+
+
+def test_a_template_that_is_not_prefix_stable_is_refused(tok):
+    # the last turn is rendered differently from the same turn followed by others
+    tok.chat_template = ("{% for m in messages %}{% if loop.last %}LAST {% endif %}"
+                         "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    with pytest.raises(DataError, match="does not render turn 2 .* as a prefix"):
+        tokenize_row(tok, {"messages": TURNS}, template="chat")
+
+
+def test_eval_prompt_is_the_conversation_up_to_the_last_answer(tmp_path):
+    path = _write(tmp_path, [{"messages": TURNS}])
+    (row,) = load_rows(str(path))
+    prompt = build_prompt(row, "chatml")
+    assert prompt == ("<|im_start|>user\nName a bird.<|im_end|>\n<|im_start|>assistant\n"
+                      "A robin.<|im_end|>\n<|im_start|>user\nAnd a fish?<|im_end|>\n"
+                      "<|im_start|>assistant\n")
+    assert row["response"] == "A trout."  # what the answer is scored against
+
+
+def test_chatml_for_instruction_rows():
+    row = {"instruction": "Name a bird.", "context": "", "response": "A robin."}
+    assert build_prompt(row, "chatml") == (
+        "<|im_start|>user\nName a bird.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_answers_to_conversations_are_generated(tiny_model_dir, tok):
+    model = attach_lora(load_base_model(str(tiny_model_dir), dtype="fp32"), LoraSpec(), 0)
+    rows = [{"messages": TURNS}, {"messages": TURNS[:2]}]
+    out = generate_answers(model, tok, rows, template="chatml", max_new_tokens=6)
+    assert len(out.answers) == 2
+    assert not any(re.search(r"<\|im_(start|end)\|>", a) for a in out.answers)
