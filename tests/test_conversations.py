@@ -11,6 +11,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from fedit.data.batching import tokenize_for_run
+from fedit.data.conversations import render
+from fedit.data.inspect import format_inspect, inspect_rows
 from fedit.data.load import load_rows
 from fedit.data.prompts import IGNORE_INDEX, build_prompt, tokenize_row
 from fedit.errors import DataError
@@ -189,3 +191,24 @@ def test_answers_to_conversations_are_generated(tiny_model_dir, tok):
     out = generate_answers(model, tok, rows, template="chatml", max_new_tokens=6)
     assert len(out.answers) == 2
     assert not any(re.search(r"<\|im_(start|end)\|>", a) for a in out.answers)
+
+
+def test_inspect_reports_turns_and_tokens_per_role(tok):
+    rows = [{"messages": [SYSTEM, *TURNS], "category": "a"},
+            {"messages": TURNS[:2], "category": "b"}]
+    # Execute
+    report = inspect_rows(rows, tokenizer=tok, template="chatml")
+    # Assert: 5 and 2 turns; assistant turns "A robin." x2 and "A trout."
+    conv = report["conversations"]
+    assert conv["rows"] == 2 and conv["turns"]["max"] == 5 and conv["turns"]["p50"] == 2
+    assert conv["turns_by_role"] == {"assistant": 3, "system": 1, "user": 3}
+    n = {c: len(tok(c, add_special_tokens=False).input_ids) for c in ("A robin.", "A trout.")}
+    assert conv["tokens_by_role"]["assistant"]["max"] == max(n.values())
+    whole = len(tok(render(tok, rows[0]["messages"], "chatml", False)).input_ids)
+    assert report["tokens"]["max"] == whole  # the whole conversation, no EOS added
+    text = format_inspect(report)
+    assert "conversations: 2 rows; turns: assistant 3, system 1, user 3" in text
+    assert any(line.split()[:3] == ["assistant", "turn", "(tokens)"]
+               for line in text.splitlines())
+    # without a tokenizer: characters only, rendered as ChatML
+    assert inspect_rows(rows)["conversations"]["tokens_by_role"] is None

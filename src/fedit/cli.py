@@ -273,7 +273,7 @@ def data_inspect(
     model: Annotated[
         str, typer.Option(help="tokenizer for token lengths ('none' to skip)")
     ] = "smollm2-135m",
-    template: Annotated[str, typer.Option(help="alpaca | chat")] = "alpaca",
+    template: Annotated[str, typer.Option(help="alpaca | chat | chatml")] = "alpaca",
 ) -> None:
     """Rows, fields, label counts and token-length percentiles of a data file."""
     from fedit.data.inspect import format_inspect, inspect_rows
