@@ -9,7 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 from transformers import AutoTokenizer
+from typer.testing import CliRunner
 
+from fedit.cli import app
 from fedit.data.batching import tokenize_for_run
 from fedit.data.conversations import render
 from fedit.data.inspect import format_inspect, inspect_rows
@@ -18,6 +20,7 @@ from fedit.data.prompts import IGNORE_INDEX, build_prompt, tokenize_row
 from fedit.errors import DataError
 from fedit.generate import generate_answers
 from fedit.model import LoraSpec, attach_lora, load_base_model
+from tests.conftest import make_rows, write_config, write_jsonl
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 TURNS = [
@@ -212,3 +215,41 @@ def test_inspect_reports_turns_and_tokens_per_role(tok):
                for line in text.splitlines())
     # without a tokenizer: characters only, rendered as ChatML
     assert inspect_rows(rows)["conversations"]["tokens_by_role"] is None
+
+
+def _chat_rows(n):
+    """Two-exchange conversations in ShareGPT's shape, half of them with a system turn."""
+    rows = []
+    for i, row in enumerate(make_rows(n, seed=5)):
+        turns = [{"from": "human", "value": row["instruction"]},
+                 {"from": "gpt", "value": row["response"]},
+                 {"from": "human", "value": "Again?"},
+                 {"from": "gpt", "value": row["response"]}]
+        system = [{"from": "system", "value": "Be brief."}] if i % 2 else []
+        rows.append({"conversations": system + turns, "category": row["category"]})
+    return rows
+
+
+def test_train_and_eval_on_conversations(tmp_path, tiny_model_dir):
+    # Prepare: a ShareGPT file, the built-in ChatML template
+    data = write_jsonl(tmp_path / "chats.jsonl", _chat_rows(48))
+    cfg = write_config(tmp_path / "chat.toml", tiny_model_dir, data, name="chat",
+                       data={"test_per_label": 2, "cutoff_len": 256, "template": "chatml"},
+                       train={"max_steps": 2})
+    # Execute: train, then evaluate the run
+    trained = CliRunner().invoke(app, ["train", str(cfg)])
+    assert trained.exit_code == 0, trained.output
+    run = tmp_path / "runs" / "chat"
+    evaluated = CliRunner().invoke(app, ["eval", str(run), "--set", "eval.max_new_tokens=4",
+                                         "--set", "eval.similarity=false"])
+    assert evaluated.exit_code == 0, evaluated.output
+    # Assert: the held-out conversations kept their turns; each answer is scored against
+    # the conversation's last assistant turn; counts are recorded
+    test_rows = [json.loads(x) for x in (run / "test.jsonl").read_text().splitlines()]
+    assert all(len(r["messages"]) in (4, 5) for r in test_rows)
+    answers = [json.loads(x) for x in (run / "answers.jsonl").read_text().splitlines()]
+    assert [a["reference"] for a in answers] == [r["messages"][-1]["content"]
+                                                for r in test_rows]
+    assert all(a["instruction"] == "Again?" and a["loss"] is not None for a in answers)
+    stats = json.loads((run / "data_stats.json").read_text())
+    assert stats["total"]["skipped"] == 0 and stats["total"]["rows"] == 48 - len(test_rows)
