@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -253,3 +254,23 @@ def test_train_and_eval_on_conversations(tmp_path, tiny_model_dir):
     assert all(a["instruction"] == "Again?" and a["loss"] is not None for a in answers)
     stats = json.loads((run / "data_stats.json").read_text())
     assert stats["total"]["skipped"] == 0 and stats["total"]["rows"] == 48 - len(test_rows)
+
+
+@pytest.mark.parametrize("held_out", [1, 0])
+def test_train_refuses_a_model_without_chat_template(tmp_path, tiny_model_dir, held_out):
+    # Prepare: the tiny model, its tokenizer without a chat template
+    model_dir = tmp_path / "no-template"
+    shutil.copytree(tiny_model_dir, model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = None
+    (model_dir / "chat_template.jinja").unlink(missing_ok=True)
+    tok.save_pretrained(model_dir)
+    assert not AutoTokenizer.from_pretrained(model_dir).chat_template
+    data = write_jsonl(tmp_path / "chats.jsonl", _chat_rows(24))
+    cfg = write_config(tmp_path / "chat.toml", model_dir, data, name="chat",
+                       data={"test_per_label": held_out}, train={"max_steps": 1})
+    # Execute
+    result = CliRunner().invoke(app, ["train", str(cfg)])
+    # Assert: one clear line, before any round
+    assert result.exit_code != 0
+    assert 'no chat template' in result.output and 'data.template = "chatml"' in result.output

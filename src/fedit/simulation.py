@@ -24,6 +24,7 @@ from fedit.adapter import adapter_names
 from fedit.client import load_model, run_client_round
 from fedit.config import RunConfig
 from fedit.data.batching import DATA_STATS, tokenize_for_run
+from fedit.data.conversations import check_chat_template
 from fedit.data.federated import FederatedData, split_data, write_split
 from fedit.data.prompts import Example
 from fedit.model import model_notes
@@ -156,6 +157,7 @@ class Simulation:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_split(self.data, run_dir)
         self.tokenizer, self.model = loaded if loaded is not None else load_model(cfg)
+        check_chat_template(self.tokenizer, self.data.client_rows, cfg.data.template)
         for note in model_notes(self.model, cfg.lora.target_modules, cfg.train.fused):
             log(note)
         self.pipe = pipeline_from_config(cfg, adapter_names(self.model))

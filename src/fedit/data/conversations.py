@@ -23,6 +23,9 @@ from fedit.errors import DataError
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user",
                   "assistant": "assistant"}
+NO_CHAT_TEMPLATE = ("the model's tokenizer has no chat template, which conversations and "
+                    "data.template = \"chat\" need; set data.template = \"chatml\" to use "
+                    "the built-in ChatML text")
 
 
 def canonical_conversation(value: Any, where: str, column: str) -> dict[str, Any]:
@@ -100,6 +103,16 @@ def chat_template_of(row: Mapping[str, Any], template: str) -> str:
     return template
 
 
+def check_chat_template(tokenizer: Any, clients: Sequence[Sequence[Mapping[str, Any]]],
+                        template: str) -> None:
+    """Refuse at once (rather than in every client's round) rows that need the model's
+    chat template when it has none."""
+    needs = template == "chat" or (template != "chatml" and any(
+        is_conversation(row) for rows in clients for row in rows))
+    if needs and not getattr(tokenizer, "chat_template", None):
+        raise DataError(NO_CHAT_TEMPLATE)
+
+
 def render(tokenizer: Any, messages: Sequence[Mapping[str, str]], template: str,
            add_generation_prompt: bool) -> str:
     """The text of ``messages`` in ChatML (``template == "chatml"``) or the model's chat
@@ -108,9 +121,7 @@ def render(tokenizer: Any, messages: Sequence[Mapping[str, str]], template: str,
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise DataError("the model's tokenizer has no chat template, which conversations "
-                        "and data.template = \"chat\" need; set data.template = \"chatml\" "
-                        "to use the built-in ChatML text")
+        raise DataError(NO_CHAT_TEMPLATE)
     out = tokenizer.apply_chat_template(list(messages), tokenize=False,
                                         add_generation_prompt=add_generation_prompt)
     return str(out)
