@@ -134,3 +134,22 @@ def test_two_round_federation_on_gpt_neox_from_a_client_folder(tmp_path, neox_di
     assert overall["rows"] == 4 and overall["loss"] == pytest.approx(summary["final_eval_loss"])
     answers = (run / "answers.jsonl").read_text().splitlines()
     assert len(answers) == 4
+
+
+def test_flower_local_runs_gpt_neox_from_a_client_folder(tmp_path, neox_dir):
+    pytest.importorskip("flwr")
+    folder = _clients(tmp_path)
+    path = write_config(tmp_path / "neox.toml", neox_dir, tmp_path / "unused.jsonl",
+                        name="neox-flower", rounds=1,
+                        data={"clients_dir": folder, "test_per_label": 1, "cutoff_len": 128},
+                        train={"max_steps": 2}, flower={"round_timeout": 120, "node_timeout": 90})
+    result = CliRunner().invoke(app, ["flower", "local", str(path), "--nodes", "2",
+                                      "--timeout", "300"])
+    assert result.exit_code == 0, result.output
+    assert "clients: 2 files in" in result.output
+    assert "lora: this gpt_neox model has no q_proj" in result.output
+    run = tmp_path / "runs" / "neox-flower"
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [0, 1] and metrics[1]["clients"] == [0, 1]
+    adapter = json.loads((run / "final" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["target_modules"] == ["query_key_value"]

@@ -33,6 +33,7 @@ from fedit.config import RunConfig, load_config, to_toml
 from fedit.data.federated import split_data, write_split
 from fedit.errors import FeditError
 from fedit.flower import wire
+from fedit.model import model_notes
 from fedit.replies import BadReply, Dropped
 from fedit.rounds import Evaluator, Log, RoundLoop, RoundResult, check_new_run_dir, run_dir_for
 from fedit.strategies import Instruction, Reply, strategy_from_config
@@ -186,11 +187,13 @@ def server_main(grid: Grid, context: Context, log: Log = print) -> dict[str, Any
         run_dir = run_dir_for(cfg, path.stem)
         check_new_run_dir(run_dir)
     check_compatible(cfg, strategy_from_config(cfg))  # before anything is written
-    data = split_data(cfg)
+    data = split_data(cfg, log)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_split(data, run_dir)
     log(f"run folder {run_dir}")
     tokenizer, model = load_model(cfg)  # the server evaluates the global adapter
+    for note in model_notes(model, cfg.lora.target_modules, fused=False):  # nodes train
+        log(note)
     runtime = FlowerRuntime(grid, cfg, log)
     evaluator = Evaluator(cfg, tokenizer, model, data.test_rows, log)
     pipeline = pipeline_from_config(cfg, adapter_names(model))
