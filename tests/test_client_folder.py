@@ -187,3 +187,18 @@ def test_partition_natural_from_names_the_bad_file(folder, tmp_path):
     both = CliRunner().invoke(app, ["partition", "x.jsonl", "--natural-from", str(folder),
                                     "-o", str(tmp_path / "p")])
     assert both.exit_code != 0 and "give one of them" in both.output
+
+
+def test_the_readme_example_folder(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedit.cli import app
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "parts"
+    result = CliRunner().invoke(app, ["partition", "--natural-from",
+                                      str(root / "examples" / "clients"), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    first = result.output.splitlines()[0]
+    assert first == "12 rows in 3 client files (clinic B 4, hospital A 4, school C 4)"
+    assert first in (root / "README.md").read_text(encoding="utf-8")
