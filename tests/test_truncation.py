@@ -76,8 +76,8 @@ def test_counts_logged_and_recorded(tok, tmp_path):
     # Assert
     assert kept_ctx == [0, 1, 2, 3] and kept_skip == [0, 3]
     assert logs == [
-        "client 0: 2 of 4 rows shortened to fit data.cutoff_len = 200 (data.truncation = "
-        "context)",
+        "client 0: 2 of 4 rows shortened to fit data.cutoff_len = 200 (a context or "
+        "instruction lost its middle, or a conversation its last turns)",
         "client 1: 2 of 4 rows skipped: the prompt alone fills data.cutoff_len = 200, leaving "
         "no response token",
     ]

@@ -84,7 +84,8 @@ def tokenize_for_run(
               "skipped": len(rows) - len(kept)}
     if log is not None and counts["truncated"]:
         log(f"{who}: {counts['truncated']} of {len(rows)} rows shortened to fit "
-            f"data.cutoff_len = {data.cutoff_len} (data.truncation = {data.truncation})")
+            f"data.cutoff_len = {data.cutoff_len} (a context or instruction lost its "
+            "middle, or a conversation its last turns)")
     if log is not None and counts["skipped"]:
         log(f"{who}: {counts['skipped']} of {len(rows)} rows skipped: the prompt "
             f"alone fills data.cutoff_len = {data.cutoff_len}, leaving no response token")
