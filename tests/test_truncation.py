@@ -92,3 +92,11 @@ def test_a_template_longer_than_the_cutoff_still_skips(tok):
     # not even one instruction token fits: nothing to shorten, the row is skipped
     examples, kept = tokenize_for_run(tok, [LONG_INSTRUCTION], _data(cutoff_len=60), "x", None)
     assert examples == [] and kept == []
+
+
+@pytest.mark.parametrize("template", ["chat", "chatml"])
+def test_chat_templates_shorten_the_context_too(tok, template):
+    ex = tokenize_row(tok, LONG_CONTEXT, template=template, cutoff_len=120)
+    text = tok.decode(ex.input_ids)
+    assert ex.truncated and len(ex.input_ids) <= 120 and ex.num_labels >= 16
+    assert "Summarise the notes.\n\nalpha" in text and TRUNCATION_MARKER in text
