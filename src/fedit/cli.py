@@ -126,6 +126,11 @@ def eval_cmd(
     except (FeditError, ValueError) as e:
         _fail(e)
     typer.echo(format_table(result))
+    if result.get("per_client"):
+        from fedit.evaluate.runner import format_per_client
+
+        typer.echo("\nper client, on its own held-out rows (loss):")
+        typer.echo(format_per_client(result["per_client"]))
     typer.echo(f"wrote {out_dir / 'eval.json'} and {out_dir / 'answers.jsonl'}")
 
 

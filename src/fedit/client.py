@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from fedit.adapter import get_adapter_arrays, set_adapter_arrays
-from fedit.config import RunConfig, TrainConfig
+from fedit.config import PersonalizeConfig, RunConfig, TrainConfig
 from fedit.data.prompts import Example
 from fedit.device import pick_device
 from fedit.model import LoraSpec, attach_lora, load_base_model, load_tokenizer
@@ -53,6 +53,7 @@ def run_client_round(
     instruction: Instruction | None = None,
     state: ClientState | None = None,
     progress: Callable[[int, int, float], None] | None = None,
+    personalize: PersonalizeConfig | None = None,
 ) -> Reply:
     """Load the adapter the client starts from into ``model``, train it on ``examples``,
     return the reply (the upload: the adapter, or what the pipeline's codec makes of it).
@@ -60,7 +61,9 @@ def run_client_round(
     ``global_arrays`` is the adapter sent to this client (the global one, or its own rank's
     when ``instruction`` names a ``lora-rank``); ``instruction`` is what the strategy sent;
     ``state`` is this client's state from its earlier rounds, updated in place (the caller
-    saves it). No ``strategy``: plain local training (FedAvg's client)."""
+    saves it). No ``strategy``: plain local training (FedAvg's client). ``personalize``
+    with ``method = "ditto"``: then the client's personal adapter trains too, kept in
+    ``state`` and never in the reply (:mod:`fedit.personalize`)."""
     pipe = strategy if isinstance(strategy, Pipeline) else Pipeline(strategy or FedAvg())
     instruction = instruction or Instruction()
     state = state if state is not None else ClientState()
@@ -73,6 +76,11 @@ def run_client_round(
             hook=pipe.train_hook(instruction, state),
         )
         trained = get_adapter_arrays(model)
+        if personalize is not None and personalize.method == "ditto":
+            from fedit.personalize import ditto_update, personal_seed
+
+            ditto_update(model, global_arrays, examples, cfg, personalize, state,
+                         seed=personal_seed(seed, server_round, client), pad_id=pad_id)
     extra = pipe.after_train(instruction, state, global_arrays, trained,
                              TrainInfo(result.steps, result.lr_sum))
     arrays, codec_extra, dp_metrics = pipe.client_upload(

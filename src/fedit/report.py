@@ -277,6 +277,42 @@ def plot_category_curves(src: Source) -> bytes | None:
     return _png(fig)
 
 
+def plot_per_client(src: Source) -> bytes | None:
+    """Each client's loss on its own held-out rows: global vs personal adapter, grouped
+    bars (``per_client`` of a run's eval.json, from ``fedit eval`` on a run whose clients
+    hold out rows of their own)."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    rows = [e for e in src.evals.get("run", {}).get("per_client", [])
+            if e.get("global_loss") is not None]
+    if not rows:
+        return None
+    x, width = np.arange(len(rows)), 0.4
+    fig = Figure(figsize=(max(6.0, 0.6 * len(rows) + 2), 4.2), layout="constrained")
+    ax = fig.subplots()
+    for i, (key, label, color) in enumerate((("global_loss", "global adapter", "#4c72b0"),
+                                             ("personal_loss", "personal adapter", "#dd8452"))):
+        vals = [np.nan if e.get(key) is None else e[key] for e in rows]
+        if not all(np.isnan(vals)):
+            bars = ax.bar(x + (i - 0.5) * width, vals, width, label=label, color=color)
+            if len(rows) <= 12:
+                ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
+    values = [e[k] for e in rows for k in ("global_loss", "personal_loss")
+              if e.get(k) is not None]
+    # The two adapters differ by a few percent: start the axis near them (as the
+    # per-category bars do) unless a loss is far below the others
+    low = 0.9 * min(values) if min(values) > 0.6 * max(values) else 0.0
+    ax.set_ylim(bottom=low, top=max(values) * 1.04)
+    ax.set_xticks(x, [str(e["client"]) for e in rows])
+    ax.set_xlabel("client")
+    ax.set_ylabel("response-token loss (lower is better)")
+    ax.set_title("Each client's own held-out rows: global vs personal adapter")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncols=2, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+    return _png(fig)
+
+
 def client_heatmap(src: Source) -> bytes | None:
     """The partition plot: clients.png as written, else drawn again from stats.json."""
     if src.partitions is None:
@@ -363,6 +399,17 @@ def category_table(src: Source, key: str = "loss") -> str:
     return f"<table><tr><th>category</th>{head}</tr>{''.join(rows)}</table>"
 
 
+def per_client_table(src: Source) -> str:
+    """Each client's rows and loss on its own held-out rows, global vs personal."""
+    rows = src.evals.get("run", {}).get("per_client", [])
+    body = "".join(
+        f"<tr><td>{_esc(e['client'])}</td><td>{_esc(e['rows'])}</td>"
+        f"<td>{_num(e.get('global_loss'))}</td><td>{_num(e.get('personal_loss'))}</td></tr>"
+        for e in rows)
+    return ("<table><tr><th>client</th><th>held-out rows</th><th>global loss</th>"
+            f"<th>personal loss</th></tr>{body}</table>")
+
+
 def sample_rows(answers: dict[str, list[dict[str, Any]]], n: int) -> list[int]:
     """Ids of up to ``n`` held-out rows: one per category first, then by id."""
     first = next((a for a in answers.values() if a), [])
@@ -433,12 +480,15 @@ def render_html(src: Source, images: dict[str, bytes]) -> str:
         body += ["<h2>Overall metrics</h2>", metrics_table(src)]
     titles = {"loss": "Held-out loss per round", "categories": "Per category",
               "category_curves": "Per category per round",
+              "per_client": "Per client: global vs personal adapter",
               "clients": "Clients' data (rows per category and client)"}
     for key, title in titles.items():
         if key in images:
             body += [f"<h2>{_esc(title)}</h2>", _img(images[key], title)]
         if key == "categories" and src.evals:
             body += ["<h3>Loss per category</h3>", category_table(src, "loss")]
+        if key == "per_client" and key in images:
+            body.append(per_client_table(src))
     if src.judges:
         body += ["<h2>LLM judge</h2>", judge_section(src)]
     if any(src.answers.values()):
@@ -453,7 +503,8 @@ def build_report(folder: Path, out: Path | None = None) -> Path:
     src = load_source(Path(folder))
     out = Path(out) if out is not None else src.folder / "report.html"
     makers = {"loss": plot_loss_curve, "categories": plot_category_bars,
-              "category_curves": plot_category_curves, "clients": client_heatmap}
+              "category_curves": plot_category_curves, "per_client": plot_per_client,
+              "clients": client_heatmap}
     images = {}
     for key, make in makers.items():
         png = make(src)

@@ -103,7 +103,7 @@ class Evaluator:
 # -- the run folder --------------------------------------------------------------------------
 #: what a run writes in its folder (a new run may reuse a folder holding only these)
 RUN_FILES = frozenset({"config.toml", "test.jsonl", "partitions", "metrics.jsonl", "rounds",
-                       "checkpoint", "final", "summary.json"})
+                       "checkpoint", "final", "summary.json", "personal", "client_test"})
 
 
 def run_dir_for(cfg: RunConfig, stem: str = "run") -> Path:

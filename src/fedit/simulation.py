@@ -108,7 +108,7 @@ class InProcessRuntime:
                 self.client_examples(client), self.cfg.train,
                 client=client, server_round=server_round, seed=self.cfg.seed,
                 pad_id=self.pad_id, strategy=self.pipe, instruction=instruction,
-                state=state, progress=bar,
+                state=state, progress=bar, personalize=self.cfg.personalize,
             )
         finally:
             bar.close()
@@ -119,6 +119,11 @@ class InProcessRuntime:
 
     def client_states(self) -> dict[int, ckpt.Blob]:
         return dict(self._states)
+
+    def client_state(self, client: int) -> ClientState | None:
+        """Client ``client``'s state as of the last round (None: it has none)."""
+        ref = self._states.get(client)
+        return ckpt.read_state(self.run_dir, ref, ClientState) if ref else None
 
     def restore_client_states(self, refs: dict[int, ckpt.Blob]) -> None:
         self._states = dict(refs)
@@ -167,7 +172,26 @@ class Simulation:
         self.loop = RoundLoop(cfg, run_dir, self.runtime, self.pipe, evaluator, log)
 
     def run(self, resume: bool = False) -> dict[str, Any]:
-        return self.loop.run(resume=resume)
+        summary = self.loop.run(resume=resume)
+        if self.cfg.personalize.method != "none":
+            summary = self._personalize(summary)
+        return summary
+
+    def _personalize(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Each client's personal adapter saved under ``<run>/personal`` (finetune trains
+        them now); the summary names the folder."""
+        from fedit.adapter import load_adapter_arrays
+        from fedit.io import atomic_write_json
+        from fedit.personalize import PERSONAL_DIR, write_personal_adapters
+
+        final = load_adapter_arrays(summary["final_adapter"])
+        write_personal_adapters(
+            self.run_dir, self.cfg, self.model, final, self.runtime.available(),
+            examples_of=self.runtime.client_examples, state_of=self.runtime.client_state,
+            pad_id=self.runtime.pad_id, log=self.log)
+        summary = {**summary, "personal": str(self.run_dir / PERSONAL_DIR)}
+        atomic_write_json(self.run_dir / "summary.json", summary)
+        return summary
 
 
 def make_run_dir(cfg: RunConfig, stem: str = "run") -> Path:

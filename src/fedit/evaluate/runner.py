@@ -5,6 +5,11 @@
   ``--model``); inside a run (``final/adapter``, ``rounds/NNNN/adapter``) the run's config
   too, so the prompt template and cutoff are the ones it was trained with;
 - ``base`` or ``base:<model>``: the untuned base model (``[model] name`` by default).
+
+For a run folder whose clients have their own held-out rows (``client_test/``, from
+``data.test_per_client``) the result also holds ``per_client``: each client's loss on its
+own rows under the global adapter and, when the run saved one (``[personalize]``), under
+its personal adapter (``personal/client_NNNN/adapter``).
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ CONFIG_FILE = "config.toml"
 ADAPTER_CONFIG = "adapter_config.json"
 FINAL_ADAPTER = Path("final") / "adapter"
 TEST_FILE = "test.jsonl"
+CLIENT_TEST_DIR = "client_test"  # <run>/client_test/client_NNNN.jsonl
+PER_CLIENT_FILE = "per_client.txt"  # the per-client table, beside eval.json
 
 
 @dataclass
@@ -180,8 +187,9 @@ def run_eval(
     model: str | None = None, overrides: list[str] | None = None, generate: bool = True,
     log: Log = print,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], Path]:
-    """``fedit eval``: resolve, load, evaluate, write eval.json + answers.jsonl; returns
-    (result, answers, the folder written)."""
+    """``fedit eval``: resolve, load, evaluate, write eval.json + answers.jsonl (and
+    per_client.txt for a run with per-client held-out rows); returns (result, answers,
+    the folder written)."""
     t = resolve_target(target, model=model, overrides=overrides)
     out_dir = out if out is not None else t.default_out
     if out_dir is None:
@@ -194,5 +202,94 @@ def run_eval(
     result["settings"] |= {"adapter": str(t.adapter) if t.adapter else None,
                            "run": str(t.run_dir) if t.run_dir else None,
                            "test_file": source, "max_rows": max_rows}
+    if t.kind == "run" and t.run_dir is not None:
+        per_client = per_client_losses(lm, tokenizer, t.run_dir, t.cfg)
+        if per_client:
+            result["per_client"] = per_client
+            log(f"per-client loss on each client's own held-out rows ({len(per_client)} "
+                f"clients, {CLIENT_TEST_DIR}/)")
+        elif (t.run_dir / "personal").is_dir():
+            log("the run has personal adapters but its clients hold out no rows of their "
+                "own: train with data.test_per_client = N to compare them per client")
     write_eval(out_dir, result, answers)
+    if result.get("per_client"):
+        from fedit.io import atomic_write_text
+
+        atomic_write_text(out_dir / PER_CLIENT_FILE, format_per_client(result["per_client"])
+                          + "\n")
     return result, answers, out_dir
+
+
+def per_client_losses(model: Any, tokenizer: Any, run_dir: Path, cfg: RunConfig
+                      ) -> list[dict[str, Any]]:
+    """Each client's response-token loss on its own held-out rows (``client_test/``),
+    under the model's adapter (the global one) and the client's personal adapter when the
+    run saved one; [] when the run has no per-client held-out rows. The model's adapter
+    is left as it was."""
+    from fedit.adapter import adapter_names, get_adapter_arrays, set_adapter_arrays
+    from fedit.personalize import personal_adapter_dir
+
+    files = sorted((run_dir / CLIENT_TEST_DIR).glob("client_*.jsonl"))
+    if not files:
+        return []
+    global_arrays, names = get_adapter_arrays(model), adapter_names(model)
+    out = []
+    try:
+        for file in files:
+            client = int(file.stem.removeprefix("client_"))
+            rows = load_rows(str(file), None) if file.stat().st_size else []
+            examples = _examples(tokenizer, rows, cfg)
+            personal = personal_adapter_dir(run_dir, client)
+            has_personal = (personal / "adapter_model.safetensors").is_file()
+            entry: dict[str, Any] = {
+                "client": client, "rows": len(rows), "rows_with_loss": len(examples),
+                "global_loss": None, "personal_loss": None,
+                "personal_adapter": str(personal.relative_to(run_dir)) if has_personal else None,
+            }
+            if examples:
+                entry["global_loss"] = _loss(model, examples, global_arrays, tokenizer, cfg)
+                if has_personal:
+                    from fedit.adapter import load_adapter_arrays
+
+                    entry["personal_loss"] = _loss(model, examples,
+                                                   load_adapter_arrays(personal, names),
+                                                   tokenizer, cfg)
+            out.append(entry)
+    finally:
+        set_adapter_arrays(model, global_arrays)
+    return out
+
+
+def _examples(tokenizer: Any, rows: list[dict[str, Any]], cfg: RunConfig) -> list[Any]:
+    from fedit.evaluate.evaluation import tokenize_held_out
+
+    return tokenize_held_out(tokenizer, rows, cfg.data)[0] if rows else []
+
+
+def _loss(model: Any, examples: list[Any], arrays: list[np.ndarray], tokenizer: Any,
+          cfg: RunConfig) -> float:
+    from fedit.adapter import set_adapter_arrays
+    from fedit.train import evaluate_loss
+
+    set_adapter_arrays(model, arrays)
+    return evaluate_loss(model, examples, cfg.eval.batch_size, int(tokenizer.pad_token_id))
+
+
+def format_per_client(per_client: list[dict[str, Any]]) -> str:
+    """A text table: each client's held-out loss, global vs personal adapter."""
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    head = f"{'client':<8}{'rows':>6}{'global':>9}{'personal':>10}{'change':>9}"
+    lines = [head, "-" * len(head)]
+    both = [(e["global_loss"], e["personal_loss"]) for e in per_client
+            if e["global_loss"] is not None and e["personal_loss"] is not None]
+    for e in per_client:
+        g, p = e["global_loss"], e["personal_loss"]
+        change = f"{p - g:+.3f}" if g is not None and p is not None else "-"
+        lines.append(f"{e['client']:<8}{e['rows']:>6}{fmt(g):>9}{fmt(p):>10}{change:>9}")
+    if both:
+        g, p = (float(np.mean(x)) for x in zip(*both, strict=True))
+        lines += ["-" * len(head),
+                  f"{'mean':<8}{len(both):>6}{g:>9.3f}{p:>10.3f}{p - g:>+9.3f}"]
+    return "\n".join(lines)

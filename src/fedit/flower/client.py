@@ -172,11 +172,24 @@ def train_on_node(
         seed=cfg.seed, pad_id=int(tokenizer.pad_token_id),
         strategy=pipeline_from_config(cfg, adapter_names(model)),
         instruction=Instruction(config, instruction_arrays or {}), state=state,
+        personalize=cfg.personalize,
     )
     if state:
         save_node_state(folder, server_round, state)
         reply.metrics[P.STATE_SAVED] = 1.0
+    save_node_personal(model, folder, state)
     return reply
+
+
+def save_node_personal(model: Any, folder: Path, state: ClientState) -> None:
+    """Ditto: the personal adapter as a PEFT folder on this machine, ``<state folder>/
+    personal/adapter`` (replaced each round the client trains; never sent)."""
+    from fedit.adapter import save_adapter, set_adapter_arrays
+    from fedit.personalize import PERSONAL
+
+    if PERSONAL in state.arrays:
+        set_adapter_arrays(model, state.arrays[PERSONAL])
+        save_adapter(model, folder / "personal" / "adapter")
 
 
 def handle_train(message: Message, context: Context) -> Message:

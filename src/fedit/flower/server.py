@@ -31,7 +31,7 @@ from fedit.adapter import adapter_names
 from fedit.client import load_model
 from fedit.config import RunConfig, load_config, to_toml
 from fedit.data.federated import split_data, write_split
-from fedit.errors import FeditError
+from fedit.errors import ConfigError, FeditError
 from fedit.flower import wire
 from fedit.model import model_notes
 from fedit.replies import BadReply, Dropped
@@ -187,6 +187,10 @@ def server_main(grid: Grid, context: Context, log: Log = print) -> dict[str, Any
         run_dir = run_dir_for(cfg, path.stem)
         check_new_run_dir(run_dir)
     check_compatible(cfg, strategy_from_config(cfg))  # before anything is written
+    if cfg.personalize.method == "finetune":
+        raise ConfigError("personalize.method = finetune trains after the last round in the "
+                         "simulation only; under Flower use ditto (each node keeps its "
+                         "personal adapter in its state-dir)")
     data = split_data(cfg, log)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_split(data, run_dir)

@@ -49,11 +49,13 @@ class ProximalTerm(TrainHook):
 
     ``w_start`` is a detached copy of ``params`` taken on the first call: the trainer calls
     the hook only after the round's start adapter is loaded, so that copy is ``w_t``.
+    ``start`` gives it instead (Ditto's personal adapter stays near the global one while
+    it trains from its own weights).
     """
 
-    def __init__(self, mu: float) -> None:
+    def __init__(self, mu: float, start: list[Any] | None = None) -> None:
         self.mu = mu
-        self.start: list[Any] | None = None
+        self.start: list[Any] | None = start
 
     def loss(self, params: Sequence[Any]) -> Any:
         if self.start is None:

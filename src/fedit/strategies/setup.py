@@ -108,6 +108,9 @@ def incompatibilities(cfg: Any, strategy: Strategy) -> list[str]:
     if mixed and s.aggregator != "mean":
         why.append(f"strategy.aggregator = {s.aggregator} compares adapters of one shape; "
                    "with lora.client_ranks use mean")
+    if mixed and cfg.personalize.method != "none":
+        why.append(f"personalize.method = {cfg.personalize.method} keeps one adapter shape "
+                   "per client: with lora.client_ranks set personalize.method = none")
     if mixed and strategy.name == "scaffold":
         why.append("scaffold's control variates are shaped like one adapter; with "
                    "lora.client_ranks use another strategy")
