@@ -141,8 +141,12 @@ def test_bad_clients_toml(folder, toml, match):
 
 
 def test_missing_or_empty_folder(tmp_path):
+    # a run's config.toml is read without its data (eval, export): the count it holds stays
+    cfg = config_from_dict({"data": {"clients_dir": str(tmp_path / "nope")},
+                            "partition": {"clients": 3}})
+    assert cfg.partition.clients == 3
     with pytest.raises(DataError, match="folder not found"):
-        _cfg(tmp_path / "nope")
+        split_data(cfg)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="holds no data file"):
         _cfg(tmp_path / "empty")
@@ -202,3 +206,13 @@ def test_the_readme_example_folder(tmp_path):
     first = result.output.splitlines()[0]
     assert first == "12 rows in 3 client files (clinic B 4, hospital A 4, school C 4)"
     assert first in (root / "README.md").read_text(encoding="utf-8")
+
+
+def test_model_card_names_the_client_folder(folder):
+    from fedit.card import CardFacts, model_card
+
+    cfg = _cfg(folder, test_per_client=2)
+    card = model_card(CardFacts("adapter", "tiny", "adapter", {"r": 8}, cfg=cfg))
+    assert "- file: the files of `clients`" in card
+    assert ("- partition: 3 clients, one a file of the folder `clients`; 2 rows of each held "
+            "out for it alone") in card

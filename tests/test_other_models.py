@@ -153,3 +153,26 @@ def test_flower_local_runs_gpt_neox_from_a_client_folder(tmp_path, neox_dir):
     assert [m["round"] for m in metrics] == [0, 1] and metrics[1]["clients"] == [0, 1]
     adapter = json.loads((run / "final" / "adapter" / "adapter_config.json").read_text())
     assert adapter["target_modules"] == ["query_key_value"]
+
+
+def test_gpt2_conv1d_gets_lora_on_c_attn_and_trains(tmp_path):
+    import warnings
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fedit.train import token_losses
+
+    tok = _build_tokenizer()
+    config = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fan_in_fan_out warning from PEFT
+        model = attach_lora(GPT2LMHeadModel(config), LoraSpec())
+    assert model.peft_config["default"].target_modules == {"c_attn"}
+    assert model.peft_config["default"].fan_in_fan_out
+    ids = torch.randint(0, len(tok), (2, 12))
+    batch = SimpleNamespace(input_ids=ids, labels=ids.clone())
+    losses, _ = token_losses(model.train(), batch)
+    losses.mean().backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]  # A: 0 while B = 0
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)

@@ -131,6 +131,7 @@ def _data_section(facts: CardFacts) -> str:
     d, p = facts.cfg.data, facts.cfg.partition
     source = ("databricks-dolly-15k (packaged with fedit)" if d.path == DOLLY
               else f"`{Path(d.path).name}`")
+    source = f"the files of `{Path(d.clients_dir).name}`" if d.clients_dir else source
     fields = ", ".join(f"{k} <- {v}" for k, v in d.fields.items()) or \
         "instruction, context, response (as named in the file)"
     split = {"dirichlet": f"Dirichlet(alpha = {p.alpha}) over `{p.by or d.label_field}`, "
@@ -145,6 +146,11 @@ def _data_section(facts: CardFacts) -> str:
              f"- prompt: {d.template} template, cutoff {d.cutoff_len} tokens, loss on "
              + ("prompt and response" if d.train_on_inputs else "the response only"),
              f"- partition: {p.clients} clients, {p.method}" + (f", {split}" if split else "")]
+    if d.clients_dir:  # one client a file (README "Client folders"): no partition method
+        lines[-1] = (f"- partition: {p.clients} clients, one a file of the folder "
+                     f"`{Path(d.clients_dir).name}`")
+        if d.test_per_client:
+            lines[-1] += f"; {d.test_per_client} rows of each held out for it alone"
     return "## Data\n\n" + "\n".join(lines) + "\n"
 
 

@@ -338,8 +338,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "rounds", "must be >= 1")
         if self.data.clients_dir:  # one client a file: the folder sets partition.clients
-            from fedit.data.clients import client_files
-            self.partition.clients = len(client_files(self.data.clients_dir))
+            from fedit.data.clients import count_clients
+            self.partition.clients = count_clients(self.data.clients_dir, self.partition.clients)
         ranks = self.lora.client_ranks
         _check(not ranks or len(ranks) == self.partition.clients, "lora.client_ranks",
                f"give one rank per client: {len(ranks)} ranks for partition.clients = "

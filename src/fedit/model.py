@@ -173,11 +173,13 @@ def attach_lora(model: Any, spec: LoraSpec, seed: int = 0) -> Any:
     """
     from peft import LoraConfig, get_peft_model
 
+    targets = lora_targets(model, spec.target_modules)
     config = LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
-        target_modules=list(lora_targets(model, spec.target_modules)),
+        target_modules=list(targets),
+        fan_in_fan_out=_conv1d_targets(model, targets),  # GPT-2 stores weights as (in, out)
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -210,6 +212,12 @@ def _matches(model: Any, targets: tuple[str, ...]) -> bool:
     """Whether a module name matches a target the way PEFT's list matching does."""
     return any(name == t or name.endswith("." + t)
                for name, _ in model.named_modules() for t in targets)
+
+
+def _conv1d_targets(model: Any, targets: tuple[str, ...]) -> bool:
+    """Whether the targeted layers are GPT-2 style ``Conv1D`` (weights stored transposed)."""
+    return any(type(m).__name__ == "Conv1D" and any(n == t or n.endswith("." + t) for t in targets)
+               for n, m in model.named_modules())
 
 
 def lora_targets(model: Any, wanted: tuple[str, ...] | list[str]) -> tuple[str, ...]:

@@ -57,6 +57,14 @@ def client_files(folder: str | Path) -> list[Path]:
     return files
 
 
+def count_clients(folder: str | Path, otherwise: int) -> int:
+    """The number of clients in ``folder``; ``otherwise`` when there is no such folder.
+
+    A config is also read where its data is not (``fedit eval`` or ``export`` of a run whose
+    resolved config.toml holds the count): loading the rows names a missing folder."""
+    return len(client_files(folder)) if Path(folder).expanduser().is_dir() else otherwise
+
+
 def _default_label(path: Path) -> str:
     """``hospital_a.jsonl.gz`` -> ``hospital_a``."""
     name = path.name.removesuffix(".gz").removesuffix(".GZ")
