@@ -262,3 +262,21 @@ def test_finetune_is_refused_under_flower(flower_grid, tmp_path, tiny_model_dir)
     with pytest.raises(ConfigError, match="finetune trains after the last round in the "
                                           "simulation only"):
         run_flower(cfg, FakeGrid(2), "name=ft")
+
+
+def test_eval_of_a_run_with_only_per_client_rows(runs, tmp_path):
+    import shutil
+
+    from fedit.evaluate.runner import format_per_client, run_eval
+
+    # Prepare: the ditto run as if data.test_per_label = 0 (an empty test.jsonl)
+    run = tmp_path / "ditto"
+    shutil.copytree(runs["ditto"], run)
+    (run / "test.jsonl").write_text("")
+    # Execute
+    result, answers, _ = run_eval(str(run), generate=False, log=lambda m: None)
+    # Assert: no global rows, every client's own rows all the same
+    assert result["overall"]["rows"] == 0 and answers == []
+    assert [e["client"] for e in result["per_client"]] == [0, 1]
+    named = [{**e, "name": "clinic B"} for e in result["per_client"]]
+    assert format_per_client(named).splitlines()[2].startswith("0 clinic B ")

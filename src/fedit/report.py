@@ -304,12 +304,13 @@ def plot_per_client(src: Source) -> bytes | None:
     # per-category bars do) unless a loss is far below the others
     low = 0.9 * min(values) if min(values) > 0.6 * max(values) else 0.0
     ax.set_ylim(bottom=low, top=max(values) * 1.04)
-    ax.set_xticks(x, [str(e["client"]) for e in rows])
+    ax.set_xticks(x, [f"{e['client']}\n{e['name']}" if e.get("name") else str(e["client"])
+                      for e in rows], fontsize=9)
     ax.set_xlabel("client")
     ax.set_ylabel("response-token loss (lower is better)")
     ax.set_title("Each client's own held-out rows: global vs personal adapter")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncols=2, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+    fig.legend(fontsize=8, ncols=2, loc="outside lower center")
     return _png(fig)
 
 
@@ -403,7 +404,8 @@ def per_client_table(src: Source) -> str:
     """Each client's rows and loss on its own held-out rows, global vs personal."""
     rows = src.evals.get("run", {}).get("per_client", [])
     body = "".join(
-        f"<tr><td>{_esc(e['client'])}</td><td>{_esc(e['rows'])}</td>"
+        f"<tr><td>{_esc(e['client'])} {_esc(e.get('name') or '')}</td>"
+        f"<td>{_esc(e['rows'])}</td>"
         f"<td>{_num(e.get('global_loss'))}</td><td>{_num(e.get('personal_loss'))}</td></tr>"
         for e in rows)
     return ("<table><tr><th>client</th><th>held-out rows</th><th>global loss</th>"

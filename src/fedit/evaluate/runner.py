@@ -137,6 +137,9 @@ def load_eval_rows(
                             "outside a run folder have no test.jsonl)")
         if not test.is_file():
             raise DataError(f"{test}: the run's held-out file is missing; pass --on FILE")
+        if target.run_dir is not None and (target.run_dir / CLIENT_TEST_DIR).is_dir() \
+                and not test.read_text(encoding="utf-8").strip():
+            return [], str(test)  # data.test_per_label = 0: only the clients' own rows
         on = str(test)
     fields = target.cfg.data.fields or None
     try:
@@ -233,6 +236,7 @@ def per_client_losses(model: Any, tokenizer: Any, run_dir: Path, cfg: RunConfig
     if not files:
         return []
     global_arrays, names = get_adapter_arrays(model), adapter_names(model)
+    client_names = _client_names(run_dir)
     out = []
     try:
         for file in files:
@@ -242,7 +246,8 @@ def per_client_losses(model: Any, tokenizer: Any, run_dir: Path, cfg: RunConfig
             personal = personal_adapter_dir(run_dir, client)
             has_personal = (personal / "adapter_model.safetensors").is_file()
             entry: dict[str, Any] = {
-                "client": client, "rows": len(rows), "rows_with_loss": len(examples),
+                "client": client, "name": client_names.get(client),
+                "rows": len(rows), "rows_with_loss": len(examples),
                 "global_loss": None, "personal_loss": None,
                 "personal_adapter": str(personal.relative_to(run_dir)) if has_personal else None,
             }
@@ -258,6 +263,16 @@ def per_client_losses(model: Any, tokenizer: Any, run_dir: Path, cfg: RunConfig
     finally:
         set_adapter_arrays(model, global_arrays)
     return out
+
+
+def _client_names(run_dir: Path) -> dict[int, str]:
+    """Client id -> its name (a client folder's label) from partitions/stats.json."""
+    try:
+        stats = json.loads((run_dir / "partitions" / "stats.json").read_text(encoding="utf-8"))
+        return {int(c["client"]): str(c["name"]) for c in stats.get("clients", [])
+                if c.get("name")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def _examples(tokenizer: Any, rows: list[dict[str, Any]], cfg: RunConfig) -> list[Any]:
@@ -280,16 +295,23 @@ def format_per_client(per_client: list[dict[str, Any]]) -> str:
     def fmt(v: float | None) -> str:
         return "-" if v is None else f"{v:.3f}"
 
-    head = f"{'client':<8}{'rows':>6}{'global':>9}{'personal':>10}{'change':>9}"
+    width = max([8, *(len(_client_label(e)) + 2 for e in per_client)])
+    head = f"{'client':<{width}}{'rows':>6}{'global':>9}{'personal':>10}{'change':>9}"
     lines = [head, "-" * len(head)]
     both = [(e["global_loss"], e["personal_loss"]) for e in per_client
             if e["global_loss"] is not None and e["personal_loss"] is not None]
     for e in per_client:
         g, p = e["global_loss"], e["personal_loss"]
         change = f"{p - g:+.3f}" if g is not None and p is not None else "-"
-        lines.append(f"{e['client']:<8}{e['rows']:>6}{fmt(g):>9}{fmt(p):>10}{change:>9}")
+        lines.append(f"{_client_label(e):<{width}}{e['rows']:>6}{fmt(g):>9}{fmt(p):>10}"
+                     f"{change:>9}")
     if both:
         g, p = (float(np.mean(x)) for x in zip(*both, strict=True))
         lines += ["-" * len(head),
-                  f"{'mean':<8}{len(both):>6}{g:>9.3f}{p:>10.3f}{p - g:>+9.3f}"]
+                  f"{'mean':<{width}}{len(both):>6}{g:>9.3f}{p:>10.3f}{p - g:>+9.3f}"]
     return "\n".join(lines)
+
+
+def _client_label(entry: dict[str, Any]) -> str:
+    name = entry.get("name")
+    return f"{entry['client']} {name}" if name else str(entry["client"])
