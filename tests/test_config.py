@@ -76,7 +76,7 @@ def test_resolved_toml_round_trips(tmp_path):
     assert load_config(p) == cfg
 
 
-@pytest.mark.parametrize("name", ["quickstart.toml", "fedit-dolly.toml"])
+@pytest.mark.parametrize("name", ["quickstart.toml", "fedit-dolly.toml", "conversations.toml"])
 def test_shipped_configs_load_and_open_with_their_command(name):
     path = ROOT / "configs" / name
     cfg = load_config(path)
