@@ -280,3 +280,16 @@ def test_eval_of_a_run_with_only_per_client_rows(runs, tmp_path):
     assert [e["client"] for e in result["per_client"]] == [0, 1]
     named = [{**e, "name": "clinic B"} for e in result["per_client"]]
     assert format_per_client(named).splitlines()[2].startswith("0 clinic B ")
+
+
+def test_personal_adapters_are_served_and_evaluated_with_their_run(runs):
+    from fedit.evaluate.runner import resolve_target, run_of_adapter
+    from fedit.serve.models import build_catalog
+
+    run = runs["ditto"]
+    catalog = build_catalog([str(run)])
+    assert {"ditto", "ditto/personal-0000", "ditto/personal-0001"} <= set(catalog.models)
+    assert catalog.models["ditto/personal-0001"].adapter == personal_adapter_dir(run, 1).resolve()
+    assert run_of_adapter(personal_adapter_dir(run, 0)) == run.resolve()
+    target = resolve_target(str(personal_adapter_dir(run, 0)))
+    assert target.kind == "adapter" and target.run_dir == run.resolve()

@@ -61,12 +61,14 @@ class EvalTarget:
 
 
 def run_of_adapter(adapter: Path) -> Path | None:
-    """The run folder holding ``adapter`` when it is ``final/adapter`` or ``rounds/N/adapter``."""
+    """The run folder holding ``adapter`` when it is ``final/adapter``, ``rounds/N/adapter``
+    or ``personal/client_N/adapter``."""
     parts = adapter.resolve().parts
     if len(parts) >= 3 and parts[-2:] == ("final", "adapter"):
         run = adapter.resolve().parents[1]
-    elif len(parts) >= 4 and parts[-1] == "adapter" and parts[-3] == "rounds" \
-            and re.fullmatch(r"\d+", parts[-2]):
+    elif len(parts) >= 4 and parts[-1] == "adapter" and (
+            (parts[-3] == "rounds" and re.fullmatch(r"\d+", parts[-2]))
+            or (parts[-3] == "personal" and re.fullmatch(r"client_\d+", parts[-2]))):
         run = adapter.resolve().parents[2]
     else:
         return None

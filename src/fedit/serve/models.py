@@ -1,7 +1,8 @@
 """What a server serves: the base model and every adapter found under the paths it was given.
 
 Names are stable and follow the folders: a run folder ``runs/R`` gives ``R`` (its final
-adapter) and ``R/round-0005`` (each kept round); an adapter folder gives its own name (or,
+adapter), ``R/round-0005`` (each kept round) and ``R/personal-0003`` (client 3's personal
+adapter, ``[personalize]``); an adapter folder gives its own name (or,
 inside a run, the run's name as above); any other folder (an experiment's, say) is searched
 for runs and adapters, named by their path below it: ``exp/centralized``,
 ``exp/local-only/client-03``. ``base`` is always the base model without an adapter.
@@ -160,6 +161,11 @@ def _run_entries(run: Path, name: str) -> list[ServedModel]:
         if re.fullmatch(r"\d+", folder.name) and (adapter / ADAPTER_CONFIG).is_file():
             rnd = int(folder.name)
             out.append(_adapter_entry(f"{name}/round-{rnd:04d}", adapter, run, rnd,
+                                      cfg.data.template))
+    for adapter in sorted(run.glob("personal/client_*/adapter")):
+        client = adapter.parent.name.removeprefix("client_")
+        if re.fullmatch(r"\d+", client) and (adapter / ADAPTER_CONFIG).is_file():
+            out.append(_adapter_entry(f"{name}/personal-{client}", adapter, run, None,
                                       cfg.data.template))
     return out
 
