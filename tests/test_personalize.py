@@ -81,7 +81,7 @@ def test_personal_adapter_beats_the_global_one_on_its_own_client(runs, method):
     assert json.loads((out / "eval.json").read_text())["per_client"] == per_client
     table = (out / "per_client.txt").read_text().splitlines()
     assert table[0].split() == ["client", "rows", "global", "personal", "change"]
-    assert table[-1].split()[:2] == ["mean", "2"]
+    assert table[-1].split()[:3] == ["mean", "of", "2"]
     info = json.loads((run / "personal" / "personal.json").read_text())
     assert info["method"] == method
     assert info["clients"] == {"0": "personal/client_0000/adapter",

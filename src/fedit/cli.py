@@ -125,7 +125,8 @@ def eval_cmd(
                                       log=lambda m: typer.echo(m, err=True))
     except (FeditError, ValueError) as e:
         _fail(e)
-    typer.echo(format_table(result))
+    if result["overall"]["rows"] or not result.get("per_client"):  # no global rows: skip it
+        typer.echo(format_table(result))
     if result.get("per_client"):
         from fedit.evaluate.runner import format_per_client
 

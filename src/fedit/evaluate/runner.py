@@ -310,7 +310,7 @@ def format_per_client(per_client: list[dict[str, Any]]) -> str:
     if both:
         g, p = (float(np.mean(x)) for x in zip(*both, strict=True))
         lines += ["-" * len(head),
-                  f"{'mean':<{width}}{len(both):>6}{g:>9.3f}{p:>10.3f}{p - g:>+9.3f}"]
+                  f"{f'mean of {len(both)}':<{width}}{'':>6}{g:>9.3f}{p:>10.3f}{p - g:>+9.3f}"]
     return "\n".join(lines)
 
 
