@@ -108,7 +108,7 @@ def test_truncated_and_skipped_conversations_are_counted(tok, tmp_path):
     # Assert: the long one lost its second exchange, the one whose first answer cannot fit
     # is skipped, and both are counted
     assert kept == [0, 1] and [e.truncated for e in examples] == [False, True]
-    assert json.loads(stats.read_text())["c"] == {"rows": 3, "truncated": 1, "skipped": 1}
+    assert json.loads(stats.read_text())["length"]["c"] == {"rows": 3, "truncated": 1, "skipped": 1}
     assert len(logs) == 2
 
 
@@ -252,8 +252,9 @@ def test_train_and_eval_on_conversations(tmp_path, tiny_model_dir):
     assert [a["reference"] for a in answers] == [r["messages"][-1]["content"]
                                                 for r in test_rows]
     assert all(a["instruction"] == "Again?" and a["loss"] is not None for a in answers)
-    stats = json.loads((run / "data_stats.json").read_text())
-    assert stats["total"]["skipped"] == 0 and stats["total"]["rows"] == 48 - len(test_rows)
+    stats = json.loads((run / "partitions" / "stats.json").read_text())["length"]
+    assert stats["held-out set"]["rows"] == len(test_rows)  # clients' rows + held-out rows
+    assert stats["total"]["skipped"] == 0 and stats["total"]["rows"] == 48
 
 
 @pytest.mark.parametrize("held_out", [1, 0])

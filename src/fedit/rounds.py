@@ -85,9 +85,11 @@ class Evaluator:
     """Held-out loss of the global adapter on the run's test rows (server side)."""
 
     def __init__(self, cfg: RunConfig, tokenizer: Any, model: torch.nn.Module,
-                 test_rows: list[dict[str, Any]], log: Log) -> None:
+                 test_rows: list[dict[str, Any]], log: Log,
+                 stats_file: Path | None = None) -> None:
         self.cfg, self.model, self.pad_id = cfg, model, int(tokenizer.pad_token_id)
-        self.examples, kept = tokenize_held_out(tokenizer, test_rows, cfg.data, log)
+        self.examples, kept = tokenize_held_out(tokenizer, test_rows, cfg.data, log,
+                                                stats_file)
         self.labels = [row_label(test_rows[i], cfg.data.label_field) for i in kept]
 
     def __call__(self, arrays: Arrays) -> tuple[float | None, dict[str, float] | None]:

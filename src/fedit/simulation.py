@@ -168,7 +168,8 @@ class Simulation:
         self.pipe = pipeline_from_config(cfg, adapter_names(self.model))
         self.runtime = InProcessRuntime(cfg, self.data, self.tokenizer, self.model,
                                         self.pipe, run_dir, log)
-        evaluator = Evaluator(cfg, self.tokenizer, self.model, self.data.test_rows, log)
+        evaluator = Evaluator(cfg, self.tokenizer, self.model, self.data.test_rows, log,
+                              run_dir / DATA_STATS)
         self.loop = RoundLoop(cfg, run_dir, self.runtime, self.pipe, evaluator, log)
 
     def run(self, resume: bool = False) -> dict[str, Any]:

@@ -20,7 +20,9 @@ from fedit.data.prompts import IGNORE_INDEX, Example, tokenize_row
 from fedit.io import atomic_write_json
 
 MEGA_CHUNK = 50  # batches per sorted mega-chunk
-DATA_STATS = "data_stats.json"  # a run's rows shortened / skipped for length, per client
+# A run's rows shortened / skipped for length, per client: the "length" entry of the
+# partition stats (written by write_split before anything is tokenised)
+DATA_STATS = "partitions/stats.json"
 
 
 @dataclass
@@ -95,13 +97,15 @@ def tokenize_for_run(
 
 
 def record_length_counts(path: Path, who: str, counts: dict[str, int]) -> None:
-    """Set ``who``'s counts (rows, truncated, skipped) in the JSON file ``path`` (e.g.
-    ``<run>/data_stats.json``) and recompute its ``"total"`` over every other entry."""
+    """Set ``who``'s counts (rows, truncated, skipped) under the ``"length"`` entry of the
+    JSON file ``path`` (a run's ``partitions/stats.json``), and recompute that entry's
+    ``"total"`` over every other one; the rest of the file is kept."""
     stats = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    stats.pop("total", None)
-    stats[who] = counts
-    stats["total"] = {k: sum(v[k] for v in stats.values()) for k in counts}
-    atomic_write_json(path, stats)
+    length = stats.get("length", {})
+    length.pop("total", None)
+    length[who] = counts
+    length["total"] = {k: sum(v[k] for v in length.values()) for k in counts}
+    atomic_write_json(path, {**stats, "length": length})
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> Batch:

@@ -47,11 +47,12 @@ def row_label(row: dict[str, Any], label_field: str) -> str:
 
 def tokenize_held_out(
     tokenizer: Any, rows: Sequence[dict[str, Any]], data: DataConfig,
-    log: Log | None = None,
+    log: Log | None = None, stats_file: Path | None = None,
 ) -> tuple[list[Example], list[int]]:
     """The examples of the rows that keep a response token, and those rows' indices (the
-    same examples a run trains on; skipped rows are reported to ``log``)."""
-    return tokenize_for_run(tokenizer, rows, data, "held-out set", log)
+    same examples a run trains on; shortened and skipped rows are reported to ``log`` and
+    counted in ``stats_file``)."""
+    return tokenize_for_run(tokenizer, rows, data, "held-out set", log, stats_file)
 
 
 def loss_by_category(

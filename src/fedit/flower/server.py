@@ -30,6 +30,7 @@ from fedit import checkpoint as ckpt
 from fedit.adapter import adapter_names
 from fedit.client import load_model
 from fedit.config import RunConfig, load_config, to_toml
+from fedit.data.batching import DATA_STATS
 from fedit.data.federated import split_data, write_split
 from fedit.errors import ConfigError, FeditError
 from fedit.flower import wire
@@ -199,7 +200,7 @@ def server_main(grid: Grid, context: Context, log: Log = print) -> dict[str, Any
     for note in model_notes(model, cfg.lora.target_modules, fused=False):  # nodes train
         log(note)
     runtime = FlowerRuntime(grid, cfg, log)
-    evaluator = Evaluator(cfg, tokenizer, model, data.test_rows, log)
+    evaluator = Evaluator(cfg, tokenizer, model, data.test_rows, log, run_dir / DATA_STATS)
     pipeline = pipeline_from_config(cfg, adapter_names(model))
     loop = RoundLoop(cfg, run_dir, runtime, pipeline, evaluator, log)
     summary = loop.run(resume=bool(resume))
