@@ -124,7 +124,9 @@ def test_a_killed_experiment_resumes_its_fedit_arm(tmp_path, tiny_model_dir):
 
 def test_ctrl_c_names_the_resume_command_and_resume_finishes_the_run(job):
     root, cfg, whole = job
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the run waits after committing round 1 (FEDIT_PAUSE), so the Ctrl-C cannot come after
+    # the last round however fast the tiny rounds are
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FEDIT_PAUSE": "after-manifest:1"}
     env.pop("FEDIT_FAULT", None)
     run_dir = root / "runs" / "interrupted"
     proc = subprocess.Popen([sys.executable, "-m", "fedit", "train", str(cfg), "--set",

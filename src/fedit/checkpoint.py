@@ -177,6 +177,7 @@ def round_dir(run_dir: Path, rnd: int) -> Path:
     return run_dir / "rounds" / f"{rnd:04d}"
 
 
+PAUSE_ENV = "FEDIT_PAUSE"  # tests: "POINT:ROUND" makes the process wait for a signal there
 FAULT_ENV = "FEDIT_FAULT"  # tests: "POINT:ROUND" makes the process SIGKILL itself there
 
 
@@ -184,11 +185,16 @@ def fault_point(point: str, rnd: int) -> None:
     """Where the kill-and-resume tests stop a real run: when ``$FEDIT_FAULT`` is
     ``POINT:ROUND`` the process kills itself (SIGKILL: no cleanup, no flush), as a crash or
     an out-of-memory kill would. Points: ``mid-client``, ``before-metrics``,
-    ``before-manifest``, ``after-manifest``. Unset (always, outside tests): nothing."""
-    if os.environ.get(FAULT_ENV) == f"{point}:{rnd}":
-        import signal
+    ``before-manifest``, ``after-manifest``. Unset (always, outside tests): nothing.
 
+    ``$FEDIT_PAUSE`` = ``POINT:ROUND`` makes the process wait there for a signal instead,
+    so that a test's Ctrl-C lands at a known point however fast the rounds are."""
+    import signal
+
+    if os.environ.get(FAULT_ENV) == f"{point}:{rnd}":
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get(PAUSE_ENV) == f"{point}:{rnd}":
+        signal.pause()
 
 
 def write_manifest(run_dir: Path, manifest: Manifest) -> Path:
