@@ -1,0 +1,219 @@
+"""Two evaluations of the same rows compared: the paired difference of each metric, B - A,
+with a paired bootstrap 95% percentile interval over rows.
+
+Rows are matched by their text (instruction, context, reference), not by position. The row
+indices are resampled once and the same resamples serve every metric; a row whose metric
+is missing in either arm (no loss: the prompt fills the cutoff; exact match outside the
+short-answer categories) is left out of that metric only, and counted. The verdict comes
+from the interval, never from the point estimate: "better" or "worse" when the interval
+excludes 0, else "no difference at 95%".
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedit.errors import DataError
+from fedit.evaluate.evaluation import load_eval
+
+# metric -> True when higher is better
+METRICS = {"loss": False, "rouge_l": True, "similarity": True, "exact_match": True,
+           "judge": True}
+# eval.json settings that change which rows are scored or what a metric means
+SETTING_KEYS = ("rows", "label_field", "template", "cutoff_len", "truncation", "generated",
+                "max_new_tokens", "decoding", "exact_match_categories", "similarity_model")
+SETTING_NAMES = {"template": "data.template", "cutoff_len": "data.cutoff_len",
+                 "truncation": "data.truncation", "label_field": "data.label_field",
+                 "max_new_tokens": "eval.max_new_tokens", "decoding": "eval decoding",
+                 "rows": "held-out rows", "generated": "generated answers",
+                 "exact_match_categories": "eval.exact_match_categories",
+                 "similarity_model": "similarity model"}
+NO_DIFFERENCE = "no difference at 95%"
+JUDGE_RECORDS = "judge.jsonl"  # `fedit judge` single grading, beside answers.jsonl
+COMPARE_FILE = "compare.json"
+
+Key = tuple[str, str, str, int]
+
+
+def row_keys(answers: list[dict[str, Any]]) -> list[Key]:
+    """Each answer's row key: its instruction, context and reference text, and which
+    occurrence of that text it is (so duplicated rows still match one to one)."""
+    seen: Counter[tuple[str, str, str]] = Counter()
+    keys = []
+    for a in answers:
+        text = (str(a.get("instruction") or ""), str(a.get("context") or ""),
+                str(a.get("reference") or ""))
+        keys.append((*text, seen[text]))
+        seen[text] += 1
+    return keys
+
+
+def check_settings(a: dict[str, Any], b: dict[str, Any]) -> None:
+    """Refuse two evaluations whose settings differ, naming the first difference."""
+    for key in SETTING_KEYS:
+        if a.get(key) != b.get(key):
+            raise DataError(f"cannot compare: {SETTING_NAMES[key]} {_show(a.get(key))} (A) vs "
+                            f"{_show(b.get(key))} (B); evaluate both with the same settings "
+                            "(fedit eval base:MODEL --like RUN)")
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, dict | list) else str(value)
+
+
+def match_rows(keys_a: list[Key], keys_b: list[Key]) -> list[tuple[int, int]]:
+    """(index in A, index in B) of each row, in A's order; refuse when the rows differ."""
+    where_b = {k: j for j, k in enumerate(keys_b)}
+    only_a = sum(k not in where_b for k in keys_a)
+    only_b = len(set(keys_b) - set(keys_a))
+    if only_a or only_b:
+        raise DataError(f"cannot compare: the evaluations hold different rows ({only_a} only "
+                        f"in A, {only_b} only in B); evaluate both on the same file (--on)")
+    return [(i, where_b[k]) for i, k in enumerate(keys_a)]
+
+
+def metric_values(answers: list[dict[str, Any]], judge: dict[int, float | None] | None
+                  ) -> np.ndarray:
+    """Rows x METRICS, NaN where a metric is missing (judge: by answer id)."""
+    out = np.full((len(answers), len(METRICS)), np.nan)
+    for i, a in enumerate(answers):
+        for j, name in enumerate(METRICS):
+            v = (judge or {}).get(a.get("id", i)) if name == "judge" else a.get(name)
+            if v is not None:
+                out[i, j] = float(v)
+    return out
+
+
+def _centred_mean(d: np.ndarray, axis: int) -> np.ndarray:
+    """NaN-mean along ``axis``, computed about the first finite value, so that a constant
+    vector's mean is that constant exactly (no rounding from summing it n times)."""
+    finite = d[np.isfinite(d)]
+    centre = finite[0] if finite.size else 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample with no valid row: NaN
+        return np.asarray(centre + np.nanmean(d - centre, axis=axis))
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, resamples: int = 2000, seed: int = 0,
+                     level: float = 0.95, chunk: int = 250) -> list[dict[str, Any]]:
+    """Mean difference B - A of each column and its paired bootstrap percentile interval.
+
+    Parameters
+    ----------
+    a, b : ndarray, shape (rows, metrics)
+        The two arms' per-row values, rows matched; NaN = missing (dropped for that column).
+    resamples : int
+        Bootstrap resamples of the row indices, shared by every column.
+    seed : int
+        Seed of the ``numpy.random.Generator`` drawing the resamples.
+    level : float
+        Coverage of the percentile interval.
+    chunk : int
+        Resamples drawn at a time (bounds memory on many rows).
+
+    Returns
+    -------
+    list of dict
+        Per column: ``rows`` used, ``dropped`` (missing in either arm), ``mean_a``,
+        ``mean_b``, ``diff``, ``low``, ``high`` (None without rows).
+    """
+    d = b - a
+    valid = np.isfinite(d)
+    rng = np.random.default_rng(seed)
+    n = len(d)
+    means = []
+    for start in range(0, resamples if n else 0, chunk):
+        idx = rng.integers(0, n, size=(min(chunk, resamples - start), n))
+        means.append(np.stack([_centred_mean(d[idx, j], axis=1) for j in range(d.shape[1])],
+                              axis=1))
+    boot = np.concatenate(means) if means else np.empty((0, d.shape[1]))
+    tail = 100 * (1 - level) / 2
+    out = []
+    for j in range(d.shape[1]):
+        col, ok = d[:, j], valid[:, j]
+        stats: dict[str, Any] = {"rows": int(ok.sum()), "dropped": int(n - ok.sum()),
+                                 "mean_a": None, "mean_b": None, "diff": None, "low": None,
+                                 "high": None}
+        if ok.any():
+            draws = boot[:, j][np.isfinite(boot[:, j])]
+            low, high = np.percentile(draws, [tail, 100 - tail])
+            stats |= {"mean_a": float(np.mean(a[ok, j])), "mean_b": float(np.mean(b[ok, j])),
+                      "diff": float(_centred_mean(col[ok], axis=0)), "low": float(low),
+                      "high": float(high)}
+        out.append(stats)
+    return out
+
+
+def verdict(low: float | None, high: float | None, higher_is_better: bool) -> str:
+    """"better" / "worse" (B against A) when the interval excludes 0, else no difference."""
+    if low is None or high is None:
+        return "no rows"
+    if low > 0 or high < 0:
+        return "better" if (low > 0) == higher_is_better else "worse"
+    return NO_DIFFERENCE
+
+
+def load_judge_scores(folder: Path) -> dict[int, float | None] | None:
+    """Answer id -> judge score from ``judge.jsonl`` (``fedit judge``), None if absent."""
+    path = Path(folder) / JUDGE_RECORDS
+    if not path.is_file():
+        return None
+    scores = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                item = json.loads(line)
+                scores[item["id"]] = item.get("score")
+            except (ValueError, KeyError, TypeError):
+                raise DataError(f"{path}:{n}: not a judge record (needs id and score); run "
+                                "fedit judge again") from None
+    return scores
+
+
+def compare_evals(folder_a: Path, folder_b: Path, *, resamples: int = 2000, seed: int = 0
+                  ) -> dict[str, Any]:
+    """Compare the evaluations in two folders (eval.json + answers.jsonl each); the judge
+    score takes part when both folders hold a ``judge.jsonl``."""
+    (res_a, ans_a), (res_b, ans_b) = load_eval(folder_a), load_eval(folder_b)
+    check_settings(res_a["settings"], res_b["settings"])
+    pairs = match_rows(row_keys(ans_a), row_keys(ans_b))
+    judge_a, judge_b = load_judge_scores(folder_a), load_judge_scores(folder_b)
+    both_judged = judge_a is not None and judge_b is not None
+    va = metric_values(ans_a, judge_a)[[i for i, _ in pairs]]
+    vb = metric_values(ans_b, judge_b)[[j for _, j in pairs]]
+    stats = paired_bootstrap(va, vb, resamples=resamples, seed=seed)
+    metrics = {}
+    for (name, higher), s in zip(METRICS.items(), stats, strict=True):
+        if name == "judge" and not both_judged:
+            continue
+        metrics[name] = {**s, "better": "higher" if higher else "lower",
+                         "verdict": verdict(s["low"], s["high"], higher)}
+    return {"a": str(folder_a), "b": str(folder_b), "rows": len(pairs),
+            "bootstrap": {"resamples": resamples, "seed": seed, "level": 0.95,
+                          "interval": "percentile", "paired_over": "rows"},
+            "metrics": metrics}
+
+
+def _fmt(v: float | None, signed: bool = False) -> str:
+    return "-" if v is None else f"{v:+.4f}" if signed else f"{v:.4f}"
+
+
+def format_compare(result: dict[str, Any]) -> str:
+    """The text table: metric | A | B | B-A | 95% CI | verdict (which way is better)."""
+    head = f"{'metric':<20}{'A':>9}{'B':>9}{'B-A':>10}  {'95% CI':<21}{'rows':>6}  verdict"
+    lines = [f"A = {result['a']}", f"B = {result['b']}", head, "-" * len(head)]
+    for name, m in result["metrics"].items():
+        label = f"{name} ({m['better']})"
+        ci = f"[{_fmt(m['low'], True)}, {_fmt(m['high'], True)}]" if m["low"] is not None else "-"
+        lines.append(f"{label:<20}{_fmt(m['mean_a']):>9}{_fmt(m['mean_b']):>9}"
+                     f"{_fmt(m['diff'], True):>10}  {ci:<21}{m['rows']:>6}  {m['verdict']}")
+    b = result["bootstrap"]
+    lines.append(f"paired bootstrap over {result['rows']} rows, {b['resamples']} resamples, "
+                 f"seed {b['seed']}; a row missing a metric in either arm is left out of it")
+    return "\n".join(lines)
