@@ -3,9 +3,13 @@ answer is known without the bootstrap."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from fedit.cli import app
 from fedit.errors import DataError
 from fedit.evaluate.compare import (
     NO_DIFFERENCE,
@@ -153,3 +157,49 @@ def test_verdict_from_the_interval_only():
     assert verdict(-0.3, -0.1, higher_is_better=False) == "better"
     assert verdict(-0.01, 0.3, higher_is_better=True) == NO_DIFFERENCE
     assert verdict(None, None, higher_is_better=True) == "no rows"
+
+
+# ---------------------------------------------------------------------------------------
+# fedit eval --compare A B
+
+
+def _cli(*args):
+    return CliRunner().invoke(app, ["eval", *map(str, args)])
+
+
+def test_cli_compare_prints_the_table_and_writes_compare_json(tmp_path):
+    a = {"loss": np.full(20, 2.0), "rouge_l": np.full(20, 0.25)}
+    b = {"loss": np.full(20, 1.5), "rouge_l": np.full(20, 0.25)}
+    folder_a, folder_b = _arms(tmp_path, a, b)
+    result = _cli("--compare", folder_a, folder_b)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "95% CI" in lines[2] and "verdict" in lines[2]
+    loss = next(x for x in lines if x.startswith("loss (lower)"))
+    assert "-0.5000  [-0.5000, -0.5000]" in loss and loss.endswith("better")
+    rouge = next(x for x in lines if x.startswith("rouge_l (higher)"))
+    assert rouge.endswith(NO_DIFFERENCE)
+    assert f"wrote {folder_b / 'compare.json'}" in result.output
+    saved = json.loads((folder_b / "compare.json").read_text())
+    assert saved["metrics"]["loss"]["verdict"] == "better"
+    assert saved["bootstrap"]["resamples"] == 2000 and saved["rows"] == 20
+    # --out puts compare.json elsewhere
+    result = _cli("--compare", folder_a, folder_b, "--out", tmp_path / "c", "--seed", 3)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "c" / "compare.json").read_text())["bootstrap"]["seed"] == 3
+
+
+def test_cli_compare_refusals_are_one_line(tmp_path):
+    a = {"loss": np.ones(5)}
+    folder_a = _write(tmp_path / "a", a)
+    folder_b = _write(tmp_path / "b", a, cutoff_len=512)
+    for args, message in [
+        (("--compare", folder_a, folder_b), "cannot compare: data.cutoff_len 256 (A) vs 512 (B)"),
+        (("--compare", folder_a, tmp_path / "none"), "no eval.json (run fedit eval"),
+        (("run", "--compare", folder_a, folder_a), "--compare A B takes no TARGET"),
+        ((), "give a TARGET to evaluate"),
+    ]:
+        result = _cli(*args)
+        assert result.exit_code == 2, result.output
+        assert result.output.strip().count("\n") == 0 and message in result.output, result.output
+    assert not (folder_b / "compare.json").exists()

@@ -97,8 +97,9 @@ def strategies_cmd() -> None:
 
 @app.command("eval")
 def eval_cmd(
-    target: Annotated[str, typer.Argument(
-        help="run folder, PEFT adapter folder, or base / base:<model> (the untuned model)")],
+    target: Annotated[str | None, typer.Argument(
+        help="run folder, PEFT adapter folder, or base / base:<model> (the untuned model)")
+    ] = None,
     on: Annotated[str | None, typer.Option(
         "--on", help="held-out rows (file or dolly-15k); default: the run's test.jsonl")] = None,
     out: Annotated[Path | None, typer.Option(
@@ -112,14 +113,27 @@ def eval_cmd(
     )] = True,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="override a key: --set eval.max_new_tokens=64")] = None,
+    compare: Annotated[tuple[Path, Path] | None, typer.Option(
+        "--compare", help="compare two evaluated folders A B (eval.json + answers.jsonl): "
+                          "B - A per metric with a paired bootstrap 95% interval; writes "
+                          "compare.json in B (or --out)")] = None,
+    seed: Annotated[int, typer.Option(help="--compare: the bootstrap's seed")] = 0,
+    resamples: Annotated[int, typer.Option(help="--compare: bootstrap resamples")] = 2000,
 ) -> None:
     """Evaluate TARGET (a run folder, a PEFT adapter folder, or base / base:MODEL) on
     held-out rows: loss and perplexity per category, and ROUGE-L, embedding similarity and
-    exact match of batched greedy answers; writes eval.json and answers.jsonl."""
+    exact match of batched greedy answers; writes eval.json and answers.jsonl.
+    --compare A B compares two evaluations of the same rows instead."""
     from fedit.evaluate.evaluation import format_table
     from fedit.evaluate.runner import run_eval
 
+    if compare is not None:
+        _compare(target, compare, out, seed, resamples)
+        return
     try:
+        if target is None:
+            raise FeditError("give a TARGET to evaluate (run folder, adapter folder, base) "
+                             "or --compare A B")
         result, _, out_dir = run_eval(target, on=on, out=out, max_rows=max_rows, model=model,
                                       overrides=set_ or [], generate=generate,
                                       log=lambda m: typer.echo(m, err=True))
@@ -133,6 +147,25 @@ def eval_cmd(
         typer.echo("\nper client, on its own held-out rows (loss):")
         typer.echo(format_per_client(result["per_client"]))
     typer.echo(f"wrote {out_dir / 'eval.json'} and {out_dir / 'answers.jsonl'}")
+
+
+def _compare(target: str | None, folders: tuple[Path, Path], out: Path | None, seed: int,
+             resamples: int) -> None:
+    """``fedit eval --compare A B``: print the table, write compare.json."""
+    from fedit.evaluate.compare import compare_evals, format_compare, write_compare
+
+    try:
+        if target is not None:
+            raise FeditError(f"--compare A B takes no TARGET (got {target}): evaluate each "
+                             "folder first, then compare them")
+        if resamples < 1:
+            raise FeditError(f"--resamples {resamples}: must be >= 1 (2000 by default)")
+        result = compare_evals(*folders, resamples=resamples, seed=seed)
+        path = write_compare(out if out is not None else folders[1], result)
+    except (FeditError, ValueError) as e:
+        _fail(e)
+    typer.echo(format_compare(result))
+    typer.echo(f"wrote {path}")
 
 
 @app.command("export")

@@ -21,6 +21,7 @@ import numpy as np
 
 from fedit.errors import DataError
 from fedit.evaluate.evaluation import load_eval
+from fedit.io import atomic_write_json
 
 # metric -> True when higher is better
 METRICS = {"loss": False, "rouge_l": True, "similarity": True, "exact_match": True,
@@ -198,6 +199,11 @@ def compare_evals(folder_a: Path, folder_b: Path, *, resamples: int = 2000, seed
             "bootstrap": {"resamples": resamples, "seed": seed, "level": 0.95,
                           "interval": "percentile", "paired_over": "rows"},
             "metrics": metrics}
+
+
+def write_compare(out_dir: Path, result: dict[str, Any]) -> Path:
+    """``compare.json`` in ``out_dir`` (created), written atomically; returns its path."""
+    return atomic_write_json(Path(out_dir) / COMPARE_FILE, result)
 
 
 def _fmt(v: float | None, signed: bool = False) -> str:
