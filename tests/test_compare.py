@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedit.cli import app
+from fedit.config import load_config
 from fedit.errors import DataError
 from fedit.evaluate.compare import (
     NO_DIFFERENCE,
@@ -17,7 +18,10 @@ from fedit.evaluate.compare import (
     paired_bootstrap,
     verdict,
 )
-from fedit.evaluate.evaluation import write_eval
+from fedit.evaluate.evaluation import load_eval, write_eval
+from fedit.evaluate.runner import resolve_target
+from fedit.simulation import Simulation, make_run_dir
+from tests.conftest import make_rows, write_config, write_jsonl
 
 SETTINGS = {"model": "m", "rows": 0, "label_field": "category", "template": "alpaca",
             "cutoff_len": 256, "truncation": "context", "generated": True,
@@ -203,3 +207,59 @@ def test_cli_compare_refusals_are_one_line(tmp_path):
         assert result.exit_code == 2, result.output
         assert result.output.strip().count("\n") == 0 and message in result.output, result.output
     assert not (folder_b / "compare.json").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# fedit eval base:MODEL --like RUN, then --compare with the run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("compare-run")
+    data = write_jsonl(tmp / "rows.jsonl", make_rows(64, seed=5))
+    cfg = load_config(write_config(tmp / "tiny.toml", tiny_model_dir, data, rounds=1,
+                                   data={"cutoff_len": 256, "test_per_label": 2}))
+    run_dir = make_run_dir(cfg)
+    Simulation(cfg, run_dir).run()
+    return run_dir
+
+
+def test_like_takes_the_runs_data_settings_and_test_file(run, tiny_model_dir):
+    t = resolve_target(f"base:{tiny_model_dir}", like=run)
+    run_cfg = load_config(run / "config.toml")
+    assert t.kind == "base" and t.adapter is None and t.cfg.model.name == str(tiny_model_dir)
+    assert t.cfg.data == run_cfg.data and t.cfg.data.cutoff_len == 256
+    assert t.cfg.eval == run_cfg.eval and t.default_test == run / "test.jsonl"
+    assert resolve_target(f"base:{tiny_model_dir}").cfg.data.cutoff_len == 512  # no --like
+
+
+def test_compare_accepts_a_like_base_and_refuses_a_plain_one(run, tiny_model_dir, tmp_path):
+    base = f"base:{tiny_model_dir}"
+    for args in [(run, "--out", tmp_path / "run"),
+                 (base, "--like", run, "--out", tmp_path / "like"),
+                 (base, "--on", run / "test.jsonl", "--out", tmp_path / "plain",
+                  "--set", "model.dtype=fp32")]:
+        result = _cli(*args, "--no-generate")
+        assert result.exit_code == 0, result.output
+    like, _ = load_eval(tmp_path / "like")
+    assert like["settings"]["like"] == str(run) and like["settings"]["cutoff_len"] == 256
+    assert like["settings"]["test_file"] == str(run / "test.jsonl")
+    # the run's own settings and rows (and dtype): the run's round-0 held-out loss
+    round0 = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert like["overall"]["loss"] == pytest.approx(round0["eval_loss"], rel=1e-5)
+    result = _cli("--compare", tmp_path / "like", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert "loss (lower)" in result.output
+    result = _cli("--compare", tmp_path / "plain", tmp_path / "run")
+    assert result.exit_code == 2, result.output
+    assert "cannot compare: data.cutoff_len 512 (A) vs 256 (B)" in result.output
+
+
+def test_like_errors(run, tiny_model_dir, tmp_path):
+    for args, message in [
+        ((run, "--like", run, "--out", tmp_path), "--like is only for base"),
+        ((f"base:{tiny_model_dir}", "--like", tmp_path, "--out", tmp_path),
+         "not a run folder (no config.toml)"),
+    ]:
+        result = _cli(*args)
+        assert result.exit_code == 2 and message in result.output, result.output

@@ -113,6 +113,10 @@ def eval_cmd(
     )] = True,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="override a key: --set eval.max_new_tokens=64")] = None,
+    like: Annotated[Path | None, typer.Option(
+        "--like", help="base / base:MODEL only: take this run's config (data: template, "
+                       "cutoff, truncation, fields; eval; dtype; seed) and its test.jsonl, "
+                       "so the base is scored like the run")] = None,
     compare: Annotated[tuple[Path, Path] | None, typer.Option(
         "--compare", help="compare two evaluated folders A B (eval.json + answers.jsonl): "
                           "B - A per metric with a paired bootstrap 95% interval; writes "
@@ -135,7 +139,7 @@ def eval_cmd(
             raise FeditError("give a TARGET to evaluate (run folder, adapter folder, base) "
                              "or --compare A B")
         result, _, out_dir = run_eval(target, on=on, out=out, max_rows=max_rows, model=model,
-                                      overrides=set_ or [], generate=generate,
+                                      overrides=set_ or [], generate=generate, like=like,
                                       log=lambda m: typer.echo(m, err=True))
     except (FeditError, ValueError) as e:
         _fail(e)

@@ -48,10 +48,12 @@ class EvalTarget:
     cfg: RunConfig  # cfg.model.name is the base model to load
     adapter: Path | None = None
     run_dir: Path | None = None
+    like: Path | None = None  # base --like RUN: the run whose settings it takes
 
     @property
     def default_test(self) -> Path | None:
-        return self.run_dir / TEST_FILE if self.run_dir is not None else None
+        run = self.run_dir or self.like
+        return run / TEST_FILE if run is not None else None
 
     @property
     def default_out(self) -> Path | None:
@@ -86,13 +88,19 @@ def adapter_base(adapter: Path) -> str | None:
 
 
 def resolve_target(target: str, *, model: str | None = None,
-                   overrides: list[str] | None = None) -> EvalTarget:
-    """Resolve ``RUN_OR_ADAPTER`` (with ``--model`` and ``--set``) to what is evaluated."""
+                   overrides: list[str] | None = None, like: Path | None = None) -> EvalTarget:
+    """Resolve ``RUN_OR_ADAPTER`` (with ``--model``, ``--set`` and, for the base model,
+    ``--like RUN``: the run's config, so its data and eval settings) to what is evaluated."""
     overrides = overrides or []
-    if target == "base" or target.startswith("base:"):
-        cfg = load_config(None, overrides)
+    is_base = target == "base" or target.startswith("base:")
+    if like is not None and not is_base:
+        raise ConfigError(f"--like is only for base / base:<model> (got {target}): a run "
+                          "or an adapter is evaluated with its own settings")
+    if is_base:
+        cfg = load_config(_like_config(like), overrides)
         name = model or target.partition(":")[2] or cfg.model.name
-        return EvalTarget("base", dataclasses.replace(cfg, model=_with_name(cfg, name)))
+        return EvalTarget("base", dataclasses.replace(cfg, model=_with_name(cfg, name)),
+                          like=like)
     path = Path(target).expanduser()
     if not path.exists():
         raise ConfigError(f"{target}: no such run folder or adapter folder "
@@ -115,6 +123,16 @@ def resolve_target(target: str, *, model: str | None = None,
         return EvalTarget("adapter", _replace_model(cfg, found), path, run)
     raise ConfigError(f"{target}: not a run folder (no {CONFIG_FILE}) nor an adapter folder "
                       f"(no {ADAPTER_CONFIG})")
+
+
+def _like_config(like: Path | None) -> Path | None:
+    """The config.toml of the ``--like`` run folder (None without ``--like``)."""
+    if like is None:
+        return None
+    if not (like / CONFIG_FILE).is_file():
+        raise ConfigError(f"--like {like}: not a run folder (no {CONFIG_FILE}); name the run "
+                          "whose data and eval settings the base model should take")
+    return like / CONFIG_FILE
 
 
 def _with_name(cfg: RunConfig, name: str) -> Any:
@@ -190,12 +208,12 @@ def load_eval_model(target: EvalTarget) -> tuple[Any, Any]:
 def run_eval(
     target: str, *, on: str | None = None, out: Path | None = None, max_rows: int = 0,
     model: str | None = None, overrides: list[str] | None = None, generate: bool = True,
-    log: Log = print,
+    like: Path | None = None, log: Log = print,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], Path]:
     """``fedit eval``: resolve, load, evaluate, write eval.json + answers.jsonl (and
     per_client.txt for a run with per-client held-out rows); returns (result, answers,
     the folder written)."""
-    t = resolve_target(target, model=model, overrides=overrides)
+    t = resolve_target(target, model=model, overrides=overrides, like=like)
     out_dir = out if out is not None else t.default_out
     if out_dir is None:
         raise ConfigError("evaluating the base model: pass --out DIR for eval.json")
@@ -206,7 +224,8 @@ def run_eval(
     result, answers = evaluate_model(lm, tokenizer, rows, t.cfg, generate=generate, log=log)
     result["settings"] |= {"adapter": str(t.adapter) if t.adapter else None,
                            "run": str(t.run_dir) if t.run_dir else None,
-                           "test_file": source, "max_rows": max_rows}
+                           "test_file": source, "max_rows": max_rows,
+                           "like": str(t.like) if t.like else None}
     if t.kind == "run" and t.run_dir is not None:
         per_client = per_client_losses(lm, tokenizer, t.run_dir, t.cfg)
         if per_client:
