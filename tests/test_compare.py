@@ -263,3 +263,23 @@ def test_like_errors(run, tiny_model_dir, tmp_path):
     ]:
         result = _cli(*args)
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_forest_plot_is_written_beside_compare_json(tmp_path):
+    import matplotlib.image
+
+    rng = np.random.default_rng(6)
+    a = {"loss": rng.normal(2.5, 0.3, 60), "rouge_l": rng.uniform(0, 0.4, 60),
+         "similarity": rng.uniform(0.3, 0.8, 60), "exact_match": np.full(60, np.nan)}
+    b = {"loss": a["loss"] - 0.05 + rng.normal(0, 0.02, 60),
+         "rouge_l": a["rouge_l"] + rng.normal(0, 0.05, 60),
+         "similarity": a["similarity"] - 0.04 + rng.normal(0, 0.02, 60),
+         "exact_match": np.full(60, np.nan)}
+    folder_a, folder_b = _arms(tmp_path, a, b)
+    result = _cli("--compare", folder_a, folder_b)
+    assert result.exit_code == 0, result.output
+    assert f"and {folder_b / 'compare.png'}" in result.output
+    image = matplotlib.image.imread(folder_b / "compare.png")
+    # 3 metrics with rows (exact match has none): 7.5 x (0.9 + 3 * 0.85) inches at 100 dpi
+    assert image.shape == (345, 750, 4)
+    assert image[..., :3].std() > 0.05  # not a blank canvas

@@ -165,11 +165,11 @@ def _compare(target: str | None, folders: tuple[Path, Path], out: Path | None, s
         if resamples < 1:
             raise FeditError(f"--resamples {resamples}: must be >= 1 (2000 by default)")
         result = compare_evals(*folders, resamples=resamples, seed=seed)
-        path = write_compare(out if out is not None else folders[1], result)
+        paths = write_compare(out if out is not None else folders[1], result)
     except (FeditError, ValueError) as e:
         _fail(e)
     typer.echo(format_compare(result))
-    typer.echo(f"wrote {path}")
+    typer.echo(f"wrote {' and '.join(map(str, paths))}")
 
 
 @app.command("export")

@@ -11,6 +11,7 @@ excludes 0, else "no difference at 95%".
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from collections import Counter
@@ -21,7 +22,7 @@ import numpy as np
 
 from fedit.errors import DataError
 from fedit.evaluate.evaluation import load_eval
-from fedit.io import atomic_write_json
+from fedit.io import atomic_write_bytes, atomic_write_json
 
 # metric -> True when higher is better
 METRICS = {"loss": False, "rouge_l": True, "similarity": True, "exact_match": True,
@@ -38,6 +39,7 @@ SETTING_NAMES = {"template": "data.template", "cutoff_len": "data.cutoff_len",
 NO_DIFFERENCE = "no difference at 95%"
 JUDGE_RECORDS = "judge.jsonl"  # `fedit judge` single grading, beside answers.jsonl
 COMPARE_FILE = "compare.json"
+COMPARE_PLOT = "compare.png"  # the forest plot, beside compare.json
 
 Key = tuple[str, str, str, int]
 
@@ -201,9 +203,46 @@ def compare_evals(folder_a: Path, folder_b: Path, *, resamples: int = 2000, seed
             "metrics": metrics}
 
 
-def write_compare(out_dir: Path, result: dict[str, Any]) -> Path:
-    """``compare.json`` in ``out_dir`` (created), written atomically; returns its path."""
-    return atomic_write_json(Path(out_dir) / COMPARE_FILE, result)
+def write_compare(out_dir: Path, result: dict[str, Any]) -> list[Path]:
+    """``compare.json`` and, when some metric has rows, its forest plot ``compare.png`` in
+    ``out_dir`` (created), each written atomically; returns the paths written."""
+    written = [atomic_write_json(Path(out_dir) / COMPARE_FILE, result)]
+    png = plot_forest(result)
+    if png is not None:
+        written.append(atomic_write_bytes(Path(out_dir) / COMPARE_PLOT, png))
+    return written
+
+
+def plot_forest(result: dict[str, Any]) -> bytes | None:
+    """A forest plot of ``compare_evals``' result as PNG bytes: one row per metric (each on
+    its own scale: a loss and a ROUGE-L differ in size), the difference B - A as a point,
+    its 95% interval as a bar, and the zero line; None when no metric has rows."""
+    from matplotlib.figure import Figure
+
+    rows = [(name, m) for name, m in result["metrics"].items() if m["diff"] is not None]
+    if not rows:
+        return None
+    fig = Figure(figsize=(7.5, 0.9 + 0.85 * len(rows)), layout="constrained")
+    axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
+    colors = {"better": "#55a868", "worse": "#c44e52", NO_DIFFERENCE: "#4c72b0"}
+    for ax, (name, m) in zip(axes, rows, strict=True):
+        color = colors.get(m["verdict"], "#4c72b0")
+        ax.errorbar([m["diff"]], [0], xerr=[[m["diff"] - m["low"]], [m["high"] - m["diff"]]],
+                    fmt="o", color=color, capsize=5, lw=2)
+        ax.axvline(0, color="black", lw=1, ls="--")
+        reach = max(abs(m["low"]), abs(m["high"]), 1e-9) * 1.3
+        ax.set_xlim(-reach, reach)
+        ax.set_yticks([0], [f"{name}\n({m['better']} is better)"], fontsize=9)
+        ax.set_ylim(-1, 1)
+        ax.set_title(f"{m['diff']:+.4f} [{m['low']:+.4f}, {m['high']:+.4f}]  {m['verdict']}  "
+                     f"({m['rows']} rows)", fontsize=9, loc="right")
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1].set_xlabel("B - A (paired bootstrap 95% interval)")
+    fig.suptitle(f"B = {Path(result['b']).name or result['b']}  vs  "
+                 f"A = {Path(result['a']).name or result['a']}", fontsize=10)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
 
 
 def _fmt(v: float | None, signed: bool = False) -> str:
