@@ -9,6 +9,11 @@ so ``http://127.0.0.1:8080/v1`` and ``https://api.openai.com/v1`` work as given.
 Replies are cached in SQLite, keyed by a hash of the judge model and the full prompt (not the
 URL), so a re-run, or the same answers judged from another folder, makes no request. Only
 replies with a verdict are cached: an unparsable item is asked again on the next run.
+
+A judge with a small context (``fedit serve`` of a small model, a local server) answers HTTP
+400 "maximum context length" when the prompt and ``max_tokens`` do not fit: that request and
+every later one go without ``max_tokens`` (the server gives what fits), and a prompt that
+does not fit at all is counted as unparsable (``too_long``), not fatal to the whole run.
 """
 
 from __future__ import annotations
@@ -47,6 +52,10 @@ class JudgeError(FeditError):
     """The judge endpoint cannot be reached or keeps failing; the message says what to do."""
 
 
+class PromptTooLong(JudgeError):
+    """The judge's context cannot hold the prompt: HTTP 400, context length exceeded."""
+
+
 # ---------------------------------------------------------------- the HTTP client
 def chat_endpoint(url: str) -> str:
     """``{url}/chat/completions``; a bare ``http://host:port`` gets ``/v1`` first."""
@@ -77,6 +86,8 @@ class JudgeClient:
     api_key : sent as ``Authorization: Bearer``; None sends no header (local servers).
     timeout : seconds for one request.
     retries : extra tries after a timeout, connection error, HTTP 429 or 5xx.
+    max_tokens : the reply's budget; None once a server said prompt + budget exceed its
+        context (HTTP 400): later requests leave it to the server.
     backoff : first back-off in seconds, doubled each retry (with jitter), capped by
         ``max_backoff``; a 429's ``Retry-After`` is honoured up to that cap.
     """
@@ -88,7 +99,7 @@ class JudgeClient:
     retries: int = 4
     backoff: float = 0.5
     max_backoff: float = 20.0
-    max_tokens: int = 1024
+    max_tokens: int | None = 1024
     requests: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -102,8 +113,15 @@ class JudgeClient:
 
     def chat(self, messages: list[dict[str, str]]) -> str:
         """The reply text for ``messages`` at temperature 0 ("" when the reply has none)."""
-        body = {"model": self.model, "messages": messages, "temperature": 0,
-                "max_tokens": self.max_tokens}
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": 0}
+        if self.max_tokens is not None:
+            try:
+                return self._post({**body, "max_tokens": self.max_tokens})
+            except PromptTooLong:  # prompt + max_tokens over a small context: from now on
+                self.max_tokens = None  # the server gives each reply what fits
+        return self._post(body)
+
+    def _post(self, body: dict[str, Any]) -> str:
         for attempt in range(self.retries + 1):
             with self._lock:
                 self.requests += 1
@@ -121,6 +139,8 @@ class JudgeClient:
                                      f"{_snippet(resp.text)}")
                 self._sleep(attempt, resp.headers.get("retry-after"))
                 continue
+            if resp.status_code == 400 and _context_full(resp.text):
+                raise PromptTooLong(f"judge endpoint {self.endpoint}: {_snippet(resp.text)}")
             if resp.status_code >= 400:
                 raise JudgeError(f"judge endpoint {self.endpoint} refused the request: HTTP "
                                  f"{resp.status_code} {_snippet(resp.text)} (check "
@@ -143,6 +163,11 @@ class JudgeClient:
                               "the server")
         return JudgeError(f"judge endpoint {self.endpoint} unreachable ({_one_line(exc)}; "
                           f"{tries} tries): start the server or fix --judge-url")
+
+
+def _context_full(text: str) -> bool:
+    """An HTTP 400 body saying the context is too small (OpenAI, vLLM, fedit serve)."""
+    return "context_length_exceeded" in text or "maximum context length" in text
 
 
 def _snippet(text: str) -> str:
@@ -211,6 +236,7 @@ class Judge:
     cache: JudgeCache
     parse_retries: int = 2
     cache_hits: int = field(default=0, init=False)
+    too_long: int = field(default=0, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def ask(self, messages: list[dict[str, str]],
@@ -224,7 +250,12 @@ class Judge:
             return cached, parse(cached), True
         reply, replies = "", set()
         for _ in range(self.parse_retries + 1):
-            reply = self.client.chat(messages)
+            try:
+                reply = self.client.chat(messages)
+            except PromptTooLong as exc:  # asking again cannot help: counted as unparsable
+                with self._lock:
+                    self.too_long += 1
+                return f"(not judged: {exc})", None, False
             verdict = parse(reply)
             if verdict is not None:
                 self.cache.put(key, self.client.model, reply)
@@ -426,6 +457,7 @@ def run_judge(answers: Path, against: Path | None, *, url: str, model: str,
         "against": str(answers_path(against)) if against else None,
         "endpoint": client.endpoint, "prompt": PROMPT_NAMES[(result["mode"], reference)],
         "temperature": 0, "requests": client.requests, "cache_hits": judge.cache_hits,
+        "too_long": judge.too_long,
         "cache": str(cache.path),
     }
     result["records"] = str(write_judge(out, result))
@@ -450,5 +482,7 @@ def format_judge(result: dict[str, Any]) -> str:
     head = (f"{s['answers']} judged by {result['judge_model']}" if s["against"] is None else
             f"{s['answers']} (win = this) against {s['against']}, judged by "
             f"{result['judge_model']} in both orders")
+    long = (f", {s['too_long']} prompts too long for the judge's context (unparsable)"
+            if s.get("too_long") else "")
     return "\n".join([head, *lines, f"{s['requests']} requests, {s['cache_hits']} replies from "
-                      f"the cache\nwrote {result['out']} and {result['records']}"])
+                      f"the cache{long}\nwrote {result['out']} and {result['records']}"])
