@@ -449,20 +449,31 @@ def experiment_cmd(
         typer.Option("--set", help="override a key: --set rounds=6 "
                                    "--set experiment.local_clients=3"),
     ] = None,
+    seeds: Annotated[int, typer.Option(
+        help="repeat the arms with seeds seed..seed+N-1, each in <out>/seed-<s>/; "
+             "experiment.json: mean ± sd across seeds")] = 1,
 ) -> None:
     """The FedIT paper's comparison: base, local-only, FedIT and centralized on one held-out
     set with the same compute budget; an arm already evaluated in --out is skipped."""
     from fedit.experiment import format_summary, run_experiment
+    from fedit.experiment_seeds import format_seeds, run_seeds
     from fedit.report import build_report
 
+    log = lambda m: typer.echo(m, err=True)  # noqa: E731
     try:
-        summary = run_experiment(name, scale, out, set_ or [],
-                                 log=lambda m: typer.echo(m, err=True))
-        folder = Path(summary["out"])
-        report = build_report(folder)
+        if seeds == 1:  # a plain experiment, in <out> itself
+            summary = run_experiment(name, scale, out, set_ or [], log=log)
+            reports = [build_report(Path(summary["out"]))]
+            table = format_summary(summary)
+        else:
+            summary = run_seeds(name, scale, seeds, out, set_ or [], log=log)
+            reports = [build_report(Path(summary["out"]) / f) for f in
+                       summary["folders"].values()]
+            table = format_seeds(summary)
     except (FeditError, ValueError) as e:
         _fail(e)
-    typer.echo(f"\n{format_summary(summary)}\n\nexperiment folder: {folder}\nreport: {report}")
+    typer.echo(f"\n{table}\n\nexperiment folder: {summary['out']}\nreport: "
+               + ", ".join(str(r) for r in reports))
 
 
 @app.command("report")

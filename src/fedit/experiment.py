@@ -8,7 +8,8 @@ category, every arm on the same base model, loaded once:
 2. ``local-only``: each of ``experiment.local_clients`` seeded clients fine-tunes alone on
    its own rows for ``rounds x train.max_steps`` steps, the steps one client does if it
    takes part in every round of the federated run; the arm's numbers are the mean over
-   those clients (each client's own eval sits in ``local-only/client_NNNN/``);
+   those clients (each client's own eval sits in ``local-only/client_NNNN/``, and its
+   overall metrics in ``experiment.json`` under ``arms["local-only"]["per_client"]``);
 3. ``fedit``: FedAvg over the clients, run by :class:`fedit.simulation.Simulation`
    (``rounds x clients-a-round x train.max_steps`` steps in all); killed mid-way, it
    continues after its last committed round (``--resume`` semantics);
@@ -383,6 +384,9 @@ class Experiment:
             result = _read_json(folder / "eval.json")
             arms[name] = {**_read_json(folder / "arm.json"), "overall": result["overall"],
                           "by_category": result["by_category"]}
+        arms["local-only"]["per_client"] = {  # every client trained, not only their mean
+            str(c): _read_json(self.out / "local-only" / f"client_{c:04d}" / "eval.json")[
+                "overall"] for c in self.local_clients}
         return {
             "experiment": "fedit-paper",
             "scale": self.scale,
@@ -451,6 +455,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     for name, arm in summary["arms"].items():
         o = arm["overall"]
         lines.append(f"{name:<12} {arm['steps']:>6} {f(o['loss']):>8} {f(o['perplexity']):>8} "
+                     f"{f(o.get('rouge_l')):>8} {f(o.get('similarity')):>8}")
+    for c, o in summary["arms"]["local-only"].get("per_client", {}).items():
+        lines.append(f"  client {c:<3} {'':>6} {f(o['loss']):>8} {f(o['perplexity']):>8} "
                      f"{f(o.get('rouge_l')):>8} {f(o.get('similarity')):>8}")
     return "\n".join(lines)
 
