@@ -133,3 +133,13 @@ def test_seeds_into_a_one_seed_folder_or_below_two_is_refused(seeded, tmp_path):
                                           "--out", str(out), "--seeds", n])
         assert result.exit_code == 2
         assert result.output.strip() == message
+
+
+def test_report_of_a_seeds_folder_names_each_seed(seeded):
+    two, _, _ = seeded
+    assert (two / "seed-42" / "report.html").is_file()
+    assert (two / "seed-43" / "report.html").is_file()
+    result = CliRunner().invoke(app, ["report", str(two)])
+    assert result.exit_code == 2
+    assert result.output.strip() == (f"error: {two} holds 2 seeds (42, 43), each with its "
+                                     f"own report.html: fedit report {two}/seed-S")

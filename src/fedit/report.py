@@ -94,6 +94,10 @@ def _load_experiment(folder: Path) -> Source:
     if not isinstance(exp, dict) or not isinstance(exp.get("arms"), dict):
         raise DataError(f"{folder / 'experiment.json'}: no 'arms' table; re-run "
                         "`fedit experiment` to rewrite it")
+    if isinstance(exp.get("folders"), dict):  # --seeds: one experiment a seed below
+        seeds = ", ".join(exp["folders"])
+        raise DataError(f"{folder} holds {len(exp['folders'])} seeds ({seeds}), each with its "
+                        f"own report.html: fedit report {folder}/seed-S")
     src = Source(folder, "experiment", f"{exp.get('experiment', 'experiment')} "
                  f"({exp.get('scale') or 'custom'} scale)", [], [], {}, {})
     for arm, info in exp["arms"].items():
