@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from fedit.adapter import load_adapter_arrays
 from fedit.cli import app
 from fedit.errors import ConfigError
+from fedit.evaluate.compare import compare_evals
 from fedit.experiment import experiment_config, local_only_clients, plan_budget
 from tests.conftest import make_rows, write_jsonl
 
@@ -88,6 +89,26 @@ def test_every_arm_writes_its_eval_and_the_summary(experiment):
     assert all(f"<th>{arm}</th>" in report for arm in ARMS)
     for arm in ARMS:
         assert arm in output  # the summary table
+    # paired differences: fedit against base, each local-only client, centralized; the
+    # numbers are compare.py's on the two folders, seeded from the config's seed (42)
+    paired = summary["paired"]
+    clients = [f"local-only/client_{c:04d}" for c in summary["local_clients"]]
+    assert paired["bootstrap"]["seed"] == 42
+    assert [(p["a"], p["b"]) for p in paired["pairs"].values()] == [
+        (a, "fedit") for a in ["base", *clients, "centralized"]]
+    for name, pair in paired["pairs"].items():
+        direct = compare_evals(out / pair["a"], out / "fedit", seed=42)
+        assert pair["metrics"] == direct["metrics"], name
+        assert pair["rows"] == direct["rows"] == len(test_rows)
+        assert set(pair["metrics"]) >= {"loss", "rouge_l"}
+        m = pair["metrics"]["loss"]
+        assert (f"{name}: loss {m['diff']:+.4f} [{m['low']:+.4f}, {m['high']:+.4f}] "
+                f"{m['verdict']} ({m['rows']} rows)") in output
+    counts = paired["fedit_vs_local_only_clients"]["loss"]
+    verdicts = [paired["pairs"][f"fedit vs {c.replace('/', ' ')}"]["metrics"]["loss"]["verdict"]
+                for c in clients]
+    assert counts == {v: verdicts.count(v) for v in ["better", "no difference at 95%", "worse"]}
+    assert "fedit vs the 2 local-only clients on loss: better than " in output
 
 
 def test_compute_budgets_from_what_each_arm_recorded(experiment):

@@ -21,8 +21,11 @@ high enough that the step cap always binds (a small client repeats its rows), so
 budgets are exact and recorded (``arm.json`` per arm; ``client_steps`` per round in
 ``fedit/metrics.jsonl``). Every arm is evaluated with
 :func:`fedit.evaluate.evaluation.evaluate_model` into ``<out>/<arm>/eval.json`` and
-``answers.jsonl``; ``<out>/experiment.json`` summarises them. An arm whose ``eval.json``
-exists is skipped when the command is run again (resume after a kill).
+``answers.jsonl``; ``<out>/experiment.json`` summarises them, with a ``"paired"`` section
+(:mod:`fedit.experiment_paired`): fedit against base, each local-only client and
+centralized, per metric the paired bootstrap difference, its 95% interval and verdict. An
+arm whose ``eval.json`` exists is skipped when the command is run again (resume after a
+kill).
 
 Every arm keeps the adapter it evaluated as a PEFT folder, named in its ``arm.json``
 (``"adapter"``, relative to the arm's folder): ``base/adapter`` (the initial adapter,
@@ -84,6 +87,7 @@ from fedit.config import RunConfig, apply_overrides, config_from_dict, to_toml
 from fedit.data.batching import tokenize_for_run
 from fedit.data.federated import FederatedData, split_data, write_split
 from fedit.errors import ConfigError
+from fedit.experiment_paired import format_paired, paired_section
 from fedit.io import atomic_write_json, atomic_write_text
 from fedit.rounds import Log
 from fedit.simulation import Simulation
@@ -397,6 +401,7 @@ class Experiment:
             "budget": self.budget.as_dict(),
             "local_clients": self.local_clients,
             "arms": arms,
+            "paired": paired_section(self.out, self.local_clients, self.cfg.seed),
             "seconds": seconds,
         }
 
@@ -459,6 +464,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     for c, o in summary["arms"]["local-only"].get("per_client", {}).items():
         lines.append(f"  client {c:<3} {'':>6} {f(o['loss']):>8} {f(o['perplexity']):>8} "
                      f"{f(o.get('rouge_l')):>8} {f(o.get('similarity')):>8}")
+    if "paired" in summary:
+        lines += ["", *format_paired(summary["paired"])]
     return "\n".join(lines)
 
 
