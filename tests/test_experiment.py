@@ -4,6 +4,7 @@ from what the run recorded, resume, and the config errors."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 import re
 import shutil
@@ -109,6 +110,22 @@ def test_every_arm_writes_its_eval_and_the_summary(experiment):
                 for c in clients]
     assert counts == {v: verdicts.count(v) for v in ["better", "no difference at 95%", "worse"]}
     assert "fedit vs the 2 local-only clients on loss: better than " in output
+
+
+def test_the_report_shows_the_paired_differences_as_a_forest_plot(experiment):
+    from matplotlib.image import imread
+
+    out, _, _, _ = experiment
+    report = (out / "report.html").read_text(encoding="utf-8")
+    title = "Paired differences: fedit - other arm, 95% intervals"
+    assert f"<h2>{title}</h2>" in report
+    embedded = re.findall(rf'<img alt="{title}" src="data:image/png;base64,([^"]+)"', report)
+    png = (out / "report-paired.png").read_bytes()  # written beside the page
+    assert [base64.b64decode(embedded[0])] == [png]
+    image = imread(io.BytesIO(png), format="png")
+    assert image.shape[0] > 200 and image.shape[1] > 500
+    assert image[..., :3].std() > 0.05  # not blank: points, bars, labels
+    assert report.count(" of 2 local-only clients</li>") == 3  # loss, rouge_l, exact_match
 
 
 def test_compute_budgets_from_what_each_arm_recorded(experiment):

@@ -5,8 +5,10 @@ can be mailed or attached as it is; the same PNGs are also written beside the HT
 
 - experiment folder (``experiment.json``, from ``fedit experiment``): held-out loss per
   round of the FedIT arm with the other arms as horizontal lines, per-category loss and
-  ROUGE-L bars of the four arms, the clients' data heatmap, the overall metrics table,
-  sample answers side by side, each arm's ``judge.json`` when there is one;
+  ROUGE-L bars of the four arms, the paired differences of fedit against every other arm
+  as a forest plot (``experiment.json``'s ``"paired"``), the clients' data heatmap, the
+  overall metrics table, sample answers side by side, each arm's ``judge.json`` when there
+  is one;
 - run folder (``metrics.jsonl``, from ``fedit train``): the loss curves (per category too
   when the rounds recorded it), the heatmap, and ``eval.json`` / ``judge.json`` when
   ``fedit eval`` / ``fedit judge`` have written them.
@@ -46,6 +48,7 @@ class Source:
     arm_info: dict[str, dict[str, Any]] = field(default_factory=dict)  # arm -> steps, time
     judges: dict[str, dict[str, Any]] = field(default_factory=dict)  # arm -> judge.json
     partitions: Path | None = None  # the folder with stats.json / clients.png
+    paired: dict[str, Any] = field(default_factory=dict)  # experiment.json's "paired"
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -107,6 +110,7 @@ def _load_experiment(folder: Path) -> Source:
         src.answers[arm] = ans
         src.arm_info[arm] = info
         src.judges |= _read_judges(folder / arm, arm)
+    src.paired = exp.get("paired") or {}
     if (folder / "fedit" / "metrics.jsonl").is_file():
         src.metrics = _read_jsonl(folder / "fedit" / "metrics.jsonl")
     budget = exp.get("budget", {})
@@ -318,6 +322,13 @@ def plot_per_client(src: Source) -> bytes | None:
     return _png(fig)
 
 
+def plot_paired_differences(src: Source) -> bytes | None:
+    """An experiment's forest plot (``experiment.json``'s ``"paired"``), else None."""
+    from fedit.experiment_paired import plot_paired
+
+    return plot_paired(src.paired) if src.paired.get("pairs") else None
+
+
 def client_heatmap(src: Source) -> bytes | None:
     """The partition plot: clients.png as written, else drawn again from stats.json."""
     if src.partitions is None:
@@ -476,6 +487,21 @@ def judge_section(src: Source) -> str:
             "against the other file's, each pair judged in both orders.</p>")
 
 
+def paired_note(src: Source) -> str:
+    """Under the forest plot: how the intervals were drawn, FedIT's record against the
+    local-only clients."""
+    b = src.paired.get("bootstrap", {})
+    counts = "".join(
+        f"<li>{_esc(metric)}: better than {c.get('better', 0)}, tied with "
+        f"{c.get('no difference at 95%', 0)}, worse than {c.get('worse', 0)} of "
+        f"{sum(c.values())} local-only clients</li>"
+        for metric, c in src.paired.get("fedit_vs_local_only_clients", {}).items())
+    return (f'<p class="muted">paired bootstrap over the held-out rows, '
+            f"{_esc(b.get('resamples', '?'))} resamples, seed {_esc(b.get('seed', '?'))}; "
+            "the verdict comes from the interval (better / worse when it excludes 0).</p>"
+            + (f"<ul>{counts}</ul>" if counts else ""))
+
+
 def render_html(src: Source, images: dict[str, bytes]) -> str:
     """The whole page; ``images`` maps a section name to its PNG bytes."""
     facts = "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in src.facts)
@@ -484,7 +510,8 @@ def render_html(src: Source, images: dict[str, bytes]) -> str:
             f'<table class="facts">{facts}</table>']
     if src.evals:
         body += ["<h2>Overall metrics</h2>", metrics_table(src)]
-    titles = {"loss": "Held-out loss per round", "categories": "Per category",
+    titles = {"paired": "Paired differences: fedit - other arm, 95% intervals",
+              "loss": "Held-out loss per round", "categories": "Per category",
               "category_curves": "Per category per round",
               "per_client": "Per client: global vs personal adapter",
               "clients": "Clients' data (rows per category and client)"}
@@ -493,6 +520,8 @@ def render_html(src: Source, images: dict[str, bytes]) -> str:
             body += [f"<h2>{_esc(title)}</h2>", _img(images[key], title)]
         if key == "categories" and src.evals:
             body += ["<h3>Loss per category</h3>", category_table(src, "loss")]
+        if key == "paired" and key in images:
+            body.append(paired_note(src))
         if key == "per_client" and key in images:
             body.append(per_client_table(src))
     if src.judges:
@@ -510,7 +539,7 @@ def build_report(folder: Path, out: Path | None = None) -> Path:
     out = Path(out) if out is not None else src.folder / "report.html"
     makers = {"loss": plot_loss_curve, "categories": plot_category_bars,
               "category_curves": plot_category_curves, "per_client": plot_per_client,
-              "clients": client_heatmap}
+              "clients": client_heatmap, "paired": plot_paired_differences}
     images = {}
     for key, make in makers.items():
         png = make(src)
