@@ -283,6 +283,27 @@ def test_small_scale_budget_is_the_documented_arithmetic():
     assert cfg.partition.method == "dirichlet" and cfg.partition.alpha == 0.5
 
 
+def test_medium_scale_budget_is_the_documented_arithmetic():
+    cfg, settings = experiment_config("fedit-paper", "medium")
+    budget = plan_budget(cfg)
+    assert (budget.rounds, budget.clients_per_round, budget.local_steps) == (10, 4, 10)
+    assert budget.client_steps == 100 and budget.total_steps == 400
+    assert settings.local_clients == 3
+    total = budget.total_steps * 2 + settings.local_clients * budget.client_steps
+    assert total == 1100  # the docstring's 1,100 optimizer steps
+    assert (cfg.data.test_per_label, cfg.eval.max_new_tokens, cfg.eval.generate_batch_size) \
+        == (20, 128, 16)
+    assert (cfg.data.cutoff_len, cfg.train.batch_size, cfg.model.name) == (
+        256, 8, "smollm2-135m")
+
+
+@pytest.mark.parametrize("scale", ["test", "small", "medium", "full"])
+def test_every_scale_config_loads(scale):
+    cfg, settings = experiment_config("fedit-paper", scale)
+    assert cfg.name == f"fedit-paper-{scale}" and plan_budget(cfg).total_steps > 0
+    assert settings.local_clients <= cfg.partition.clients
+
+
 def test_full_scale_is_shepherds_published_setting():
     cfg, settings = experiment_config("fedit-paper", "full")
     budget = plan_budget(cfg)
@@ -303,7 +324,7 @@ def test_local_only_clients_are_seeded_and_distinct():
     ("name", "scale", "sets", "message"),
     [
         ("fedit-papr", "small", [], "unknown experiment 'fedit-papr'; use one of fedit-paper"),
-        ("fedit-paper", "huge", [], "--scale 'huge': use one of test, small, full"),
+        ("fedit-paper", "huge", [], "--scale 'huge': use one of test, small, medium, full"),
         ("fedit-paper", "small", ["experiment.local_client=3"],
          "--set: unknown key 'experiment.local_client'; use one of experiment.generate, "
          "experiment.local_clients"),
@@ -334,4 +355,4 @@ def test_cli_reports_a_bad_scale_in_one_line(tmp_path):
     result = CliRunner().invoke(app, ["experiment", "fedit-paper", "--scale", "huge",
                                       "--out", str(tmp_path / "x")])
     assert result.exit_code == 2
-    assert "error: --scale 'huge': use one of test, small, full" in result.output
+    assert "error: --scale 'huge': use one of test, small, medium, full" in result.output

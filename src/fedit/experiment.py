@@ -55,6 +55,31 @@ Scales (``SCALES``, overridable with ``--set``):
 
     Total ~71-98 min (~88 at 10 s a step), inside the 2-hour limit. To shorten it, lower
     ``eval.max_new_tokens`` (decoding is ~45% of generation) or ``rounds``.
+``medium``
+    SmolLM2-135M on this 2-core CPU's bf16 path (AVX-512-BF16) in ~79-90 minutes, sized so
+    that the generation metrics can separate the arms (``docs/results.md``: at ``small``
+    ROUGE-L and similarity on 48 rows of <= 64 tokens were within noise). **Not run yet.**
+    As ``small`` (20 clients, fraction 0.2, 10 steps of batch 8 at cutoff 256, lr 5e-4)
+    but 10 rounds, 3 local-only clients, 20 held-out rows a category (160) and answers of
+    <= 128 new tokens, generated in length-sorted batches of 16. The numbers used are the
+    bf16 figures of ``docs/performance.md`` ("AMD EPYC with AVX-512-BF16, 2026-12-02"):
+    training 618 tokens/s (fused kernels, responses only), held-out loss 1,463 tokens/s,
+    generation 70.9 new tokens/s in batches of 16, round overhead x1.04:
+
+    - fedit 10 x 4 x 10 = 400 steps, centralized 400, local-only 3 clients x 100 = 300:
+      1,100 optimizer steps. A batch of 8 x ~146 tokens (the profiled step) at 618
+      tokens/s is ~1.9 s; the profiled 4.4 s unfused step / 1.75 (the kernels' gain) is
+      ~2.5 s: 35-46 min (+4% FedIT round overhead, ~1 min);
+    - generation: 6 evaluations (base, 3 local clients, fedit, centralized), each at most
+      160 x 128 = 20,480 new tokens at 70.9/s = 4.8 min, plus prefill of the uncut
+      prompts (``small``'s 34k padded tokens for 48 rows in batches of 16, x 160/48 =
+      ~113k) at ~1,463 tokens/s = ~1.3 min: <= 6.1 min each, ~37 min (``small``'s
+      answers filled 82% of their tokens, so likely less);
+    - held-out loss on 160 rows x ~150 tokens (assumed; cut at 256): ~16 s a pass; 11
+      passes in the FedIT run (rounds 0-10) + 6 arm evaluations = 17 passes, ~5 min;
+      model and data load ~1 min.
+
+    Total ~79-90 min. If it runs long, lower ``eval.max_new_tokens`` or ``rounds``.
 ``full``
     The reference setting for a GPU: FederatedGPT-Shepherd's published example
     (README of github.com/JayZhang42/FederatedGPT-Shepherd: 10 clients, 10 rounds,
@@ -119,6 +144,18 @@ SCALES: dict[str, dict[str, Any]] = {
         "eval": {"every": 1, "batch_size": 16, "max_new_tokens": 64,
                  "generate_batch_size": 8},
         "experiment": {"local_clients": 2},
+    },
+    "medium": {  # the arithmetic is in the module docstring; not run yet
+        "rounds": 10,
+        "model": {"name": "smollm2-135m"},
+        "data": {"path": "dolly-15k", "test_per_label": 20, "cutoff_len": 256,
+                 "train_on_inputs": False},
+        "partition": {"method": "dirichlet", "clients": 20, "alpha": 0.5, "min_size": 40},
+        "train": {"batch_size": 8, "micro_batch_size": 8, "max_steps": 10, "lr": 5e-4},
+        "strategy": {"fraction": 0.2},
+        "eval": {"every": 1, "batch_size": 16, "max_new_tokens": 128,
+                 "generate_batch_size": 16},
+        "experiment": {"local_clients": 3},
     },
     "full": {
         "rounds": 10,
