@@ -14,28 +14,16 @@ import pytest
 from typer.testing import CliRunner
 
 from fedit.cli import app as cli_app
-from fedit.config import load_config
 from fedit.serve.launch import ServerProcess
-from fedit.simulation import Simulation, make_run_dir
-from tests.conftest import make_rows, write_config, write_jsonl
+
+# the fixture ``run``: a 2-round tiny run, served as `tiny`, its base as `base`
+from tests.test_serve import run  # noqa: F401
 
 _POST = re.compile(r'"POST /v1/chat/completions HTTP/1\.1" (\d{3})')
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_model_dir) -> Path:
-    """A 2-round tiny run (as in test_serve): served as `tiny`, its base as `base`."""
-    tmp = tmp_path_factory.mktemp("judge-serve-run")
-    data = write_jsonl(tmp / "rows.jsonl", make_rows(64, seed=5))
-    config = write_config(tmp / "tiny.toml", tiny_model_dir, data, name="tiny",
-                          train={"max_steps": 2})
-    cfg = load_config(config)
-    Simulation(cfg, make_run_dir(cfg)).run()
-    return tmp / "runs" / "tiny"
-
-
-@pytest.fixture(scope="module")
-def server(run):
+def server(run):  # noqa: F811
     """One request decoded at a time and one waiting: more in flight are answered 429."""
     served = ServerProcess([str(run), "--max-batch", "2", "--max-queue", "1"])
     yield served
