@@ -443,12 +443,12 @@ class Experiment:
         }
 
 
-_METRICS = ("loss", "perplexity", "rouge_l", "similarity", "exact_match")
+OVERALL_METRICS = ("loss", "perplexity", "rouge_l", "similarity", "exact_match")
 
 
 def _mean_metric(ms: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"rows": ms[0].get("rows")}
-    for key in _METRICS:
+    for key in OVERALL_METRICS:
         values = [m.get(key) for m in ms]
         out[key] = None if any(v is None for v in values) else \
             float(np.mean([float(v) for v in values if v is not None]))

@@ -15,11 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from fedit.errors import ConfigError
-from fedit.experiment import ARMS, Experiment, experiment_config, plan_budget
+from fedit.experiment import (
+    ARMS,
+    OVERALL_METRICS,
+    Experiment,
+    experiment_config,
+    plan_budget,
+)
 from fedit.io import atomic_write_json
 from fedit.rounds import Log
-
-METRICS = ("loss", "perplexity", "rouge_l", "similarity", "exact_match")
 
 
 def seed_folder(out: Path, seed: int) -> Path:
@@ -38,7 +42,7 @@ def mean_sd(values: list[float]) -> dict[str, Any]:
 def _metric_table(overalls: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean ± sd of each metric every overall has a number for."""
     table = {}
-    for key in METRICS:
+    for key in OVERALL_METRICS:
         values = [o.get(key) for o in overalls]
         if all(isinstance(v, (int, float)) for v in values):
             table[key] = mean_sd([float(v) for v in values])  # type: ignore[arg-type]

@@ -27,6 +27,7 @@ from typing import Any
 
 from fedit.adapter import ADAPTER_WEIGHTS
 from fedit.card import CardFacts, model_card
+from fedit.checkpoint import read_metrics
 from fedit.errors import ConfigError, ModelError
 from fedit.evaluate.runner import ADAPTER_CONFIG, FINAL_ADAPTER, EvalTarget, resolve_target
 from fedit.io import atomic_dir
@@ -100,11 +101,9 @@ def _round_of(rel: Path) -> int | None:
 
 def _metrics(run: Path, last: int | None) -> list[dict[str, Any]]:
     """The run's metrics.jsonl lines, up to round ``last`` (None: all)."""
-    path = run / "metrics.jsonl"
-    if not path.is_file():
+    if not (run / "metrics.jsonl").is_file():
         return []
-    lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-    return [m for m in lines if last is None or int(m.get("round", 0)) <= last]
+    return [m for m in read_metrics(run) if last is None or int(m.get("round", 0)) <= last]
 
 
 def _evals(t: EvalTarget) -> list[tuple[str, dict[str, Any]]]:

@@ -10,13 +10,13 @@ for runs and adapters, named by their path below it: ``exp/centralized``,
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedit.checkpoint import read_metrics
 from fedit.config import load_config
 from fedit.data.prompts import TEMPLATES
 from fedit.errors import ConfigError, ModelError
@@ -77,10 +77,9 @@ class Catalog:
     def loss_curve(self, name: str) -> dict[str, Any]:
         """The held-out loss per round of the run a model belongs to (metrics.jsonl)."""
         model = self.models[name]
-        path = model.metrics_file()
-        if path is None:
+        if model.run is None or model.metrics_file() is None:
             raise ConfigError(f"model {name!r} has no run with a metrics.jsonl")
-        lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        lines = read_metrics(model.run)
         points = [(int(x["round"]), x.get("eval_loss")) for x in lines if "round" in x]
         return {"model": name, "run": model.run.name if model.run else None,
                 "round": model.round,
