@@ -24,7 +24,8 @@ from fedit.simulation import Simulation, make_run_dir
 from tests.conftest import make_rows, write_config, write_jsonl
 
 SETTINGS = {"model": "m", "rows": 0, "label_field": "category", "template": "alpaca",
-            "cutoff_len": 256, "truncation": "context", "generated": True,
+            "cutoff_len": 256, "truncation": "context", "min_response_tokens": 16,
+            "train_on_inputs": False, "fields": {}, "generated": True,
             "max_new_tokens": 32, "decoding": {"do_sample": False},
             "exact_match_categories": ["closed_qa"], "similarity_model": "s"}
 
@@ -127,6 +128,18 @@ def test_different_rows_are_refused(tmp_path):
         compare_evals(folder_a, folder_b)
 
 
+def test_an_eval_written_before_the_data_settings_were_recorded_still_compares(tmp_path):
+    # Prepare: A's eval.json has no min_response_tokens / train_on_inputs / fields
+    a = {"loss": np.arange(5, dtype=float)}
+    folder_a, folder_b = _arms(tmp_path, a, {"loss": a["loss"] + 1})
+    result, answers = load_eval(folder_a)
+    for key in ("min_response_tokens", "train_on_inputs", "fields"):
+        del result["settings"][key]
+    write_eval(folder_a, result, answers)
+    # Execute / Assert: compared on the settings both record
+    assert compare_evals(folder_a, folder_b)["metrics"]["loss"]["diff"] == 1.0
+
+
 @pytest.mark.parametrize(("setting", "value", "message"), [
     ("cutoff_len", 512, r"cannot compare: data.cutoff_len 256 \(A\) vs 512 \(B\); evaluate "
                         r"both with the same settings \(fedit eval base:MODEL --like RUN\)"),
@@ -135,6 +148,9 @@ def test_different_rows_are_refused(tmp_path):
     ("decoding", {"do_sample": True, "temperature": 0.7, "top_p": 1.0, "seed": 1},
      r'eval decoding \{"do_sample": false\} \(A\) vs \{"do_sample": true'),
     ("rows", 6, r"held-out rows 5 \(A\) vs 6 \(B\)"),
+    ("min_response_tokens", 8, r"data.min_response_tokens 16 \(A\) vs 8 \(B\)"),
+    ("train_on_inputs", True, r"data.train_on_inputs False \(A\) vs True \(B\)"),
+    ("fields", {"response": "output"}, r'data.fields \{\} \(A\) vs \{"response": "output"\}'),
 ])
 def test_different_settings_are_refused(tmp_path, setting, value, message):
     a = {"loss": np.ones(5)}
@@ -244,6 +260,10 @@ def test_compare_accepts_a_like_base_and_refuses_a_plain_one(run, tiny_model_dir
     like, _ = load_eval(tmp_path / "like")
     assert like["settings"]["like"] == str(run) and like["settings"]["cutoff_len"] == 256
     assert like["settings"]["test_file"] == str(run / "test.jsonl")
+    data = load_config(run / "config.toml").data  # what else decides rows and labels
+    assert (like["settings"]["min_response_tokens"], like["settings"]["train_on_inputs"],
+            like["settings"]["fields"]) == (data.min_response_tokens, data.train_on_inputs,
+                                            data.fields)
     # the run's own settings and rows (and dtype): the run's round-0 held-out loss
     round0 = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert like["overall"]["loss"] == pytest.approx(round0["eval_loss"], rel=1e-5)
