@@ -300,6 +300,7 @@ def test_forest_plot_is_written_beside_compare_json(tmp_path):
     assert result.exit_code == 0, result.output
     assert f"and {folder_b / 'compare.png'}" in result.output
     image = matplotlib.image.imread(folder_b / "compare.png")
-    # 3 metrics with rows (exact match has none): 7.5 x (0.9 + 3 * 0.85) inches at 100 dpi
-    assert image.shape == (345, 750, 4)
+    # 3 metrics with rows (exact match has none), a panel each of the pair + 1 rows:
+    # 10 x (0.9 + 0.42 * 3 * 2) inches at 100 dpi
+    assert image.shape == (342, 1000, 4)
     assert image[..., :3].std() > 0.05  # not a blank canvas

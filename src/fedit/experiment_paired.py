@@ -10,13 +10,12 @@ metric, how many of them FedIT beats, ties or loses to at 95%.
 
 from __future__ import annotations
 
-import io
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from fedit.errors import DataError
-from fedit.evaluate.compare import METRICS, NO_DIFFERENCE, compare_evals
+from fedit.evaluate.compare import NO_DIFFERENCE, compare_evals
 
 VERDICTS = ("better", NO_DIFFERENCE, "worse")  # fedit against the other arm
 
@@ -81,44 +80,14 @@ def format_paired(paired: dict[str, Any]) -> list[str]:
 
 
 def plot_paired(paired: dict[str, Any]) -> bytes | None:
-    """The forest plot of ``paired_section``'s pairs as PNG bytes: one panel per metric
-    (each on its own scale), one row per pair: the difference as a point, its 95% interval
-    as a bar, the zero line and the verdict; None when no pair has a metric with rows."""
-    from matplotlib.figure import Figure
+    """The forest plot (:mod:`fedit.evaluate.forest`) of ``paired_section``'s pairs as PNG
+    bytes: a panel per metric, a row per pair; None when no pair has a metric with rows."""
+    from fedit.evaluate.forest import plot_forest
 
-    panels = {metric: [(name, p["metrics"][metric]) for name, p in paired["pairs"].items()
-                       if p.get("metrics", {}).get(metric, {}).get("diff") is not None]
-              for metric in METRICS}
-    panels = {k: v for k, v in panels.items() if v}
-    if not panels:
-        return None
-    heights = [len(rows) + 1 for rows in panels.values()]
-    fig = Figure(figsize=(10, 0.9 + 0.42 * sum(heights)), layout="constrained")
-    axes = fig.subplots(len(panels), 1, squeeze=False, height_ratios=heights)[:, 0]
-    colors = {"better": "#55a868", "worse": "#c44e52", NO_DIFFERENCE: "#4c72b0"}
-    for ax, (metric, rows) in zip(axes, panels.items(), strict=True):
-        for y, (_, m) in enumerate(rows):
-            ax.errorbar([m["diff"]], [y], xerr=[[m["diff"] - m["low"]], [m["high"] - m["diff"]]],
-                        fmt="o", color=colors.get(m["verdict"], "#4c72b0"), capsize=4, lw=2)
-        ax.axvline(0, color="black", lw=1, ls="--")
-        # all intervals [0, 0] (identical answers): a readable axis rather than +-1e-9
-        reach = max(max(abs(m["low"]), abs(m["high"])) for _, m in rows) * 1.3 or 0.01
-        ax.set_xlim(-reach, reach)
-        ax.set_ylim(len(rows) - 0.5, -0.5)  # the first pair on top
-        ax.set_yticks(range(len(rows)), [name.removeprefix("fedit vs ") for name, _ in rows],
-                      fontsize=8)
-        right = ax.secondary_yaxis("right")
-        right.set_yticks(range(len(rows)), [f"{m['diff']:+.4f} [{m['low']:+.4f}, "
-                                            f"{m['high']:+.4f}]  {m['verdict']}"
-                                            for _, m in rows], fontsize=8)
-        right.tick_params(length=0)
-        ax.set_title(f"{metric} ({rows[0][1]['better']} is better): fedit - other arm",
-                     fontsize=9, loc="left")
-        ax.grid(axis="x", alpha=0.3)
-    axes[-1].set_xlabel("fedit - other arm (paired bootstrap 95% interval over rows)")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
+    return plot_forest({name.removeprefix("fedit vs "): p["metrics"]
+                        for name, p in paired["pairs"].items() if "metrics" in p},
+                       difference="fedit - other arm",
+                       xlabel="fedit - other arm (paired bootstrap 95% interval over rows)")
 
 
 __all__ = ["format_paired", "paired_folders", "paired_section", "plot_paired"]

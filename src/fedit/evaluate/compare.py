@@ -11,7 +11,6 @@ excludes 0, else "no difference at 95%".
 
 from __future__ import annotations
 
-import io
 import json
 import warnings
 from collections import Counter
@@ -221,35 +220,14 @@ def write_compare(out_dir: Path, result: dict[str, Any]) -> list[Path]:
 
 
 def plot_forest(result: dict[str, Any]) -> bytes | None:
-    """A forest plot of ``compare_evals``' result as PNG bytes: one row per metric (each on
-    its own scale: a loss and a ROUGE-L differ in size), the difference B - A as a point,
-    its 95% interval as a bar, and the zero line; None when no metric has rows."""
-    from matplotlib.figure import Figure
+    """The forest plot (:mod:`fedit.evaluate.forest`) of ``compare_evals``' result as PNG
+    bytes: a panel per metric with the one pair B - A; None when no metric has rows."""
+    from fedit.evaluate.forest import plot_forest as draw
 
-    rows = [(name, m) for name, m in result["metrics"].items() if m["diff"] is not None]
-    if not rows:
-        return None
-    fig = Figure(figsize=(7.5, 0.9 + 0.85 * len(rows)), layout="constrained")
-    axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
-    colors = {"better": "#55a868", "worse": "#c44e52", NO_DIFFERENCE: "#4c72b0"}
-    for ax, (name, m) in zip(axes, rows, strict=True):
-        color = colors.get(m["verdict"], "#4c72b0")
-        ax.errorbar([m["diff"]], [0], xerr=[[m["diff"] - m["low"]], [m["high"] - m["diff"]]],
-                    fmt="o", color=color, capsize=5, lw=2)
-        ax.axvline(0, color="black", lw=1, ls="--")
-        reach = max(abs(m["low"]), abs(m["high"]), 1e-9) * 1.3
-        ax.set_xlim(-reach, reach)
-        ax.set_yticks([0], [f"{name}\n({m['better']} is better)"], fontsize=9)
-        ax.set_ylim(-1, 1)
-        ax.set_title(f"{m['diff']:+.4f} [{m['low']:+.4f}, {m['high']:+.4f}]  {m['verdict']}  "
-                     f"({m['rows']} rows)", fontsize=9, loc="right")
-        ax.grid(axis="x", alpha=0.3)
-    axes[-1].set_xlabel("B - A (paired bootstrap 95% interval)")
-    fig.suptitle(f"B = {Path(result['b']).name or result['b']}  vs  "
-                 f"A = {Path(result['a']).name or result['a']}", fontsize=10)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
+    a, b = Path(result["a"]).name or result["a"], Path(result["b"]).name or result["b"]
+    return draw({"B - A": result["metrics"]}, difference="B - A",
+                xlabel="B - A (paired bootstrap 95% interval over rows)",
+                title=f"B = {b}  vs  A = {a}")
 
 
 def _fmt(v: float | None, signed: bool = False) -> str:
