@@ -18,7 +18,7 @@ from fedit.adapter import load_adapter_arrays
 from fedit.cli import app
 from fedit.errors import ConfigError
 from fedit.evaluate.compare import compare_evals
-from fedit.experiment import experiment_config, local_only_clients, plan_budget
+from fedit.experiment_scales import experiment_config, local_only_clients, plan_budget
 from tests.conftest import make_rows, write_jsonl
 
 ARMS = ["base", "local-only", "fedit", "centralized"]

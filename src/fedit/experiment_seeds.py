@@ -15,13 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from fedit.errors import ConfigError
-from fedit.experiment import (
-    ARMS,
-    OVERALL_METRICS,
-    Experiment,
-    experiment_config,
-    plan_budget,
-)
+from fedit.experiment import ARMS, OVERALL_METRICS, Experiment
+from fedit.experiment_scales import experiment_config, plan_budget
 from fedit.io import atomic_write_json
 from fedit.rounds import Log
 
