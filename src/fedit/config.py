@@ -8,14 +8,12 @@ fully resolved config into the run folder, so a run can be repeated from it alon
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedit.config_toml import apply_overrides, build, toml_text
 from fedit.errors import ConfigError
 
 #: Dolly categories whose reference answers are short enough for exact match to mean
@@ -346,106 +344,12 @@ class RunConfig:
                f"{self.partition.clients}")
 
 
-# ---------------------------------------------------------------------------------------
-# Building a config from nested dicts, with every key and value checked
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against the annotated type ``tp``; ints are accepted for floats."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a table [{key}], got {value!r}")
-        return _build(typing.cast(type, tp), value, key + ".")
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a table of strings, got {value!r}")
-        return {str(k): _coerce(f"{key}.{k}", v, str) for k, v in value.items()}
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool) and (type(value) is not tp):
-        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
-    if isinstance(tp, types.UnionType):  # pragma: no cover - no unions in the config today
-        return value
-    return value
-
-
-def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
-    hints = _field_types(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for k, v in raw.items():
-        if k not in known:
-            raise ConfigError(_unknown_key(prefix + k, [prefix + n for n in known]))
-        kwargs[k] = _coerce(prefix + k, v, hints[k])
-    return cls(**kwargs)
-
-
-def _all_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
-    keys = []
-    for f in dataclasses.fields(cls):
-        tp = _field_types(cls)[f.name]
-        if dataclasses.is_dataclass(tp):
-            keys += _all_keys(tp, prefix + f.name + ".")  # type: ignore[arg-type]
-        else:
-            keys.append(prefix + f.name)
-    return keys
-
-
-def _unknown_key(key: str, candidates: list[str]) -> str:
-    leaf = key.rsplit(".", 1)[-1]
-    same_leaf = [k for k in _all_keys() if k.rsplit(".", 1)[-1] == leaf]  # 'lr' -> 'train.lr'
-    close = same_leaf or difflib.get_close_matches(key, candidates + _all_keys(), n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return f"unknown key '{key}'{hint}"
+# Reading and writing (the machinery is in fedit.config_toml)
 
 
 def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     """Build a checked :class:`RunConfig` from nested dicts (as parsed from TOML)."""
-    return _build(RunConfig, raw)  # type: ignore[no-any-return]
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``"train.lr=1e-4"`` -> (["train", "lr"], 1e-4); the value is read as TOML, else text."""
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.lr=1e-4")
-    key, _, text = item.partition("=")
-    key, text = key.strip(), text.strip()
-    if not key:
-        raise ConfigError(f"--set {item!r}: the key is empty")
-    try:
-        value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = text  # a bare word such as fedprox or a path
-    return key.split("."), value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``raw`` with each ``key=value`` override set (tables created)."""
-    out = _deepcopy(raw)
-    for item in overrides:
-        path, value = parse_override(item)
-        node = out
-        for part in path[:-1]:
-            nxt = node.setdefault(part, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {item!r}: '{part}' is a value, not a table")
-            node = nxt
-        node[path[-1]] = value
-    return out
-
-
-def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in d.items()}
+    return build(RunConfig, raw)  # type: ignore[no-any-return]
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
@@ -471,34 +375,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ConfigError(f"--set: {e}") from None
 
 
-# ---------------------------------------------------------------------------------------
-# Writing the resolved config back as TOML
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
-    raise TypeError(f"cannot write {v!r} as TOML")
-
-
-def _toml_key(k: str) -> str:
-    return k if k.replace("_", "").replace("-", "").isalnum() else _toml_value(k)
-
-
 def to_toml(cfg: RunConfig) -> str:
     """The fully resolved config as TOML text (round-trips through :func:`load_config`)."""
-    d = dataclasses.asdict(cfg)
-    top = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
-    lines = ["# fedit run config, fully resolved", *top]
-    for k, v in d.items():
-        if isinstance(v, dict):
-            lines += ["", f"[{k}]"] + [f"{_toml_key(a)} = {_toml_value(b)}" for a, b in v.items()]
-    return "\n".join(lines) + "\n"
+    return "# fedit run config, fully resolved\n" + toml_text(dataclasses.asdict(cfg))

@@ -66,7 +66,8 @@ from typing import Any
 
 import numpy as np
 
-from fedit.config import RunConfig, apply_overrides, config_from_dict
+from fedit.config import RunConfig, config_from_dict
+from fedit.config_toml import apply_overrides
 from fedit.errors import ConfigError
 from fedit.strategies import num_sampled
 
