@@ -135,11 +135,55 @@ def test_seeds_into_a_one_seed_folder_or_below_two_is_refused(seeded, tmp_path):
         assert result.output.strip() == message
 
 
-def test_report_of_a_seeds_folder_names_each_seed(seeded):
-    two, _, _ = seeded
+def test_the_paired_differences_are_gathered_across_seeds(seeded):
+    two, _, output = seeded
+    paired = _read(two / "experiment.json")["paired"]
+    assert set(paired) == {"fedit vs base", "fedit vs centralized",
+                           "fedit vs local-only clients"}
+    # each seed's own paired section, read back: the same numbers, seed by seed
+    own = {s: _read(two / f"seed-{s}" / "experiment.json")["paired"]["pairs"] for s in (42, 43)}
+    loss = paired["fedit vs base"]["loss"]
+    diffs = [own[s]["fedit vs base"]["metrics"]["loss"]["diff"] for s in (42, 43)]
+    assert [e["seed"] for e in loss["per_seed"]] == [42, 43]
+    assert [e["diff"] for e in loss["per_seed"]] == diffs
+    assert loss["diff"]["mean"] == pytest.approx(sum(diffs) / 2)
+    assert loss["diff"]["sd"] == pytest.approx(abs(diffs[0] - diffs[1]) / np.sqrt(2))
+    verdicts = [own[s]["fedit vs base"]["metrics"]["loss"]["verdict"] for s in (42, 43)]
+    assert loss["verdicts"] == {v: verdicts.count(v)
+                                for v in ("better", "no difference at 95%", "worse")}
+    # the local-only clients are pooled: one entry per (seed, client)
+    local = paired["fedit vs local-only clients"]["loss"]["per_seed"]
+    assert sorted((e["seed"], e["a"]) for e in local) == sorted(
+        (s, f"local-only/client_{c:04d}") for s in (42, 43)
+        for c in _read(two / "experiment.json")["local_clients"][str(s)])
+    assert "fedit vs base: loss " in output and " over 2: better " in output
+
+
+def test_the_report_of_a_seeds_folder_puts_the_seeds_side_by_side(seeded):
+    import base64
+    import io
+    import re
+
+    from matplotlib.image import imread
+
+    two, _, output = seeded
     assert (two / "seed-42" / "report.html").is_file()
     assert (two / "seed-43" / "report.html").is_file()
-    result = CliRunner().invoke(app, ["report", str(two)])
-    assert result.exit_code == 2
-    assert result.output.strip() == (f"error: {two} holds 2 seeds (42, 43), each with its "
-                                     f"own report.html: fedit report {two}/seed-S")
+    assert f"{two / 'report.html'}" in output  # the experiment wrote the page across seeds
+    result = CliRunner().invoke(app, ["report", str(two), "--out", str(two / "again.html")])
+    assert result.exit_code == 0, result.output
+    page = (two / "again.html").read_text(encoding="utf-8")
+    summary = _read(two / "experiment.json")
+    loss = summary["arms"]["fedit"]["overall"]["loss"]
+    assert f"{loss['mean']:.4f} ± {loss['sd']:.4f}" in page  # mean ± sd of each arm
+    for s in ("42", "43"):  # a link to each seed's own report, and every local-only client
+        assert f'<a href="seed-{s}/report.html">seed {s}</a>' in page
+        for c, o in summary["arms"]["local-only"]["per_client"][s].items():
+            assert f"<td>{s}</td><td>{c}</td><td class=\"num\">{o['loss']:.4f}</td>" in page
+    # the forest plot: a row per compared arm and seed, embedded and written beside the page
+    title = "Paired differences per seed: fedit - other arm, 95% intervals"
+    embedded = re.findall(rf'<img alt="{title}" src="data:image/png;base64,([^"]+)"', page)
+    png = (two / "again-paired.png").read_bytes()
+    assert [base64.b64decode(embedded[0])] == [png]
+    image = imread(io.BytesIO(png), format="png")
+    assert image.shape[1] == 1000 and image[..., :3].std() > 0.05

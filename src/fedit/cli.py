@@ -470,6 +470,7 @@ def experiment_cmd(
             summary = run_seeds(name, scale, seeds, out, set_ or [], log=log)
             reports = [build_report(Path(summary["out"]) / f) for f in
                        summary["folders"].values()]
+            reports.append(build_report(Path(summary["out"])))  # the page across seeds
             table = format_seeds(summary)
     except (FeditError, ValueError) as e:
         _fail(e)

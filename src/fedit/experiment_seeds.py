@@ -4,7 +4,11 @@ Everything random follows ``cfg.seed``: the row subset and held-out split, the D
 partition, client sampling, the LoRA init and the batches. Seed ``s`` runs as an ordinary
 experiment in ``<out>/seed-<s>/`` (so a killed run resumes seed by seed, arm by arm), and
 ``<out>/experiment.json`` gives, for each arm and metric, the per-seed values with their
-mean and sample standard deviation (ddof = 1), and every local-only client's metrics.
+mean and sample standard deviation (ddof = 1), every local-only client's metrics, and
+``"paired"``: each seed's paired differences (fedit against base, centralized and the
+local-only clients) side by side, their mean ± sd across seeds and how many seeds' 95%
+intervals say better, no difference or worse. The local-only clients differ from seed to
+seed (a seeded draw), so they are pooled: one entry per (seed, client).
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from fedit.errors import ConfigError
+from fedit.evaluate.compare import METRICS, NO_DIFFERENCE
 from fedit.experiment import ARMS, OVERALL_METRICS, Experiment
+from fedit.experiment_paired import VERDICTS
 from fedit.experiment_scales import experiment_config, plan_budget
 from fedit.io import atomic_write_json
 from fedit.rounds import Log
@@ -44,6 +50,30 @@ def _metric_table(overalls: list[dict[str, Any]]) -> dict[str, Any]:
     return table
 
 
+LOCAL_ONLY_CLIENTS = "fedit vs local-only clients"  # every (seed, client) pair pooled
+
+
+def aggregate_paired(summaries: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Per compared arm and metric: each seed's difference, interval and verdict, the
+    differences' mean ± sd across seeds, and the count of each verdict."""
+    found: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for s in sorted(summaries):
+        for name, pair in summaries[s].get("paired", {}).get("pairs", {}).items():
+            kind = LOCAL_ONLY_CLIENTS if pair["a"].startswith("local-only/") else name
+            for metric, m in pair.get("metrics", {}).items():
+                if m["diff"] is not None:
+                    found.setdefault(kind, {}).setdefault(metric, []).append(
+                        {"seed": s, "a": pair["a"], "rows": m["rows"], "diff": m["diff"],
+                         "low": m["low"], "high": m["high"], "verdict": m["verdict"]})
+    return {kind: {metric: {"diff": mean_sd([e["diff"] for e in entries]),
+                            "better": "higher" if METRICS[metric] else "lower",
+                            "verdicts": {v: sum(e["verdict"] == v for e in entries)
+                                         for v in VERDICTS},
+                            "per_seed": entries}
+                   for metric, entries in metrics.items()}
+            for kind, metrics in found.items()}
+
+
 def aggregate_seeds(summaries: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """experiment.json of a multi-seed experiment from each seed's own summary."""
     seeds = sorted(summaries)
@@ -64,6 +94,7 @@ def aggregate_seeds(summaries: dict[int, dict[str, Any]]) -> dict[str, Any]:
         "test_rows": {str(s): summaries[s]["test_rows"] for s in seeds},
         "local_clients": {str(s): summaries[s]["local_clients"] for s in seeds},
         "arms": arms,
+        "paired": aggregate_paired(summaries),
         "seconds": sum(summaries[s]["seconds"] for s in seeds),
     }
 
@@ -107,4 +138,19 @@ def format_seeds(summary: dict[str, Any]) -> str:
     for seed, clients in summary["arms"]["local-only"]["per_client"].items():
         for c, o in clients.items():
             lines.append(f"  seed {seed} local-only client {c}: loss {o['loss']:.4f}")
-    return "\n".join(lines)
+    return "\n".join(lines + format_paired_seeds(summary.get("paired", {})))
+
+
+def format_paired_seeds(paired: dict[str, Any]) -> list[str]:
+    """A line per compared arm and metric: the mean ± sd of the seeds' paired differences
+    and how many seeds' 95% intervals gave each verdict."""
+    lines = ["paired differences, fedit - other arm, across seeds (each seed's own 95% "
+             "paired bootstrap interval decides its verdict):"] if paired else []
+    for kind, metrics in paired.items():
+        for metric, m in metrics.items():
+            d, v = m["diff"], m["verdicts"]
+            sd = "" if d["sd"] is None else f" ± {d['sd']:.4f}"
+            lines.append(f"{kind}: {metric} {d['mean']:+.4f}{sd} over {len(d['values'])}: "
+                         f"better {v['better']}, no difference {v[NO_DIFFERENCE]}, "
+                         f"worse {v['worse']}")
+    return lines

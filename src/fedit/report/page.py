@@ -24,7 +24,7 @@ _METRIC_COLUMNS = [("loss", "loss"), ("perplexity", "perplexity"), ("rouge_l", "
                    ("similarity", "similarity"), ("exact_match", "exact match")]
 
 
-_CSS = """
+CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;
 max-width:1200px;padding:0 16px;color:#222;line-height:1.4}
 h1{font-size:1.6em;margin-bottom:4px}h2{margin-top:32px;border-bottom:1px solid #ddd}
@@ -38,17 +38,17 @@ td.best{font-weight:bold;background:#eef6ee}
 """
 
 
-def _esc(value: Any) -> str:
+def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _num(v: Any, digits: int = 4) -> str:
-    return "–" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else _esc(v)
+def num(v: Any, digits: int = 4) -> str:
+    return "–" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else esc(v)
 
 
-def _img(png: bytes, alt: str) -> str:
+def img(png: bytes, alt: str) -> str:
     data = base64.b64encode(png).decode("ascii")
-    return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{data}">'
+    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
 
 
 def metrics_table(src: Source) -> str:
@@ -61,7 +61,7 @@ def metrics_table(src: Source) -> str:
                 if ev.get("overall", {}).get(k) is not None]
         if len(vals) > 1 and max(vals) > min(vals):  # no "best" when all tie
             best[k] = min(vals) if k in ("loss", "perplexity") else max(vals)
-    head = "".join(f"<th>{_esc(t)}</th>" for _, t in cols)
+    head = "".join(f"<th>{esc(t)}</th>" for _, t in cols)
     extra = src.kind == "experiment"
     head += "<th>steps</th><th>train time</th><th>eval time</th>" if extra else ""
     rows = []
@@ -69,26 +69,26 @@ def metrics_table(src: Source) -> str:
         o = ev.get("overall", {})
         cells = "".join(
             f'<td class="num{" best" if k in best and o.get(k) == best[k] else ""}">'
-            f"{_num(o.get(k))}</td>" for k, _ in cols)
+            f"{num(o.get(k))}</td>" for k, _ in cols)
         if extra:
             info = src.arm_info.get(arm, {})
-            cells += (f'<td class="num">{_esc(info.get("steps", "?"))}</td>'
+            cells += (f'<td class="num">{esc(info.get("steps", "?"))}</td>'
                       f'<td class="num">{duration(info.get("train_seconds"))}</td>'
                       f'<td class="num">{duration(info.get("eval_seconds"))}</td>')
-        rows.append(f"<tr><th>{_esc(arm)}</th>{cells}</tr>")
+        rows.append(f"<tr><th>{esc(arm)}</th>{cells}</tr>")
     rows_n = next(iter(src.evals.values()), {}).get("overall", {}).get("rows", "?")
     return (f"<table><tr><th>model</th>{head}</tr>{''.join(rows)}</table>"
-            f'<p class="muted">{_esc(rows_n)} held-out rows; bold: best of the column.</p>')
+            f'<p class="muted">{esc(rows_n)} held-out rows; bold: best of the column.</p>')
 
 
 def category_table(src: Source, key: str = "loss") -> str:
     cats = categories(src)
-    head = "".join(f"<th>{_esc(a)}</th>" for a in src.evals)
+    head = "".join(f"<th>{esc(a)}</th>" for a in src.evals)
     rows = []
     for c in cats:
-        cells = "".join(f'<td class="num">{_num(ev.get("by_category", {}).get(c, {}).get(key))}'
+        cells = "".join(f'<td class="num">{num(ev.get("by_category", {}).get(c, {}).get(key))}'
                         "</td>" for ev in src.evals.values())
-        rows.append(f"<tr><th>{_esc(c)}</th>{cells}</tr>")
+        rows.append(f"<tr><th>{esc(c)}</th>{cells}</tr>")
     return f"<table><tr><th>category</th>{head}</tr>{''.join(rows)}</table>"
 
 
@@ -96,9 +96,9 @@ def per_client_table(src: Source) -> str:
     """Each client's rows and loss on its own held-out rows, global vs personal."""
     rows = src.evals.get("run", {}).get("per_client", [])
     body = "".join(
-        f"<tr><td>{_esc(e['client'])} {_esc(e.get('name') or '')}</td>"
-        f"<td>{_esc(e['rows'])}</td>"
-        f"<td>{_num(e.get('global_loss'))}</td><td>{_num(e.get('personal_loss'))}</td></tr>"
+        f"<tr><td>{esc(e['client'])} {esc(e.get('name') or '')}</td>"
+        f"<td>{esc(e['rows'])}</td>"
+        f"<td>{num(e.get('global_loss'))}</td><td>{num(e.get('personal_loss'))}</td></tr>"
         for e in rows)
     return ("<table><tr><th>client</th><th>held-out rows</th><th>global loss</th>"
             f"<th>personal loss</th></tr>{body}</table>")
@@ -130,19 +130,19 @@ def answers_table(src: Source, n: int = 8) -> str:
         return '<p class="muted">No answers.jsonl (run with generation to see answers).</p>'
     by_arm = {arm: {int(a["id"]): a for a in ans} for arm, ans in src.answers.items() if ans}
     ref = next(iter(by_arm.values()))
-    head = "".join(f"<th>{_esc(_answer_header(src, arm))}</th>" for arm in by_arm)
+    head = "".join(f"<th>{esc(_answer_header(src, arm))}</th>" for arm in by_arm)
     rows = []
     for i in ids:
         r = ref[i]
-        prompt = _esc(r.get("instruction", ""))
+        prompt = esc(r.get("instruction", ""))
         if r.get("context"):
-            prompt += f'<br><span class="muted">context: {_esc(r["context"])}</span>'
+            prompt += f'<br><span class="muted">context: {esc(r["context"])}</span>'
         cells = "".join(
-            f"<td><div>{_esc(by_arm[arm].get(i, {}).get('answer', ''))}</div>"
-            f'<span class="muted">ROUGE-L {_num(by_arm[arm].get(i, {}).get("rouge_l"), 3)}'
+            f"<td><div>{esc(by_arm[arm].get(i, {}).get('answer', ''))}</div>"
+            f'<span class="muted">ROUGE-L {num(by_arm[arm].get(i, {}).get("rouge_l"), 3)}'
             "</span></td>" for arm in by_arm)
-        rows.append(f"<tr><td>{_esc(r.get('category', ''))}</td><td><div>{prompt}</div></td>"
-                    f"<td><div>{_esc(r.get('reference', ''))}</div></td>{cells}</tr>")
+        rows.append(f"<tr><td>{esc(r.get('category', ''))}</td><td><div>{prompt}</div></td>"
+                    f"<td><div>{esc(r.get('reference', ''))}</div></td>{cells}</tr>")
     return (f'<table class="answers"><tr><th>category</th><th>instruction</th>'
             f"<th>reference</th>{head}</tr>{''.join(rows)}</table>")
 
@@ -153,11 +153,11 @@ def judge_section(src: Source) -> str:
     for judge in src.judges.values():
         keys += [k for k, v in judge["overall"].items()
                  if k not in keys and not isinstance(v, dict | list)]
-    head = "".join(f"<th>{_esc(k)}</th>" for k in keys)
+    head = "".join(f"<th>{esc(k)}</th>" for k in keys)
     rows = "".join(
-        f"<tr><th>{_esc(label)}</th><td>{_esc(j.get('mode', '?'))}</td>"
-        f"<td>{_esc(j.get('judge_model', '?'))}</td>"
-        + "".join(f'<td class="num">{_num(j["overall"].get(k), 3)}</td>' for k in keys)
+        f"<tr><th>{esc(label)}</th><td>{esc(j.get('mode', '?'))}</td>"
+        f"<td>{esc(j.get('judge_model', '?'))}</td>"
+        + "".join(f'<td class="num">{num(j["overall"].get(k), 3)}</td>' for k in keys)
         + "</tr>" for label, j in src.judges.items())
     return (f"<table><tr><th>answers</th><th>mode</th><th>judge</th>{head}</tr>{rows}</table>"
             '<p class="muted">single: mean 1-10 grade; pairwise: outcomes of these answers '
@@ -169,21 +169,21 @@ def paired_note(src: Source) -> str:
     local-only clients."""
     b = src.paired.get("bootstrap", {})
     counts = "".join(
-        f"<li>{_esc(metric)}: better than {c.get('better', 0)}, tied with "
+        f"<li>{esc(metric)}: better than {c.get('better', 0)}, tied with "
         f"{c.get('no difference at 95%', 0)}, worse than {c.get('worse', 0)} of "
         f"{sum(c.values())} local-only clients</li>"
         for metric, c in src.paired.get("fedit_vs_local_only_clients", {}).items())
     return (f'<p class="muted">paired bootstrap over the held-out rows, '
-            f"{_esc(b.get('resamples', '?'))} resamples, seed {_esc(b.get('seed', '?'))}; "
+            f"{esc(b.get('resamples', '?'))} resamples, seed {esc(b.get('seed', '?'))}; "
             "the verdict comes from the interval (better / worse when it excludes 0).</p>"
             + (f"<ul>{counts}</ul>" if counts else ""))
 
 
 def render_html(src: Source, images: dict[str, bytes]) -> str:
     """The whole page; ``images`` maps a section name to its PNG bytes."""
-    facts = "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in src.facts)
-    body = [f"<h1>fedit report: {_esc(src.title)}</h1>",
-            f'<p class="muted">{_esc(src.folder)} · {datetime.now():%Y-%m-%d %H:%M}</p>',
+    facts = "".join(f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in src.facts)
+    body = [f"<h1>fedit report: {esc(src.title)}</h1>",
+            f'<p class="muted">{esc(src.folder)} · {datetime.now():%Y-%m-%d %H:%M}</p>',
             f'<table class="facts">{facts}</table>']
     if src.evals:
         body += ["<h2>Overall metrics</h2>", metrics_table(src)]
@@ -194,7 +194,7 @@ def render_html(src: Source, images: dict[str, bytes]) -> str:
               "clients": "Clients' data (rows per category and client)"}
     for key, title in titles.items():
         if key in images:
-            body += [f"<h2>{_esc(title)}</h2>", _img(images[key], title)]
+            body += [f"<h2>{esc(title)}</h2>", img(images[key], title)]
         if key == "categories" and src.evals:
             body += ["<h3>Loss per category</h3>", category_table(src, "loss")]
         if key == "paired" and key in images:
@@ -205,13 +205,23 @@ def render_html(src: Source, images: dict[str, bytes]) -> str:
         body += ["<h2>LLM judge</h2>", judge_section(src)]
     if any(src.answers.values()):
         body += ["<h2>Sample answers</h2>", answers_table(src)]
+    return html_page(src.title, body)
+
+
+def html_page(title: str, body: list[str]) -> str:
+    """The self-contained page around ``body``: title, style, no external file."""
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>fedit report: {_esc(src.title)}</title><style>{_CSS}</style></head>"
+            f"<title>fedit report: {esc(title)}</title><style>{CSS}</style></head>"
             f"<body>{''.join(body)}</body></html>\n")
 
 
 def build_report(folder: Path, out: Path | None = None) -> Path:
-    """Write ``out`` (default ``<folder>/report.html``) and its PNGs beside it."""
+    """Write ``out`` (default ``<folder>/report.html``) and its PNGs beside it; a folder of
+    ``--seeds`` gets the page across seeds (:mod:`fedit.report.seeds`)."""
+    from fedit.report.seeds import build_seeds_report, is_seeds_folder
+
+    if is_seeds_folder(Path(folder)):
+        return build_seeds_report(Path(folder), out)
     src = load_source(Path(folder))
     out = Path(out) if out is not None else src.folder / "report.html"
     makers = {"loss": plot_loss_curve, "categories": plot_category_bars,
