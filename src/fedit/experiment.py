@@ -72,6 +72,7 @@ from fedit.train import train_adapter
 ARMS = ("base", "local-only", "fedit", "centralized")
 ADAPTER = "adapter"  # every arm's adapter: a PEFT folder in (or below) the arm's folder
 
+
 def _train_cfg(cfg: RunConfig, steps: int) -> Any:
     # local_epochs = steps: every epoch is >= 1 step, so max_steps always binds
     return dataclasses.replace(cfg.train, max_steps=steps, local_epochs=steps)
