@@ -439,7 +439,7 @@ def experiment_cmd(
     name: Annotated[str, typer.Argument(help="the experiment: fedit-paper")],
     scale: Annotated[
         str, typer.Option(help="test (tiny, for tests) | small (~90 min on a 2-core CPU) | "
-                               "medium (~80-90 min, bf16 CPU path; not run yet) | "
+                               "medium (~75 min measured, bf16 CPU path) | "
                                "full (the reference setting, for a GPU)")
     ] = "small",
     out: Annotated[
