@@ -438,7 +438,7 @@ def flower_worker(
 def experiment_cmd(
     name: Annotated[str, typer.Argument(help="the experiment: fedit-paper")],
     scale: Annotated[
-        str, typer.Option(help="test (tiny, for tests) | small (~90 min on a 2-core CPU) | "
+        str, typer.Option(help="test (tiny, for tests) | small (~25 min bf16, ~90 fp32 CPU) | "
                                "medium (~75 min measured, bf16 CPU path) | "
                                "full (the reference setting, for a GPU)")
     ] = "small",

@@ -20,8 +20,10 @@ Scales (``SCALES``, each overridable with ``--set``; ``fedit experiment --scale`
       ~21.7k padded tokens (batches of 16: 34k). Measured for the 48 rows, <= 64 new
       tokens: 242 s of CPU on one thread (2,516 new tokens), ~140 s on two: ~14 min.
 
-    Total ~71-98 min (~88 at 10 s a step), inside the 2-hour limit. To shorten it, lower
-    ``eval.max_new_tokens`` (decoding is ~45% of generation) or ``rounds``.
+    Total ~71-98 min (~88 at 10 s a step), inside the 2-hour limit. On a 2-core Intel
+    Xeon's bf16 path (AMX) a seed took ~26 min (2026-12-03, ``docs/results.md``). To
+    shorten it, lower ``eval.max_new_tokens`` (decoding is ~45% of generation) or
+    ``rounds``.
 ``medium``
     SmolLM2-135M on this 2-core CPU's bf16 path (AVX-512-BF16) in ~79-90 minutes, sized so
     that the generation metrics can separate the arms (``docs/results.md``: at ``small``
