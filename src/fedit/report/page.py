@@ -20,7 +20,7 @@ from fedit.report.plots import (
 )
 from fedit.report.source import Source, duration, load_source
 
-_METRIC_COLUMNS = [("loss", "loss"), ("perplexity", "perplexity"), ("rouge_l", "ROUGE-L"),
+METRIC_COLUMNS = [("loss", "loss"), ("perplexity", "perplexity"), ("rouge_l", "ROUGE-L"),
                    ("similarity", "similarity"), ("exact_match", "exact match")]
 
 
@@ -53,7 +53,7 @@ def img(png: bytes, alt: str) -> str:
 
 def metrics_table(src: Source) -> str:
     """Overall metrics, one row a model; the best value of each column in bold."""
-    cols = [(k, t) for k, t in _METRIC_COLUMNS
+    cols = [(k, t) for k, t in METRIC_COLUMNS
             if any(ev.get("overall", {}).get(k) is not None for ev in src.evals.values())]
     best: dict[str, float] = {}
     for k, _ in cols:

@@ -16,11 +16,9 @@ from typing import Any
 from fedit.errors import DataError
 from fedit.evaluate.compare import NO_DIFFERENCE
 from fedit.io import atomic_write_bytes, atomic_write_text
-from fedit.report.page import esc, html_page, img, num
+from fedit.report.page import METRIC_COLUMNS, esc, html_page, img, num
 from fedit.report.source import duration, read_json
 
-METRICS = [("loss", "loss"), ("perplexity", "perplexity"), ("rouge_l", "ROUGE-L"),
-           ("similarity", "similarity"), ("exact_match", "exact match")]
 PLOT_TITLE = "Paired differences per seed: fedit - other arm, 95% intervals"
 
 
@@ -91,7 +89,7 @@ def _mean_sd(m: dict[str, Any] | None) -> str:
 def arms_table(exp: dict[str, Any]) -> str:
     """Arm x metric, mean ± sd across seeds; a metric no arm has is left out."""
     arms = exp["arms"]
-    cols = [(k, t) for k, t in METRICS if any(k in a["overall"] for a in arms.values())]
+    cols = [(k, t) for k, t in METRIC_COLUMNS if any(k in a["overall"] for a in arms.values())]
     head = "".join(f"<th>{esc(t)}</th>" for _, t in cols)
     rows = "".join(f"<tr><th>{esc(arm)}</th>" + "".join(
         f'<td class="num">{_mean_sd(a["overall"].get(k))}</td>' for k, _ in cols) + "</tr>"
@@ -102,7 +100,7 @@ def arms_table(exp: dict[str, Any]) -> str:
 def local_clients_table(exp: dict[str, Any]) -> str:
     """Every client the local-only arm trained, seed by seed."""
     per_client = exp["arms"].get("local-only", {}).get("per_client", {})
-    cols = [(k, t) for k, t in METRICS if k != "perplexity"]
+    cols = [(k, t) for k, t in METRIC_COLUMNS if k != "perplexity"]
     head = "".join(f"<th>{esc(t)}</th>" for _, t in cols)
     rows = "".join(f"<tr><td>{esc(seed)}</td><td>{esc(c)}</td>" + "".join(
         f'<td class="num">{num(o.get(k))}</td>' for k, _ in cols) + "</tr>"
