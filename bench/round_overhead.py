@@ -42,13 +42,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedit.adapter import get_adapter_arrays, set_adapter_arrays
-from fedit.client import client_seed
+from fedit.algorithms import payload as P
+from fedit.client.round import client_seed
+from fedit.client.trainer import train_adapter
 from fedit.config import RunConfig, load_config
 from fedit.data.federated import split_data, write_split
-from fedit.simulation import Simulation, make_run_dir
-from fedit.strategies import payload as P
-from fedit.train import train_adapter
+from fedit.federation.rundir import new_run
+from fedit.model.adapter import get_adapter_arrays, set_adapter_arrays
+from fedit.runtimes.inprocess import Simulation
 
 OVERHEAD_TARGET, SCALE_TARGET = 1.05, 1.10
 CATEGORIES = ["open_qa", "closed_qa", "classification", "brainstorming"]
@@ -121,11 +122,11 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
             f"train.max_steps={args.steps}", "train.batch_size=4", "train.micro_batch_size=4",
             "rounds=2",  # round 2, the last, would evaluate: only round 1 runs
         ])
-        sim = Simulation(cfg, make_run_dir(cfg), log=_quiet)
+        sim = Simulation(*new_run(cfg), log=_quiet)
         model, runtime, loop = sim.model, sim.runtime, sim.loop
         arrays = get_adapter_arrays(model)
-        state = sim.strategy.init_state(arrays)
-        clients = sim.strategy.sample(1, runtime.available())
+        state = sim.pipe.init_state(arrays)
+        clients = sim.pipe.sample(1, runtime.available())
         # Every round is round 1 again, from the global adapter the round before made: the
         # same clients, seeds and batches each time, so after the untimed first round no
         # arm meets a new shape (the first step at a new length is slow)
@@ -225,7 +226,7 @@ def instrument(sim: Simulation) -> list[dict[str, float]]:
         now.clear()
 
     timed(sim.runtime, "available")
-    timed(sim.strategy, "sample")
+    timed(sim.pipe, "sample")
     timed(sim.runtime, "client_examples")  # tokenising, inside the runtime's train
     timed(sim.runtime, "train", training)
     timed(sim.loop, "round", record)
@@ -244,7 +245,7 @@ def scale_child(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         data = split_data(cfg)
         split_s = time.perf_counter() - t0
-        sim = Simulation(cfg, make_run_dir(cfg), log=_quiet, data=data)  # writes the split
+        sim = Simulation(*new_run(cfg), log=_quiet, data=data)  # writes the split
         setup_s = time.perf_counter() - t0
         setup_peak, setup_rss = _maxrss_mb(), _rss_mb()
         rounds = instrument(sim)

@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from round_overhead import build_tiny_model  # noqa: E402
 
-from fedit.adapter import get_adapter_arrays, save_adapter, set_adapter_arrays  # noqa: E402
 from fedit.data.load import load_rows  # noqa: E402
-from fedit.model import LoraSpec, attach_lora, load_base_model  # noqa: E402
+from fedit.model.adapter import get_adapter_arrays, save_adapter, set_adapter_arrays  # noqa: E402
+from fedit.model.base import LoraSpec, attach_lora, load_base_model  # noqa: E402
 from fedit.serve.launch import ServerProcess  # noqa: E402
 
 ADAPTERS = ("a", "b", "c")
@@ -57,7 +57,7 @@ def make_adapters(base: str, out: Path) -> None:
 
 
 def _names(lm: Any) -> list[str]:
-    from fedit.adapter import adapter_names
+    from fedit.model.adapter import adapter_names
 
     return adapter_names(lm)
 

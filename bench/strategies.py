@@ -32,11 +32,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from round_overhead import build_tiny_model, synthetic_rows  # noqa: E402
 
-from fedit.adapter import get_adapter_arrays, set_adapter_arrays  # noqa: E402
-from fedit.client import load_model  # noqa: E402
+from fedit.client.load import load_model  # noqa: E402
 from fedit.config import RunConfig, load_config  # noqa: E402
 from fedit.data.federated import split_data  # noqa: E402
-from fedit.simulation import Simulation  # noqa: E402
+from fedit.model.adapter import get_adapter_arrays, set_adapter_arrays  # noqa: E402
+from fedit.runtimes.inprocess import Simulation  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- bench/strategies.py: begin -->", "<!-- bench/strategies.py: end -->"

@@ -254,7 +254,7 @@ def run_reference(model_dir: str, rows: list[dict[str, Any]], args: argparse.Nam
 def proximal_hook(model: torch.nn.Module, mu: float) -> Any:
     """FedProx's proximal term ``mu / 2 * ||w - w0||^2`` over the LoRA weights (``w0``: as
     they are now) as a trainer hook; ``correct`` is not overridden, so the trainer skips it."""
-    from fedit.strategies.base import TrainHook
+    from fedit.algorithms.contract import TrainHook
 
     class Proximal(TrainHook):
         def __init__(self, params: list[torch.Tensor]) -> None:
@@ -270,10 +270,10 @@ def proximal_hook(model: torch.nn.Module, mu: float) -> Any:
 def run_fedit(model_dir: str, rows: list[dict[str, Any]], args: argparse.Namespace,
               train_on_inputs: bool, name: str, compile: bool = False, fused: bool = True,
               hook: bool = False) -> dict[str, Any]:
+    from fedit.client.trainer import train_adapter
     from fedit.config import TrainConfig
     from fedit.data.batching import tokenize_rows
-    from fedit.model import LoraSpec, attach_lora, load_base_model, load_tokenizer
-    from fedit.train import train_adapter
+    from fedit.model.base import LoraSpec, attach_lora, load_base_model, load_tokenizer
 
     tok = load_tokenizer(model_dir)
     model = attach_lora(load_base_model(model_dir, dtype=args.dtype), LoraSpec(), seed=args.seed)
@@ -316,10 +316,10 @@ def run_eval_generate(model_dir: str, rows: list[dict[str, Any]], args: argparse
     and its 2,048-position cap). Generation:
     ``generate_answers`` with batch_size 1 against its default (16 prompts a batch, left
     padded, KV cache), ``--gen-rows`` prompts and ``--gen-tokens`` new tokens each."""
+    from fedit.client.losses import example_losses
     from fedit.data.batching import tokenize_rows
-    from fedit.generate import generate_answers
-    from fedit.model import LoraSpec, attach_lora, load_base_model, load_tokenizer
-    from fedit.train import example_losses
+    from fedit.model.base import LoraSpec, attach_lora, load_base_model, load_tokenizer
+    from fedit.model.generate import generate_answers
 
     tok = load_tokenizer(model_dir)
     model = attach_lora(load_base_model(model_dir, dtype=args.dtype), LoraSpec(), seed=args.seed)
@@ -493,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         child(args)
         return
 
-    from fedit.convert import resolve_model
+    from fedit.model.convert import resolve_model
 
     info = cpu_info()
     peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}

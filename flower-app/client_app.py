@@ -3,7 +3,7 @@
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedit.flower.client import handle_query, handle_train
+from fedit.runtimes.flower.client import handle_query, handle_train
 
 app = ClientApp()
 

@@ -11,6 +11,6 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     from logging import INFO
 
-    from fedit.flower.server import server_main
+    from fedit.runtimes.flower.server import server_main
 
     server_main(grid, context, log=lambda m: log(INFO, "fedit: %s", m))

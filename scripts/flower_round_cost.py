@@ -23,18 +23,18 @@ from pathlib import Path
 from statistics import median
 
 from fedit.config import load_config
-from fedit.flower.local import run_local
-from fedit.simulation import run_federated
+from fedit.runtimes.flower.local import run_local
+from fedit.runtimes.inprocess import run_federated
 
 REPO = Path(__file__).resolve().parents[1]
 COLD_START = """
 import time, sys
 t0 = time.perf_counter()
-import fedit.client
+import fedit.client.round
 t1 = time.perf_counter()
 from fedit.config import load_config
 cfg = load_config(sys.argv[1], sys.argv[2:])
-fedit.client.load_model(cfg)
+fedit.client.round.load_model(cfg)
 t2 = time.perf_counter()
 print(f"{t1 - t0:.2f} {t2 - t1:.2f}")
 """

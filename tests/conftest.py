@@ -10,7 +10,10 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from fedit import Instruction, ServerState, Strategy
 
 CATEGORIES = ["open_qa", "closed_qa", "classification", "brainstorming"]
 _WORDS = (
@@ -157,7 +160,7 @@ def smollm2_cache(tmp_path_factory):
     took (1).
 
     Slow (one GGUF conversion, ~45 s on 2 cores): shared by every ``slow`` test."""
-    from fedit import convert
+    from fedit.model import convert
 
     cache = tmp_path_factory.mktemp("fedit-cache")
     conversions = []
@@ -172,3 +175,52 @@ def smollm2_cache(tmp_path_factory):
         mp.setattr(convert, "_convert_gguf", counted)
         convert.resolve_model("smollm2-135m")
     return cache, len(conversions)
+
+
+def make_run_dir(cfg, stem: str = "run") -> Path:
+    """A new run's folder for a config that has a name: checked (no committed round) and
+    made, as `fedit train` does."""
+    from fedit.federation.rundir import new_run
+
+    assert cfg.name, "tests name their runs (name=...)"
+    _, run_dir = new_run(cfg, stem)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+# -- a strategy with client state and instruction arrays (tests name it, as a user would:
+#    strategy.name = "tests.conftest:Tally") ----------------------------------------------
+class Killed(BaseException):
+    """Stands for a SIGKILL inside a client's round."""
+
+
+KILL: dict[str, int] = {}  # round -> kill the first client that finishes training in it
+
+
+class Tally(Strategy):
+    """Counts, per client, the rounds it trained (client state) and sends each client an
+    array (its instruction); the server keeps the sum of the replies' tallies (state)."""
+
+    name = "tally"
+
+    def init_state(self, global_arrays):
+        return ServerState(arrays={"sum": [np.zeros(1)]}, scalars={"rounds": 0})
+
+    def configure(self, server_round, client, global_arrays, state):
+        return Instruction({"r": server_round}, {"c": [np.full(2, float(client))]})
+
+    def after_train(self, instruction, state, global_arrays, trained, info):
+        if KILL.get("round") == instruction.config["r"]:
+            KILL.clear()
+            raise Killed
+        assert instruction.arrays["c"][0].shape == (2,)
+        state.scalars["n"] = int(state.scalars.get("n", 0)) + 1
+        state.arrays["c_seen"] = [instruction.arrays["c"][0].copy()]
+        return {"n": [np.array([float(state.scalars["n"])])]}
+
+    def server_update(self, server_round, global_arrays, combined, state):
+        return combined.arrays, ServerState(
+            {"sum": [state.arrays["sum"][0] + combined.extra["n"][0]]},
+            {"rounds": int(state.scalars["rounds"]) + 1})
+
+

@@ -209,7 +209,7 @@ def test_the_readme_example_folder(tmp_path):
 
 
 def test_model_card_names_the_client_folder(folder):
-    from fedit.card import CardFacts, model_card
+    from fedit.export.card import CardFacts, model_card
 
     cfg = _cfg(folder, test_per_client=2)
     card = model_card(CardFacts("adapter", "tiny", "adapter", {"r": 8}, cfg=cfg))

@@ -20,8 +20,8 @@ from fedit.evaluate.compare import (
 )
 from fedit.evaluate.evaluation import load_eval, write_eval
 from fedit.evaluate.runner import resolve_target
-from fedit.simulation import Simulation, make_run_dir
-from tests.conftest import make_rows, write_config, write_jsonl
+from fedit.runtimes.inprocess import Simulation
+from tests.conftest import make_rows, make_run_dir, write_config, write_jsonl
 
 SETTINGS = {"model": "m", "rows": 0, "label_field": "category", "template": "alpaca",
             "cutoff_len": 256, "truncation": "context", "min_response_tokens": 16,

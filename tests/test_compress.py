@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedit.compress import (
+from fedit.algorithms.compress import (
     CODECS,
     Bf16Codec,
     Codec,

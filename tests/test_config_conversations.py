@@ -8,7 +8,8 @@ from pathlib import Path
 
 from fedit.config import load_config
 from fedit.evaluate.runner import run_eval
-from fedit.simulation import Simulation, make_run_dir
+from fedit.runtimes.inprocess import Simulation
+from tests.conftest import make_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

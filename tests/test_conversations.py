@@ -19,8 +19,8 @@ from fedit.data.inspect import format_inspect, inspect_rows
 from fedit.data.load import load_rows
 from fedit.data.prompts import IGNORE_INDEX, build_prompt, tokenize_row
 from fedit.errors import DataError
-from fedit.generate import generate_answers
-from fedit.model import LoraSpec, attach_lora, load_base_model
+from fedit.model.base import LoraSpec, attach_lora, load_base_model
+from fedit.model.generate import generate_answers
 from tests.conftest import make_rows, write_config, write_jsonl
 
 SYSTEM = {"role": "system", "content": "Be brief."}

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from fedit.config import config_from_dict
-from fedit.flower.local import REPO, free_port, make_credentials
+from fedit.runtimes.flower.local import REPO, free_port, make_credentials
 from tests.conftest import make_rows, write_config, write_jsonl
 
 if not (shutil.which("openssl") and shutil.which("ssh-keygen")):  # pragma: no cover

@@ -13,18 +13,18 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from fedit.adapter import get_adapter_arrays, set_adapter_arrays
 from fedit.cli import app
+from fedit.client.losses import evaluate_loss
 from fedit.config import load_config, to_toml
 from fedit.data.batching import tokenize_rows
 from fedit.data.prompts import build_prompt
 from fedit.errors import DataError
 from fedit.evaluate.evaluation import evaluate_model, load_eval, write_eval
 from fedit.evaluate.metrics import exact_match, rouge_l
-from fedit.model import LoraSpec, attach_lora, load_base_model, load_tokenizer
-from fedit.simulation import Simulation, make_run_dir
-from fedit.train import evaluate_loss
-from tests.conftest import make_rows, write_jsonl
+from fedit.model.adapter import get_adapter_arrays, set_adapter_arrays
+from fedit.model.base import LoraSpec, attach_lora, load_base_model, load_tokenizer
+from fedit.runtimes.inprocess import Simulation
+from tests.conftest import make_rows, make_run_dir, write_jsonl
 
 M_KEYS = {"rows", "loss", "perplexity", "rouge_l", "similarity", "exact_match"}
 ANSWER_KEYS = {"id", "category", "instruction", "context", "reference", "answer", "rouge_l",

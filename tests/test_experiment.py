@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from fedit.adapter import load_adapter_arrays
 from fedit.cli import app
 from fedit.errors import ConfigError
 from fedit.evaluate.compare import compare_evals
-from fedit.experiment_scales import experiment_config, local_only_clients, plan_budget
+from fedit.experiment.scales import experiment_config, local_only_clients, plan_budget
+from fedit.model.adapter import load_adapter_arrays
 from tests.conftest import make_rows, write_jsonl
 
 ARMS = ["base", "local-only", "fedit", "centralized"]
@@ -35,8 +35,8 @@ def _lines(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def experiment(tiny_model_dir, tmp_path_factory):
     """One test-scale experiment (CLI), shared by the tests of this module."""
-    import fedit.experiment as fe
-    import fedit.simulation as fs
+    import fedit.experiment.run as fe
+    import fedit.runtimes.inprocess as fs
 
     tmp = tmp_path_factory.mktemp("exp")
     data = write_jsonl(tmp / "rows.jsonl", make_rows(80))

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedit.cli import app
-from fedit.experiment_seeds import mean_sd
+from fedit.experiment.seeds import mean_sd
 from tests.conftest import make_rows, write_jsonl
 
 ARMS = ["base", "local-only", "fedit", "centralized"]

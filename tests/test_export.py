@@ -13,11 +13,11 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from fedit.adapter import load_adapter_arrays
-from fedit.card import CardFacts, model_card
 from fedit.cli import app
 from fedit.config import load_config
-from fedit.simulation import run_federated
+from fedit.export.card import CardFacts, model_card
+from fedit.model.adapter import load_adapter_arrays
+from fedit.runtimes.inprocess import run_federated
 from tests.conftest import CHAT_TEMPLATE, make_rows, write_config, write_jsonl
 
 SEQUENCES = [[5, 17, 42, 99, 7], [3, 250, 11], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 200, 300]]
@@ -231,8 +231,8 @@ def test_merged_smollm2_alias_is_a_plain_transformers_folder(smollm2_cache, monk
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fedit.adapter import get_adapter_arrays, save_adapter, set_adapter_arrays
-    from fedit.model import LoraSpec, attach_lora, load_base_model
+    from fedit.model.adapter import get_adapter_arrays, save_adapter, set_adapter_arrays
+    from fedit.model.base import LoraSpec, attach_lora, load_base_model
 
     # Prepare: an adapter with random B on the converted GGUF alias
     cache, _ = smollm2_cache

@@ -22,12 +22,12 @@ pytest.importorskip("flwr")
 if not (shutil.which("openssl") and shutil.which("ssh-keygen")):  # pragma: no cover
     pytest.skip("needs openssl and ssh-keygen for TLS and node keys", allow_module_level=True)
 
-from fedit.adapter import load_adapter_arrays  # noqa: E402
 from fedit.config import load_config  # noqa: E402
-from fedit.flower.local import LocalFederation  # noqa: E402
-from fedit.flower.secagg import quantisation_bound  # noqa: E402
-from fedit.simulation import Simulation, make_run_dir  # noqa: E402
-from tests.conftest import make_rows, write_config, write_jsonl  # noqa: E402
+from fedit.model.adapter import load_adapter_arrays  # noqa: E402
+from fedit.runtimes.flower.local import LocalFederation  # noqa: E402
+from fedit.runtimes.flower.secagg import quantisation_bound  # noqa: E402
+from fedit.runtimes.inprocess import Simulation  # noqa: E402
+from tests.conftest import make_rows, make_run_dir, write_config, write_jsonl  # noqa: E402
 
 RUN_TIMEOUT = 240  # seconds one `flwr run` may take here (2 busy cores)
 

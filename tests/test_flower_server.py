@@ -23,16 +23,16 @@ from flwr.app import (  # noqa: E402
 )
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from fedit.adapter import load_adapter_arrays  # noqa: E402
+from fedit.algorithms import payload as P  # noqa: E402
+from fedit.algorithms.strategies import Reply  # noqa: E402
 from fedit.config import load_config  # noqa: E402
 from fedit.data.federated import split_data  # noqa: E402
 from fedit.errors import ConfigError  # noqa: E402
-from fedit.flower import wire  # noqa: E402
-from fedit.flower.client import handle_query, handle_train, node_rows  # noqa: E402
-from fedit.flower.server import server_main  # noqa: E402
-from fedit.replies import BadReply, check_reply  # noqa: E402
-from fedit.strategies import Reply  # noqa: E402
-from fedit.strategies import payload as P  # noqa: E402
+from fedit.federation.replies import BadReply, check_reply  # noqa: E402
+from fedit.model.adapter import load_adapter_arrays  # noqa: E402
+from fedit.runtimes.flower import wire  # noqa: E402
+from fedit.runtimes.flower.client import handle_query, handle_train, node_rows  # noqa: E402
+from fedit.runtimes.flower.server import server_main  # noqa: E402
 from tests.conftest import make_rows, write_config, write_jsonl  # noqa: E402
 
 Behaviour = Callable[[Message, Message], Message | None]  # (message, good reply) -> reply
@@ -291,18 +291,12 @@ def test_a_server_killed_mid_run_resumes_to_the_same_adapter(cfg_path):
 
 
 def test_client_state_stays_on_the_node_and_follows_a_resume(cfg_path, tmp_path, monkeypatch):
-    import fedit.config as fc
-    from fedit.strategies import STRATEGIES, StrategyParams
-    from tests.test_rounds import Tally
-
-    monkeypatch.setitem(STRATEGIES, "tally", (Tally, StrategyParams))
-    monkeypatch.setattr(fc, "STRATEGY_NAMES", (*fc.STRATEGY_NAMES, "tally"))
     state_dirs = [tmp_path / f"node{k}" for k in range(3)]
     configs = [{"partition-id": k, "num-partitions": 3, "state-dir": str(d)}
                for k, d in enumerate(state_dirs)]
     # Execute: three rounds over three nodes, each keeping its client's state
     run_dir, lines = _run(cfg_path, FakeGrid(3, node_configs=configs), "rounds=3",
-                          "strategy.name=tally", "strategy.fraction=0.67")
+                          "strategy.name=tests.conftest:Tally", "strategy.fraction=0.67")
     # Assert: each node holds its own client's state, counting its rounds
     trained = {c: sum(c in m["clients"] for m in lines[1:]) for c in range(3)}
     for c, d in enumerate(state_dirs):
@@ -310,13 +304,13 @@ def test_client_state_stays_on_the_node_and_follows_a_resume(cfg_path, tmp_path,
         if not trained[c]:
             assert not files
             continue
-        from fedit.checkpoint import decode_state
+        from fedit.federation.checkpoint import decode_state
 
         arrays, scalars = decode_state(files[-1].read_bytes())
         assert scalars["n"] == trained[c]
         np.testing.assert_array_equal(arrays["c_seen"][0], [c, c])
     # The server's checkpoint names only the round of each client's state, never its data
-    from fedit import checkpoint as ckpt
+    from fedit.federation import checkpoint as ckpt
 
     m = ckpt.read_manifest(run_dir, 3)
     assert all(b.path.startswith("node:") and b.sha256 == "" for b in m.client_states.values())

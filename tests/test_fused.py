@@ -9,10 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedit.adapter import get_adapter_arrays
-from fedit.config import TrainConfig
-from fedit.data.batching import Batch, collate, tokenize_rows
-from fedit.fused import (
+from fedit.client.fused import (
     CausalAttentionFunction,
     DropoutMasks,
     GatedMLPFunction,
@@ -21,8 +18,12 @@ from fedit.fused import (
     RMSNormFunction,
     fused_training,
 )
-from fedit.model import LoraSpec, attach_lora, load_base_model, load_tokenizer
-from fedit.train import token_losses, train_adapter
+from fedit.client.losses import token_losses
+from fedit.client.trainer import train_adapter
+from fedit.config import TrainConfig
+from fedit.data.batching import Batch, collate, tokenize_rows
+from fedit.model.adapter import get_adapter_arrays
+from fedit.model.base import LoraSpec, attach_lora, load_base_model, load_tokenizer
 
 
 def _grads(fn, *tensors):

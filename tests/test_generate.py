@@ -7,8 +7,8 @@ import torch
 
 from fedit.data.batching import capped_batches
 from fedit.data.prompts import TEMPLATE_STOPS, build_prompt
-from fedit.generate import cut_at_stops, generate_answers
-from fedit.model import LoraSpec, attach_lora, load_base_model, load_tokenizer
+from fedit.model.base import LoraSpec, attach_lora, load_base_model, load_tokenizer
+from fedit.model.generate import cut_at_stops, generate_answers
 
 
 @pytest.mark.parametrize("max_batch_tokens", [8192, 60])  # 60: some prompts go alone

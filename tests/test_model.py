@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedit import adapter, convert, device
-from fedit import model as fm
 from fedit.errors import ConfigError, ModelError
 from fedit.io import atomic_dir
+from fedit.model import adapter, convert, device
+from fedit.model import base as fm
 
 PROMPT = [[1, 5, 7, 9, 11, 13, 2]]
 

@@ -12,20 +12,20 @@ import torch
 from typer.testing import CliRunner
 
 from fedit.cli import app
+from fedit.client.fused import fused_note, fused_supported
+from fedit.client.load import model_notes
 from fedit.config import load_config
 from fedit.errors import ModelError
-from fedit.fused import fused_note, fused_supported
-from fedit.model import (
+from fedit.model.base import (
     DEFAULT_TARGETS,
     LoraSpec,
     attach_lora,
     linear_module_names,
     load_base_model,
     lora_targets,
-    model_notes,
 )
-from fedit.simulation import Simulation, make_run_dir
-from tests.conftest import _build_tokenizer, make_rows, write_config, write_jsonl
+from fedit.runtimes.inprocess import Simulation
+from tests.conftest import _build_tokenizer, make_rows, make_run_dir, write_config, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def test_gpt2_conv1d_gets_lora_on_c_attn_and_trains(tmp_path):
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from fedit.train import token_losses
+    from fedit.client.losses import token_losses
 
     tok = _build_tokenizer()
     config = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=256)

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedit.adapter import get_adapter_arrays, load_adapter_arrays
+from fedit.client.personalize import PERSONAL, personal_adapter_dir
 from fedit.config import load_config
 from fedit.errors import ConfigError
-from fedit.personalize import PERSONAL, personal_adapter_dir
+from fedit.model.adapter import get_adapter_arrays, load_adapter_arrays
 from tests.conftest import _WORDS, write_config, write_jsonl
 
 FINAL = "final/adapter/adapter_model.safetensors"
@@ -47,7 +47,7 @@ def _config(root: Path, model_dir: Path, method: str, **extra: object) -> Path:
 
 
 def _run(cfg_path: Path, name: str) -> Path:
-    from fedit.simulation import run_federated
+    from fedit.runtimes.inprocess import run_federated
 
     cfg = load_config(cfg_path, [f"name={name}"])
     summary = run_federated(cfg, log=lambda m: None)
@@ -97,10 +97,11 @@ def test_personalisation_leaves_the_global_adapter_unchanged(runs):
 
 
 def test_ditto_keeps_v_k_in_client_state_never_in_the_reply(tiny_model_dir, tmp_path):
-    from fedit.client import load_model, run_client_round
+    from fedit.algorithms.strategies import ClientState
+    from fedit.client.load import load_model
+    from fedit.client.round import run_client_round
     from fedit.config import PersonalizeConfig
     from fedit.data.batching import tokenize_for_run
-    from fedit.strategies import ClientState
 
     cfg = load_config(_config(tmp_path, tiny_model_dir, "ditto"))
     tokenizer, model = load_model(cfg)
@@ -130,11 +131,11 @@ def test_ditto_keeps_v_k_in_client_state_never_in_the_reply(tiny_model_dir, tmp_
 
 
 def test_lambda_pulls_v_k_towards_the_global_adapter(tiny_model_dir, tmp_path):
-    from fedit.client import load_model
+    from fedit.algorithms.strategies import ClientState
+    from fedit.client.load import load_model
+    from fedit.client.personalize import ditto_update
     from fedit.config import PersonalizeConfig
     from fedit.data.batching import tokenize_for_run
-    from fedit.personalize import ditto_update
-    from fedit.strategies import ClientState
 
     cfg = load_config(_config(tmp_path, tiny_model_dir, "ditto"))
     tokenizer, model = load_model(cfg)
@@ -163,7 +164,7 @@ def test_bad_personalize_values_are_refused(key, value, message):
 
 
 def test_mixed_ranks_with_personalisation_are_refused(tiny_model_dir, tmp_path):
-    from fedit.simulation import run_federated
+    from fedit.runtimes.inprocess import run_federated
 
     cfg = load_config(_config(tmp_path, tiny_model_dir, "ditto"),
                       ["lora.client_ranks=[4, 8]", "name=mixed"])
@@ -230,7 +231,7 @@ def flower_grid(monkeypatch):
 
 def test_under_flower_v_k_stays_on_the_node_and_equals_the_simulation(
         flower_grid, runs, tmp_path, tiny_model_dir):
-    from fedit.flower import wire
+    from fedit.runtimes.flower import wire
 
     FakeGrid, run_flower = flower_grid
     cfg = _config(tmp_path, tiny_model_dir, "ditto", flower={"node_timeout": 0})

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import fedit.simulation as fs
-from fedit.adapter import load_adapter_arrays
+import fedit.runtimes.inprocess as fs
+from fedit.algorithms.strategies import Reply
 from fedit.config import load_config
 from fedit.errors import ConfigError
-from fedit.simulation import Simulation, make_run_dir
-from fedit.strategies import Reply
-from tests.conftest import make_rows, write_config, write_jsonl
+from fedit.model.adapter import load_adapter_arrays
+from fedit.runtimes.inprocess import Simulation
+from tests.conftest import make_rows, make_run_dir, write_config, write_jsonl
 
 
 @pytest.fixture
@@ -121,8 +121,8 @@ def test_compression_cuts_the_measured_upload(cfg_path, method, ratio):
 
 
 def test_topk_keeps_its_residual_in_client_state(cfg_path):
-    from fedit import checkpoint as ckpt
-    from fedit.strategies import ClientState
+    from fedit.algorithms.strategies import ClientState
+    from fedit.federation import checkpoint as ckpt
 
     run_dir, _ = _run(cfg_path, "name=topk", "compress.method=topk")
     manifest = ckpt.latest_manifest(run_dir)
@@ -159,8 +159,8 @@ def test_ffa_lora_sends_only_b_and_keeps_a(cfg_path):
                   "strategy.mu=1.0")
     a0 = load_adapter_arrays(ffa / "rounds/0000/adapter")
     a2 = load_adapter_arrays(ffa / "final/adapter")
-    from fedit.adapter import adapter_names
-    from fedit.client import load_model
+    from fedit.client.load import load_model
+    from fedit.model.adapter import adapter_names
 
     names = adapter_names(load_model(load_config(ffa / "config.toml"))[1])
     for name, x, y in zip(names, a0, a2, strict=True):

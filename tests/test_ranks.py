@@ -9,14 +9,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedit import adapter
-from fedit import fused as fz
+from fedit.algorithms import ranks as rk
+from fedit.algorithms.hooks import FreezeA
+from fedit.client import fused as fz
+from fedit.client.trainer import train_adapter
 from fedit.config import TrainConfig
 from fedit.data.batching import tokenize_rows
-from fedit.lora_rank import FreezeA, use_rank
-from fedit.model import LoraSpec, attach_lora, load_base_model, load_tokenizer
-from fedit.strategies import ranks as rk
-from fedit.train import train_adapter
+from fedit.model import adapter
+from fedit.model.base import LoraSpec, attach_lora, load_base_model, load_tokenizer
+from fedit.model.lora_rank import use_rank
 
 ALPHA = 16.0
 NAMES = [f"m.layers.{i}.{p}.lora_{f}.weight" for i in range(2) for p in ("q", "v")

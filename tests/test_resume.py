@@ -3,7 +3,7 @@ SIGKILL at several moments, then resumed, ends byte for byte where a run never
 interrupted ends.
 
 The kill comes from inside (``FEDIT_FAULT=POINT:ROUND``, see
-``fedit.checkpoint.fault_point``) so that it lands exactly at the moment under test, not
+``fedit.federation.checkpoint.fault_point``) so that it lands exactly at the moment under test, not
 at whatever moment a timer hits on a busy machine.
 """
 

@@ -8,7 +8,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedit.strategies.robust import (
+from fedit.algorithms.robust import (
     AGGREGATORS,
     coordinate_median,
     krum,

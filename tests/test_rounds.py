@@ -12,21 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import fedit.config as fc
-import fedit.simulation as fs
-from fedit import checkpoint as ckpt
-from fedit.adapter import load_adapter_arrays
-from fedit.config import load_config
-from fedit.simulation import Simulation, make_run_dir
-from fedit.strategies import (
-    STRATEGIES,
+import fedit.runtimes.inprocess as fs
+from fedit.algorithms.strategies import (
     ClientState,
-    Instruction,
     ServerState,
-    Strategy,
-    StrategyParams,
 )
-from tests.conftest import make_rows, write_config, write_jsonl
+from fedit.config import load_config
+from fedit.federation import checkpoint as ckpt
+from fedit.model.adapter import load_adapter_arrays
+from fedit.runtimes.inprocess import Simulation
+from tests.conftest import KILL, Killed, make_rows, make_run_dir, write_config, write_jsonl
 
 
 @pytest.fixture
@@ -97,49 +92,7 @@ def test_too_few_valid_replies_keep_the_global_adapter(cfg_path, monkeypatch):
     assert all(not a.any() for a in final[1::2])  # every lora_B still zero
 
 
-# -- a strategy with client state, instruction arrays and a trainer hook -----------------------
-class Killed(BaseException):
-    """Stands for a SIGKILL inside a client's round."""
-
-
-KILL: dict[str, int] = {}  # round -> kill the first client that finishes training in it
-
-
-class Tally(Strategy):
-    """Counts, per client, the rounds it trained (client state) and sends each client an
-    array (its instruction); the server keeps the sum of the replies' tallies (state)."""
-
-    name = "tally"
-
-    def init_state(self, global_arrays):
-        from fedit.strategies import ServerState
-
-        return ServerState(arrays={"sum": [np.zeros(1)]}, scalars={"rounds": 0})
-
-    def configure(self, server_round, client, global_arrays, state):
-        return Instruction({"r": server_round}, {"c": [np.full(2, float(client))]})
-
-    def after_train(self, instruction, state, global_arrays, trained, info):
-        if KILL.get("round") == instruction.config["r"]:
-            KILL.clear()
-            raise Killed
-        assert instruction.arrays["c"][0].shape == (2,)
-        state.scalars["n"] = int(state.scalars.get("n", 0)) + 1
-        state.arrays["c_seen"] = [instruction.arrays["c"][0].copy()]
-        return {"n": [np.array([float(state.scalars["n"])])]}
-
-    def server_update(self, server_round, global_arrays, combined, state):
-        from fedit.strategies import ServerState
-
-        return combined.arrays, ServerState(
-            {"sum": [state.arrays["sum"][0] + combined.extra["n"][0]]},
-            {"rounds": int(state.scalars["rounds"]) + 1})
-
-
-@pytest.fixture
-def tally(monkeypatch):
-    monkeypatch.setitem(STRATEGIES, "tally", (Tally, StrategyParams))
-    monkeypatch.setattr(fc, "STRATEGY_NAMES", (*fc.STRATEGY_NAMES, "tally"))
+TALLY = "strategy.name=tests.conftest:Tally"  # a user strategy, loaded by name
 
 
 def _states(run_dir: Path) -> tuple[dict, dict[int, ClientState]]:
@@ -150,8 +103,8 @@ def _states(run_dir: Path) -> tuple[dict, dict[int, ClientState]]:
     return {"sum": server.arrays["sum"][0].tolist(), **server.scalars}, clients
 
 
-def test_client_state_and_instructions_reach_the_clients(cfg_path, tally):
-    run_dir = _run(cfg_path, "strategy.name=tally")
+def test_client_state_and_instructions_reach_the_clients(cfg_path):
+    run_dir = _run(cfg_path, TALLY)
     lines = _lines(run_dir)
     trained: dict[int, int] = {}
     for m in lines[1:]:
@@ -166,17 +119,17 @@ def test_client_state_and_instructions_reach_the_clients(cfg_path, tally):
     assert max(trained.values()) >= 2  # some client carried its state across rounds
 
 
-def test_a_crash_mid_round_resumes_to_the_same_adapter_and_states(cfg_path, tally, tmp_path):
+def test_a_crash_mid_round_resumes_to_the_same_adapter_and_states(cfg_path, tmp_path):
     # Prepare: the uninterrupted run
-    whole = _run(cfg_path, "strategy.name=tally", "name=whole")
+    whole = _run(cfg_path, TALLY, "name=whole")
     # Execute: a run that crashes inside round 2, then is resumed
     KILL["round"] = 2
-    cfg = load_config(cfg_path, ["strategy.name=tally", "name=crashed"])
+    cfg = load_config(cfg_path, [TALLY, "name=crashed"])
     run_dir = make_run_dir(cfg)
     with pytest.raises(Killed):
         Simulation(cfg, run_dir, log=lambda m: None).run()
     assert [m["round"] for m in _lines(run_dir)] == [0, 1]
-    _run(cfg_path, "strategy.name=tally", "name=crashed", resume_dir=run_dir)
+    _run(cfg_path, TALLY, "name=crashed", resume_dir=run_dir)
     # Assert: same adapter bytes, same states, each round once
     final = "final/adapter/adapter_model.safetensors"
     assert (run_dir / final).read_bytes() == (whole / final).read_bytes()

@@ -13,14 +13,14 @@ import numpy as np
 import openai
 import pytest
 
-from fedit.adapter import get_adapter_arrays, save_adapter, set_adapter_arrays
 from fedit.config import load_config
 from fedit.errors import ConfigError, ModelError
-from fedit.model import LoraSpec, attach_lora, load_base_model
+from fedit.model.adapter import get_adapter_arrays, save_adapter, set_adapter_arrays
+from fedit.model.base import LoraSpec, attach_lora, load_base_model
+from fedit.runtimes.inprocess import Simulation
 from fedit.serve.launch import ServerProcess as Served  # also used by test_chat_page
 from fedit.serve.models import build_catalog
-from fedit.simulation import Simulation, make_run_dir
-from tests.conftest import make_rows, write_config, write_jsonl
+from tests.conftest import make_rows, make_run_dir, write_config, write_jsonl
 
 KEY = "sk-test-fedit"
 

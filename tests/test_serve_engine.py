@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedit.adapter import get_adapter_arrays, save_adapter, set_adapter_arrays
-from fedit.model import LoraSpec, attach_lora, load_base_model, load_tokenizer
+from fedit.model.adapter import get_adapter_arrays, save_adapter, set_adapter_arrays
+from fedit.model.base import LoraSpec, attach_lora, load_base_model, load_tokenizer
 from fedit.serve.adapters import AdapterCache, wrap_with_adapter
 from fedit.serve.engine import Engine, Event, Job, Sampling, _first_stop, _safe_end
 

@@ -11,11 +11,11 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from fedit.adapter import load_adapter_arrays
 from fedit.cli import app
 from fedit.config import load_config
-from fedit.simulation import Simulation, make_run_dir
-from tests.conftest import make_rows, write_config, write_jsonl
+from fedit.model.adapter import load_adapter_arrays
+from fedit.runtimes.inprocess import Simulation
+from tests.conftest import make_rows, make_run_dir, write_config, write_jsonl
 
 
 def _config(tmp_path, model_dir, data_file, rounds=2):

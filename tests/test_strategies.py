@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedit.strategies import (
+from fedit.algorithms.strategies import (
     STRATEGIES,
     Combined,
     FedAvg,
@@ -146,9 +146,9 @@ def test_build_strategy_takes_its_keys_from_the_strategy_table():
 
 
 def test_secure_aggregation_policy_is_checked_before_the_run():
+    from fedit.algorithms.setup import check_compatible as check_secure_policy
     from fedit.config import load_config
     from fedit.errors import ConfigError
-    from fedit.strategies.setup import check_compatible as check_secure_policy
 
     cfg = load_config(None, ["flower.secure_aggregation=true", "strategy.max_update_norm=5"])
     with pytest.raises(ConfigError, match="strategy.max_update_norm cannot be checked under "

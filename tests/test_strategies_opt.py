@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedit.strategies import (
+from fedit.algorithms.strategies import (
     ClientState,
     FedAdagrad,
     FedAdam,
@@ -29,7 +29,7 @@ from fedit.strategies import (
     build_strategy,
     strategy_from_config,
 )
-from fedit.strategies.fedprox import PROXIMAL_MU
+from fedit.algorithms.strategies.fedprox import PROXIMAL_MU
 
 
 def f32(*values):
@@ -307,8 +307,8 @@ def _kill_after_round_1(point, rnd):
 
 def _saved_states(run_dir):
     """The last committed round's server state and client states."""
-    from fedit import checkpoint as ckpt
-    from fedit.strategies import ServerState
+    from fedit.algorithms.strategies import ServerState
+    from fedit.federation import checkpoint as ckpt
 
     m = ckpt.latest_manifest(run_dir, log=lambda x: None)
     clients = {c: ckpt.read_state(run_dir, b, ClientState).arrays
@@ -333,9 +333,9 @@ def _assert_same_arrays(a: dict, b: dict) -> None:
 ])
 def test_two_rounds_resume_to_the_same_bytes(name, sets, tmp_path, tiny_model_dir,
                                              monkeypatch):
-    from fedit import checkpoint as ckpt
     from fedit.config import load_config
-    from fedit.simulation import resume_federated, run_federated
+    from fedit.federation import checkpoint as ckpt
+    from fedit.runtimes.inprocess import resume_federated, run_federated
     from tests.conftest import make_rows, write_config, write_jsonl
 
     # Prepare

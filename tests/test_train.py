@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from fedit.adapter import adapter_names, get_adapter_arrays
+from fedit.client.fused import fused_training
+from fedit.client.losses import evaluate_loss, example_losses, token_losses
+from fedit.client.trainer import train_adapter
 from fedit.config import TrainConfig
 from fedit.data.batching import collate, tokenize_rows
-from fedit.fused import fused_training
-from fedit.model import LoraSpec, attach_lora, load_base_model, load_tokenizer
-from fedit.train import evaluate_loss, example_losses, token_losses, train_adapter
+from fedit.model.adapter import adapter_names, get_adapter_arrays
+from fedit.model.base import LoraSpec, attach_lora, load_base_model, load_tokenizer
 
 
 @pytest.fixture
@@ -125,7 +126,7 @@ def test_only_lora_changes(tiny):
 @pytest.mark.slow
 def test_one_smollm2_client_step(smollm2_cache, monkeypatch):
     """One real client round on SmolLM2 with two dolly-like rows: one optimizer step."""
-    from fedit.client import run_client_round
+    from fedit.client.round import run_client_round
 
     monkeypatch.setenv("FEDIT_CACHE", str(smollm2_cache[0]))
     tok = load_tokenizer("smollm2-135m")
@@ -219,7 +220,7 @@ class Recording:
 
 
 def _hook(**kw):
-    from fedit.strategies import TrainHook
+    from fedit.algorithms.strategies import TrainHook
 
     return type("Hook", (Recording, TrainHook), {})(**kw)
 
@@ -259,7 +260,7 @@ def test_a_proximal_term_keeps_the_adapter_near_its_start(tiny, fused):
 
     def distance(mu):
         """How far training moves the adapter: with a proximal term mu, or no hook (None)."""
-        from fedit.adapter import set_adapter_arrays
+        from fedit.model.adapter import set_adapter_arrays
 
         set_adapter_arrays(model, before)
         hook = None if mu is None else _hook(mu=mu, start=[torch.tensor(a) for a in before])

@@ -14,12 +14,14 @@ is one client, in sorted name order (client 0 is the first name). Each is read b
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedit.config import RunConfig
 from fedit.data.load import FILE_TYPES, load_rows
 from fedit.data.partition import write_partitions
 from fedit.errors import DataError
@@ -63,6 +65,19 @@ def count_clients(folder: str | Path, otherwise: int) -> int:
     A config is also read where its data is not (``fedit eval`` or ``export`` of a run whose
     resolved config.toml holds the count): loading the rows names a missing folder."""
     return len(client_files(folder)) if Path(folder).expanduser().is_dir() else otherwise
+
+
+def with_client_count(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``partition.clients`` set from its client folder (``data.clients_dir``,
+    one client a file), checked again (``lora.client_ranks``: one rank per client); the
+    same ``cfg`` when it names no folder. Called where a run is set up, not when a config
+    is built (building one reads no disk)."""
+    if not cfg.data.clients_dir:
+        return cfg
+    n = count_clients(cfg.data.clients_dir, cfg.partition.clients)
+    cfg = dataclasses.replace(cfg, partition=dataclasses.replace(cfg.partition, clients=n))
+    cfg.check_client_ranks()
+    return cfg
 
 
 def _default_label(path: Path) -> str:

@@ -1,7 +1,7 @@
 """Offline evaluation of a model (base, or base + adapter) on held-out instruction rows.
 
 Per category and overall: the response-token loss (token-weighted: every label token of
-the category counts once, as ``fedit.train.evaluate_loss`` does) and its perplexity; then,
+the category counts once, as ``fedit.client.losses.evaluate_loss`` does) and its perplexity; then,
 on answers generated with the KV cache (greedy unless ``[eval] do_sample``), ROUGE-L,
 embedding similarity and exact match (short-answer categories only). A row whose prompt
 fills ``data.cutoff_len`` has no response token left: it gets no loss (counted in the
@@ -22,50 +22,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedit.config import DataConfig, RunConfig
-from fedit.data.batching import tokenize_for_run
-from fedit.data.prompts import Example
+from fedit.client.losses import example_losses
+from fedit.client.objective import SFT, row_label
+from fedit.config import RunConfig
 from fedit.errors import DataError
 from fedit.evaluate.metrics import SIMILARITY_MODEL, exact_match, perplexity, rouge_l, similarity
-from fedit.generate import generate_answers
 from fedit.io import atomic_write_json, atomic_write_jsonl
-from fedit.train import example_losses
+from fedit.model.generate import generate_answers
 
 Log = Callable[[str], None]
 
 EVAL_FILE = "eval.json"
 ANSWERS_FILE = "answers.jsonl"
-NO_LABEL = "(none)"  # the category of a row without the label field
 METRIC_KEYS = ("rows", "loss", "perplexity", "rouge_l", "similarity", "exact_match")
-
-
-def row_label(row: dict[str, Any], label_field: str) -> str:
-    """The category of a row: its label field as text, ``NO_LABEL`` when absent or empty."""
-    value = row.get(label_field)
-    return str(value) if value not in (None, "") else NO_LABEL
-
-
-def tokenize_held_out(
-    tokenizer: Any, rows: Sequence[dict[str, Any]], data: DataConfig,
-    log: Log | None = None, stats_file: Path | None = None,
-) -> tuple[list[Example], list[int]]:
-    """The examples of the rows that keep a response token, and those rows' indices (the
-    same examples a run trains on; shortened and skipped rows are reported to ``log`` and
-    counted in ``stats_file``)."""
-    return tokenize_for_run(tokenizer, rows, data, "held-out set", log, stats_file)
-
-
-def loss_by_category(
-    sums: np.ndarray, counts: np.ndarray, labels: Sequence[str]
-) -> dict[str, float]:
-    """Token-weighted loss per label: the label's summed token losses over its token count."""
-    out = {}
-    for label in sorted(set(labels)):
-        mask = np.asarray([x == label for x in labels], dtype=bool)
-        n = int(counts[mask].sum())
-        if n:
-            out[label] = float(sums[mask].sum() / n)
-    return out
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -143,7 +112,7 @@ def evaluate_model(
     model : transformers or PEFT causal LM
         Evaluated as it is (its active adapter, if any); left in the mode it was in.
     tokenizer : transformers tokenizer
-        With a pad token (``fedit.model.load_tokenizer``).
+        With a pad token (``fedit.model.base.load_tokenizer``).
     rows : list of dict
         The held-out rows; answers keep their order (``id`` = index).
     cfg : RunConfig
@@ -162,7 +131,7 @@ def evaluate_model(
     _check_rows(rows)
     labels = [row_label(r, cfg.data.label_field) for r in rows]
     # Losses: one no-grad pass over the rows that keep a response token
-    examples, kept = tokenize_held_out(tokenizer, rows, cfg.data)
+    examples, kept = SFT().examples(tokenizer, rows, cfg.data, "held-out set")
     if len(kept) < len(rows):
         log(f"{len(rows) - len(kept)} of {len(rows)} rows have no loss (answered all the "
             f"same): the prompt alone fills data.cutoff_len = {cfg.data.cutoff_len}")

@@ -25,10 +25,22 @@ from typing import Any
 
 import numpy as np
 
+from fedit.client.losses import evaluate_loss
+from fedit.client.objective import SFT
+from fedit.client.personalize import personal_adapter_dir
 from fedit.config import RunConfig, load_config
 from fedit.data.load import load_rows
 from fedit.errors import ConfigError, DataError, ModelError
 from fedit.evaluate.evaluation import evaluate_model, write_eval
+from fedit.io import atomic_write_text
+from fedit.model.adapter import (
+    adapter_names,
+    get_adapter_arrays,
+    load_adapter_arrays,
+    set_adapter_arrays,
+)
+from fedit.model.base import load_base_model, load_tokenizer
+from fedit.model.device import pick_device
 
 Log = Callable[[str], None]
 
@@ -43,7 +55,6 @@ PER_CLIENT_FILE = "per_client.txt"  # the per-client table, beside eval.json
 @dataclass
 class EvalTarget:
     """A resolved ``fedit eval`` argument."""
-
     kind: str  # "run" | "adapter" | "base"
     cfg: RunConfig  # cfg.model.name is the base model to load
     adapter: Path | None = None
@@ -183,9 +194,6 @@ def load_eval_rows(
 
 def load_eval_model(target: EvalTarget) -> tuple[Any, Any]:
     """Tokenizer and the model to evaluate: the base, with the adapter loaded if any."""
-    from fedit.device import pick_device
-    from fedit.model import load_base_model, load_tokenizer
-
     m = target.cfg.model
     tokenizer = load_tokenizer(m.name)
     model = load_base_model(m.name, dtype=m.dtype, device=pick_device(m.device),
@@ -237,7 +245,6 @@ def run_eval(
                 "own: train with data.test_per_client = N to compare them per client")
     write_eval(out_dir, result, answers)
     if result.get("per_client"):
-        from fedit.io import atomic_write_text
 
         atomic_write_text(out_dir / PER_CLIENT_FILE, format_per_client(result["per_client"])
                           + "\n")
@@ -250,8 +257,6 @@ def per_client_losses(model: Any, tokenizer: Any, run_dir: Path, cfg: RunConfig
     under the model's adapter (the global one) and the client's personal adapter when the
     run saved one; [] when the run has no per-client held-out rows. The model's adapter
     is left as it was."""
-    from fedit.adapter import adapter_names, get_adapter_arrays, set_adapter_arrays
-    from fedit.personalize import personal_adapter_dir
 
     files = sorted((run_dir / CLIENT_TEST_DIR).glob("client_*.jsonl"))
     if not files:
@@ -275,7 +280,6 @@ def per_client_losses(model: Any, tokenizer: Any, run_dir: Path, cfg: RunConfig
             if examples:
                 entry["global_loss"] = _loss(model, examples, global_arrays, tokenizer, cfg)
                 if has_personal:
-                    from fedit.adapter import load_adapter_arrays
 
                     entry["personal_loss"] = _loss(model, examples,
                                                    load_adapter_arrays(personal, names),
@@ -297,15 +301,12 @@ def _client_names(run_dir: Path) -> dict[int, str]:
 
 
 def _examples(tokenizer: Any, rows: list[dict[str, Any]], cfg: RunConfig) -> list[Any]:
-    from fedit.evaluate.evaluation import tokenize_held_out
 
-    return tokenize_held_out(tokenizer, rows, cfg.data)[0] if rows else []
+    return SFT().examples(tokenizer, rows, cfg.data, "held-out set")[0] if rows else []
 
 
 def _loss(model: Any, examples: list[Any], arrays: list[np.ndarray], tokenizer: Any,
           cfg: RunConfig) -> float:
-    from fedit.adapter import set_adapter_arrays
-    from fedit.train import evaluate_loss
 
     set_adapter_arrays(model, arrays)
     return evaluate_loss(model, examples, cfg.eval.batch_size, int(tokenizer.pad_token_id))

@@ -7,6 +7,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+from fedit.evaluate.forest import plot_forest
 from fedit.report.source import Source, read_json
 
 ARM_COLORS = {"base": "#8c8c8c", "local-only": "#dd8452", "fedit": "#4c72b0",
@@ -163,10 +164,14 @@ def plot_per_client(src: Source) -> bytes | None:
 
 
 def plot_paired_differences(src: Source) -> bytes | None:
-    """An experiment's forest plot (``experiment.json``'s ``"paired"``), else None."""
-    from fedit.experiment_paired import plot_paired
-
-    return plot_paired(src.paired) if src.paired.get("pairs") else None
+    """An experiment's forest plot (``experiment.json``'s ``"paired"``: a panel per metric,
+    a row per pair), else None (no pair has a metric with rows)."""
+    if not src.paired.get("pairs"):
+        return None
+    return plot_forest({name.removeprefix("fedit vs "): p["metrics"]
+                        for name, p in src.paired["pairs"].items() if "metrics" in p},
+                       difference="fedit - other arm",
+                       xlabel="fedit - other arm (paired bootstrap 95% interval over rows)")
 
 
 def client_heatmap(src: Source) -> bytes | None:

@@ -21,8 +21,8 @@ def load_server(paths: list[str], *, model: str | None = None, template: str | N
                 default_max_tokens: int = 256, api_key_env: str | None = None,
                 log: Callable[[str], None] = print) -> Server:
     """Find the adapters, load the base model once, start the engine."""
-    from fedit.device import pick_device
-    from fedit.model import load_base_model, load_tokenizer
+    from fedit.model.base import load_base_model, load_tokenizer
+    from fedit.model.device import pick_device
 
     limits = {"--max-batch": max_batch, "--max-queue": max_queue,
               "--max-adapters": max_adapters, "--max-model-len": max_model_len,

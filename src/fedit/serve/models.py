@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedit.checkpoint import read_metrics
 from fedit.config import load_config
 from fedit.data.prompts import TEMPLATES
 from fedit.errors import ConfigError, ModelError
@@ -27,6 +26,7 @@ from fedit.evaluate.runner import (
     adapter_base,
     run_of_adapter,
 )
+from fedit.federation.checkpoint import read_metrics
 
 BASE = "base"
 _MAX_DEPTH = 4  # how deep a plain folder is searched for runs and adapters

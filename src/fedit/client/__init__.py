@@ -1,0 +1,1 @@
+"""fedit.client.round."""
