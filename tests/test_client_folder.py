@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fedit.config import config_from_dict
-from fedit.data.clients import load_client_folder, read_client_folder
+from fedit.data.clients import load_client_folder, read_client_folder, with_client_count
 from fedit.data.federated import split_data, write_split
 from fedit.errors import DataError
 from tests.conftest import make_rows, write_jsonl
@@ -56,8 +56,10 @@ def test_three_formats_one_client_each_in_name_order(folder):
 
 
 def test_partition_clients_is_set_from_the_folder(folder):
+    # the run set-up counts the files (building a config reads no disk)
     cfg = config_from_dict({"data": {"clients_dir": str(folder)}, "partition": {"clients": 10}})
-    assert cfg.partition.clients == 3
+    assert cfg.partition.clients == 10
+    assert with_client_count(cfg).partition.clients == 3
 
 
 def test_per_client_held_out_rows_never_reach_training(folder, tmp_path):
@@ -142,8 +144,8 @@ def test_bad_clients_toml(folder, toml, match):
 
 def test_missing_or_empty_folder(tmp_path):
     # a run's config.toml is read without its data (eval, export): the count it holds stays
-    cfg = config_from_dict({"data": {"clients_dir": str(tmp_path / "nope")},
-                            "partition": {"clients": 3}})
+    cfg = with_client_count(config_from_dict({"data": {"clients_dir": str(tmp_path / "nope")},
+                                              "partition": {"clients": 3}}))
     assert cfg.partition.clients == 3
     with pytest.raises(DataError, match="folder not found"):
         split_data(cfg)

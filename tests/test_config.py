@@ -76,6 +76,38 @@ def test_resolved_toml_round_trips(tmp_path):
     assert load_config(p) == cfg
 
 
+@pytest.mark.parametrize("sets", [[], ["strategy.server_lr=0.25"], ["strategy.server_lr=1"]])
+def test_an_optional_key_round_trips_set_or_not(sets, tmp_path):
+    cfg = load_config(None, sets)
+    text = to_toml(cfg)
+    assert ("server_lr" in text) == bool(sets)  # None (not set) is left out: TOML has no null
+    p = tmp_path / "config.toml"
+    p.write_text(text)
+    assert load_config(p) == cfg
+    assert cfg.strategy.server_lr in (None, 0.25, 1.0)
+    assert isinstance(cfg.strategy.server_lr, float | None)  # an int is read as a float
+
+
+def test_the_fields_fedit_strategies_lists_carry_help():
+    import dataclasses
+
+    from fedit.config import (
+        AGGREGATOR_NAMES,
+        COMPRESS_METHODS,
+        CompressConfig,
+        LoraConfig,
+        PrivacyConfig,
+        StrategyConfig,
+    )
+
+    for cls in (StrategyConfig, PrivacyConfig, CompressConfig, LoraConfig):
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(StrategyConfig)}
+    assert helps["aggregator"] == " | ".join(AGGREGATOR_NAMES)
+    assert dataclasses.fields(CompressConfig)[0].metadata["help"] == " | ".join(COMPRESS_METHODS)
+
+
 @pytest.mark.parametrize("name", ["quickstart.toml", "fedit-dolly.toml", "conversations.toml"])
 def test_shipped_configs_load_and_open_with_their_command(name):
     path = ROOT / "configs" / name

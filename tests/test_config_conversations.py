@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from fedit.config import load_config
+from fedit.data.clients import with_client_count
 from fedit.evaluate.runner import run_eval
 from fedit.runtimes.inprocess import Simulation
 from tests.conftest import make_run_dir
@@ -19,7 +20,7 @@ def test_the_conversations_config_federates_and_personalises(tmp_path, tiny_mode
         f'model.name="{tiny_model_dir}"', 'model.dtype="fp32"', f'output_dir="{tmp_path}"',
         f'data.clients_dir="{ROOT / "examples" / "conversations"}"', "rounds=2",
         "train.max_steps=1"])
-    assert cfg.partition.clients == 3  # one client a file
+    assert with_client_count(cfg).partition.clients == 3  # one client a file
     run = make_run_dir(cfg, "conversations")
     Simulation(cfg, run).run()
     stats = json.loads((run / "partitions" / "stats.json").read_text())

@@ -22,6 +22,8 @@ pytest.importorskip("flwr")
 if not (shutil.which("openssl") and shutil.which("ssh-keygen")):  # pragma: no cover
     pytest.skip("needs openssl and ssh-keygen for TLS and node keys", allow_module_level=True)
 
+import fedit.config.schema as schema  # noqa: E402
+from fedit.algorithms.strategies import STRATEGIES, load_strategy_class  # noqa: E402
 from fedit.config import load_config  # noqa: E402
 from fedit.model.adapter import load_adapter_arrays  # noqa: E402
 from fedit.runtimes.flower.local import LocalFederation  # noqa: E402
@@ -29,6 +31,7 @@ from fedit.runtimes.flower.secagg import quantisation_bound  # noqa: E402
 from fedit.runtimes.inprocess import Simulation  # noqa: E402
 from tests.conftest import make_rows, make_run_dir, write_config, write_jsonl  # noqa: E402
 
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "strategies" / "nesterov.py"
 RUN_TIMEOUT = 240  # seconds one `flwr run` may take here (2 busy cores)
 
 
@@ -214,6 +217,28 @@ def _wait_for(what: str, done, fed: LocalFederation) -> None:
     while not done():
         assert time.monotonic() < deadline, f"waited {RUN_TIMEOUT} s for {what}\n{_logs(fed)}"
         time.sleep(0.2)
+
+
+def test_a_users_strategy_file_over_flower_equals_the_same_class_in_tree(federation, job,
+                                                                         tmp_path, monkeypatch):
+    # Prepare: the documented example as the user's own file; the nodes load it by path
+    path, _ = job
+    user = tmp_path / "my_strategy.py"
+    user.write_text(EXAMPLE.read_text())
+    sets = ["strategy.params.momentum=0.5", "rounds=2"]
+    # Execute: over the Grid by file name; in process with the same class registered in-tree
+    run_dir = _run(federation, path, "name=user-strategy",
+                   f"strategy.name={user}:NesterovFedAvgM", *sets)
+    cls = load_strategy_class(f"{user}:NesterovFedAvgM")
+    monkeypatch.setitem(STRATEGIES, "nesterov", (cls, cls.params_class))
+    monkeypatch.setattr(schema, "STRATEGY_NAMES", (*schema.STRATEGY_NAMES, "nesterov"))
+    cfg = load_config(path, ["name=user-strategy-in-tree", "strategy.name=nesterov", *sets])
+    Simulation(cfg, make_run_dir(cfg), log=lambda m: None).run()
+    # Assert: the same final adapter to 1e-6, and the server kept the strategy's state
+    _assert_close(run_dir / "final/adapter", path.parent / "runs" / cfg.name / "final/adapter",
+                  atol=1e-6)
+    assert json.loads((run_dir / "summary.json").read_text())["strategy"]["name"] == (
+        "nesterov-fedavgm")
 
 
 def test_a_node_killed_mid_round_is_missing_and_the_run_completes(federation, job):

@@ -315,3 +315,56 @@ def test_client_state_stays_on_the_node_and_follows_a_resume(cfg_path, tmp_path,
     m = ckpt.read_manifest(run_dir, 3)
     assert all(b.path.startswith("node:") and b.sha256 == "" for b in m.client_states.values())
     assert not any("client_0" in p.name for p in (run_dir / ckpt.BLOBS).iterdir())
+
+
+# -- a user's strategy: a node that cannot import it is refused, in one line -----------------
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "strategies" / "nesterov.py"
+
+
+def _hello(ref: str) -> Message:
+    return Message(RecordDict({P.CONFIG_RECORD: ConfigRecord({P.STRATEGY: ref})}),
+                   dst_node_id=101, message_type=MessageType.QUERY, group_id="hello")
+
+
+def test_a_node_answers_the_hello_with_why_it_cannot_import_the_strategy():
+    ctx = Context(run_id=1, node_id=101, node_config={"partition-id": 1}, state=RecordDict(),
+                  run_config={})
+    said = handle_query(_hello("no_such_module_xyz:MyStrategy"), ctx).content.config_records
+    reason = str(said[P.CONFIG_RECORD][P.REFUSED])
+    assert reason.startswith("strategy.name = 'no_such_module_xyz:MyStrategy': cannot import "
+                             "no_such_module_xyz (ModuleNotFoundError")
+    assert "\n" not in reason and said[P.CONFIG_RECORD][P.PARTITION_ID] == 1
+
+
+def test_a_node_that_cannot_import_the_strategy_is_refused(cfg_path, tmp_path, monkeypatch):
+    # Prepare: the user's strategy file exists where the server and node 101 look; node
+    # 102 lacks it (it resolves the name to a module that is not installed there)
+    user = tmp_path / "my_strategy.py"
+    user.write_text(EXAMPLE.read_text())
+    import fedit.runtimes.flower.client as node
+
+    real, load = handle_query, node.load_strategy_class
+
+    def node_query(msg, ctx):
+        if ctx.node_id != 102:
+            return real(msg, ctx)
+        with pytest.MonkeyPatch.context() as m:  # on this machine the module is missing
+            m.setattr(node, "load_strategy_class", lambda ref: load(
+                "my_strategy_not_on_this_node:" + ref.rpartition(":")[2]))
+            return real(msg, ctx)
+
+    monkeypatch.setitem(globals(), "handle_query", node_query)  # FakeGrid's handler
+    logs: list[str] = []
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={
+        "config": str(cfg_path), "resume": "", "set": " ".join([
+            "rounds=1", "name=refused", f"strategy.name={user}:NesterovFedAvgM",
+            "strategy.params.momentum=0.5", "partition.clients=2", "strategy.fraction=1.0"])})
+    # Execute
+    summary = server_main(FakeGrid(2), context, log=logs.append)  # type: ignore[arg-type]
+    # Assert: one line names the node and the module; the run goes on with node 101 alone
+    refused = [m for m in logs if m.startswith("node 102 refused:")]
+    assert len(refused) == 1 and "cannot import my_strategy_not_on_this_node" in refused[0], logs
+    assert "starting with 1 of 2 nodes" in logs
+    lines = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text()
+             .splitlines()]
+    assert lines[1]["clients"] == [0] and lines[1]["aggregated"] is True

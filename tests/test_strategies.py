@@ -172,3 +172,50 @@ def test_old_flower_keys_point_to_their_new_place():
     with pytest.raises(ConfigError, match="unknown key 'flower.min_replies'; did you mean "
                                           "'strategy.min_replies'"):
         load_config(None, ["flower.min_replies=2"])
+
+
+def test_fedit_strategies_prints_the_dataclasses_defaults_and_help():
+    """Every ``key = default`` ``fedit strategies`` prints is the field's own default (a
+    strategy's parameters under its name, the config's dataclasses elsewhere), and each
+    listed key's help is printed beside it: the listing cannot drift."""
+    import ast
+    import dataclasses
+    import re
+
+    from fedit.algorithms.catalog import RULE_KEYS, catalog_lines
+    from fedit.config import (
+        AGGREGATOR_NAMES,
+        CompressConfig,
+        LoraConfig,
+        PrivacyConfig,
+        StrategyConfig,
+    )
+
+    def default(cls, name):
+        f = {f.name: f for f in dataclasses.fields(cls)}[name]
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+    sections = {"strategy": StrategyConfig, "privacy": PrivacyConfig,
+                "compress": CompressConfig, "lora": LoraConfig}
+    text = "\n".join(catalog_lines())
+    seen, params = set(), None
+    for line in text.splitlines():
+        first = line.split()[0] if line.strip() else ""
+        if line.startswith("  ") and not line.startswith("   ") and first in STRATEGIES:
+            params = STRATEGIES[first][1]  # the keys on the next line are its own
+        elif not line.startswith(" "):
+            params = None  # a new group: the config's dataclasses
+        for prefix, key, value in re.findall(r"\b(\w+)\.(\w+) = ('[^']*'|\[[^]]*\]|[^\s,;]+)",
+                                             line):
+            cls = params if (params is not None and prefix == "strategy") else sections[prefix]
+            assert ast.literal_eval(value) == default(cls, key), (line, key)
+            seen.add((prefix, key))
+    for prefix in ("privacy", "compress"):  # every key of these tables, with its help
+        for f in dataclasses.fields(sections[prefix]):
+            assert (prefix, f.name) in seen
+            assert " ".join(f.metadata["help"].split()) in " ".join(text.split())
+    assert {("lora", "client_ranks"), ("lora", "freeze_a"), ("strategy", "krum_m")} <= seen
+    assert set(RULE_KEYS) == set(AGGREGATOR_NAMES) - {"mean"}
+    for f in dataclasses.fields(StrategyConfig):
+        if f.name not in ("name", "aggregator", "params"):  # the others are listed with help
+            assert " ".join(f.metadata["help"].split()) in " ".join(text.split()), f.name

@@ -264,7 +264,7 @@ def test_identical_clients_give_back_their_adapter(name, start, adapter, counts)
 
 
 # -- config ------------------------------------------------------------------------------------
-def test_config_keys_reach_each_strategy_and_server_lr_0_keeps_its_default():
+def test_config_keys_reach_each_strategy_and_server_lr_not_set_keeps_its_default():
     from fedit.config import load_config
 
     cases = [("fedadam", [], {"server_lr": 1e-2, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}),
@@ -279,13 +279,65 @@ def test_config_keys_reach_each_strategy_and_server_lr_0_keeps_its_default():
         assert {k: getattr(s.params, k) for k in expected} == expected
 
 
+@pytest.mark.parametrize(("name", "default"), [("fedavgm", 1.0), ("fedadam", 1e-2),
+                                               ("scaffold", 1.0)])
+def test_an_old_server_lr_0_still_means_the_default_with_a_notice(name, default, tmp_path,
+                                                                    caplog, monkeypatch):
+    from fedit.config import load_config, schema, to_toml
+
+    monkeypatch.setattr(schema, "_NOTICED", set())
+    old = tmp_path / "old.toml"  # a config (or a run's config.toml) from before: 0 = not set
+    old.write_text(f'[strategy]\nname = "{name}"\nserver_lr = 0.0\n')
+    with caplog.at_level("WARNING", logger="fedit.config.schema"):
+        cfg = load_config(old, ["strategy.fraction=0.5"])  # the file is checked twice
+    notices = [r.getMessage() for r in caplog.records]
+    assert notices == ["fedit config: strategy.server_lr = 0 is read as not set (the "
+                       "strategy's own default); leave the key out instead"]
+    assert cfg.strategy.server_lr is None
+    assert strategy_from_config(cfg).params.server_lr == default
+    again = tmp_path / "config.toml"
+    again.write_text(to_toml(cfg))
+    assert "server_lr" not in again.read_text()  # not set: left out, and loads back the same
+    assert load_config(again) == cfg
+
+
+def test_server_lr_0_is_never_a_step_of_0():
+    from fedit.algorithms.strategies import FedAvgMParams
+    from fedit.errors import ConfigError
+
+    # the config reads an old 0 as not set; anything else that passes 0 is refused
+    with pytest.raises(ConfigError, match="strategy \\(fedavgm\\): server_lr must be > 0"):
+        build_strategy("fedavgm", {"server_lr": 0.0})
+    assert build_strategy("fedavgm", {"server_lr": None}).params.server_lr == 1.0
+    for cls in (FedAvgMParams, FedOptParams, ScaffoldParams):
+        with pytest.raises(ValueError, match="server_lr must be > 0"):
+            cls(server_lr=0.0)
+
+
+def test_fedavgm_and_scaffold_params_are_checked():
+    from fedit.algorithms.strategies import FedAvgMParams
+
+    for kwargs, msg in [({"server_lr": -1.0}, "server_lr must be > 0"),
+                        ({"server_lr": float("nan")}, "server_lr must be > 0"),
+                        ({"server_momentum": 1.0}, r"server_momentum must be in \[0, 1\)"),
+                        ({"server_momentum": -0.1}, r"server_momentum must be in \[0, 1\)")]:
+        with pytest.raises(ValueError, match=msg):
+            FedAvgMParams(**kwargs)
+    FedAvgMParams(server_momentum=0.0)  # 0 is FedAvg
+    with pytest.raises(ValueError, match="server_lr must be > 0"):
+        ScaffoldParams(server_lr=-0.5)
+    with pytest.raises(ValueError, match="num_clients must be >= 0"):
+        ScaffoldParams(num_clients=-1)
+
+
 def test_config_refuses_bad_values_of_the_new_keys():
     from fedit.config import load_config
     from fedit.errors import ConfigError
 
     for key, value, msg in [("beta1", "1.0", "must be in"), ("beta2", "-0.1", "must be in"),
                             ("tau", "0", "must be > 0"), ("mu", "-1", "must be >= 0"),
-                            ("server_lr", "-0.1", "must be >= 0")]:
+                            ("server_lr", "-0.1", "must be > 0"),
+                            ("server_lr", "fast", "expected float")]:
         with pytest.raises(ConfigError, match=f"strategy.{key}: {msg}"):
             load_config(None, [f"strategy.{key}={value}"])
 

@@ -12,6 +12,8 @@ RUN_CONFIG = "fedit-config"  # the resolved run config as TOML text (model, LoRA
 PARTITION_ID = "partition-id"  # a SuperNode's node-config key, and its answer to "hello"
 NUM_PARTITIONS = "num-partitions"  # node-config key: must equal partition.clients
 DATA_PATH = "data-path"  # node-config key: the party's own training file, never sent
+STRATEGY = "strategy"  # hello: a user's strategy ("module:Class") the node must import
+REFUSED = "refused"  # hello answer: why this node cannot take part (one line)
 # Record names inside a Flower message
 CONFIG_RECORD = "config"
 METRICS_RECORD = "metrics"

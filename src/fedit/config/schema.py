@@ -8,6 +8,7 @@ fully resolved config into the run folder, so a run can be repeated from it alon
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,17 @@ from fedit.errors import ConfigError
 #: Dolly categories whose reference answers are short enough for exact match to mean
 #: something (a label, a name, a number); the default of ``[eval] exact_match_categories``.
 EXACT_MATCH_CATEGORIES = ("classification", "closed_qa")
+
+log = logging.getLogger(__name__)
+_NOTICED: set[str] = set()
+
+
+def _notice(msg: str) -> None:
+    """A one-line notice for an old spelling that still works: logged once per process
+    (a config is built more than once while it loads)."""
+    if msg not in _NOTICED:
+        _NOTICED.add(msg)
+        log.warning("fedit config: %s", msg)
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
@@ -46,14 +58,16 @@ RANK_AGGREGATIONS = ("flexlora", "hetlora")
 class LoraConfig:
     r: int = field(default=8, metadata={"help": "LoRA rank"})
     alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (alpha / r)"})
-    dropout: float = 0.05
+    dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
     target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
-    )
-    # mixed ranks: one rank per client (each <= r, the global adapter's rank); [] = all r
-    client_ranks: list[int] = field(default_factory=list)
-    rank_aggregation: str = "flexlora"  # flexlora (exact mean of dW, SVD to each rank) | hetlora
-    freeze_a: bool = False  # FFA-LoRA: A stays at its seeded init, only B trains and travels
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata={"help": "the projections that get an adapter"})
+    client_ranks: list[int] = field(default_factory=list, metadata={
+        "help": "one rank per client, each <= lora.r (the global adapter's rank); [] = all r"})
+    rank_aggregation: str = field(default="flexlora", metadata={
+        "help": "flexlora (exact mean of dW, SVD to each rank) | hetlora"})
+    freeze_a: bool = field(default=False, metadata={
+        "help": "FFA-LoRA: A stays at its seeded init, only B trains and travels"})
 
     def __post_init__(self) -> None:
         _check(self.r > 0, "lora.r", "must be > 0")
@@ -169,28 +183,40 @@ def is_strategy_ref(name: str) -> bool:
 class StrategyConfig:
     """The strategy and the round loop's rules, the same in both runtimes."""
 
-    # fedavg | fedavgm | fedadagrad | fedadam | fedyogi | fedprox | scaffold, or your own
-    # Strategy subclass: "my_module:MyStrategy" or "path/to/file.py:MyStrategy"
-    name: str = "fedavg"
-    fraction: float = 0.1  # share of clients sampled each round
-    min_clients: int = 1  # at least this many clients a round
-    min_replies: int = 1  # valid replies a round needs to aggregate; fewer: global unchanged
-    max_update_norm: float = 0.0  # drop a reply farther (L2) from the global; 0 = no bound
-    aggregator: str = "mean"  # mean | median | trimmed_mean | krum | multikrum
-    trim_fraction: float = 0.1  # trimmed_mean: share cut from each end, per coordinate
-    krum_f: int = 1  # krum, multikrum: Byzantine clients tolerated (needs > 2f + 2 replies)
-    krum_m: int = 0  # multikrum: updates averaged; 0 = replies - krum_f
-    # fedavgm, fedadagrad, fedadam, fedyogi, scaffold: the server's step; 0 = the
-    # strategy's own default (fedavgm 1.0, fedadagrad/fedadam/fedyogi 1e-2, scaffold 1.0)
-    server_lr: float = 0.0
-    server_momentum: float = 0.9  # fedavgm: the momentum's decay (0 = FedAvg)
-    beta1: float = 0.9  # fedadagrad, fedadam, fedyogi: the first moment's decay
-    beta2: float = 0.99  # fedadam, fedyogi: the second moment's decay
-    tau: float = 1e-3  # fedadagrad, fedadam, fedyogi: adaptivity floor (v starts at tau^2)
-    mu: float = 0.01  # fedprox: the proximal term's weight (0 = FedAvg)
-    # [strategy.params]: the parameters of the strategy's own dataclass (a strategy of
-    # yours: its params_class); unknown keys are refused when the strategy is built
-    params: dict[str, Any] = field(default_factory=dict)
+    name: str = field(default="fedavg", metadata={
+        "help": " | ".join(STRATEGY_NAMES) + ", or your own Strategy subclass: "
+                "'my_module:MyStrategy' or 'path/to/file.py:MyStrategy'"})
+    fraction: float = field(default=0.1, metadata={"help": "share of clients sampled each round"})
+    min_clients: int = field(default=1, metadata={"help": "at least this many clients a round"})
+    min_replies: int = field(default=1, metadata={
+        "help": "valid replies a round needs to aggregate; fewer: global unchanged"})
+    max_update_norm: float = field(default=0.0, metadata={
+        "help": "drop a reply farther (L2) from the global; 0 = no bound"})
+    aggregator: str = field(default="mean", metadata={"help": " | ".join(AGGREGATOR_NAMES)})
+    trim_fraction: float = field(default=0.1, metadata={
+        "help": "trimmed_mean: share cut from each end, per coordinate"})
+    krum_f: int = field(default=1, metadata={
+        "help": "krum, multikrum: Byzantine clients tolerated (needs > 2f + 2 replies)"})
+    krum_m: int = field(default=0, metadata={
+        "help": "multikrum: updates averaged; 0 = replies - krum_f"})
+    server_lr: float | None = field(default=None, metadata={
+        "help": "fedavgm, fedadagrad, fedadam, fedyogi, scaffold: the server's step; not set "
+                "= the strategy's own default (fedavgm 1.0, fedadagrad/fedadam/fedyogi 1e-2, "
+                "scaffold 1.0)"})
+    server_momentum: float = field(default=0.9, metadata={
+        "help": "fedavgm: the momentum's decay (0 = FedAvg)"})
+    beta1: float = field(default=0.9, metadata={
+        "help": "fedadagrad, fedadam, fedyogi: the first moment's decay"})
+    beta2: float = field(default=0.99, metadata={
+        "help": "fedadam, fedyogi: the second moment's decay"})
+    tau: float = field(default=1e-3, metadata={
+        "help": "fedadagrad, fedadam, fedyogi: adaptivity floor (v starts at tau^2)"})
+    mu: float = field(default=0.01, metadata={
+        "help": "fedprox: the proximal term's weight (0 = FedAvg)"})
+    params: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "[strategy.params]: the parameters of the strategy's own dataclass (a "
+                "strategy of yours: its params_class); unknown keys are refused when the "
+                "strategy is built"})
 
     def __post_init__(self) -> None:
         _check(self.name in STRATEGY_NAMES or is_strategy_ref(self.name), "strategy.name",
@@ -205,8 +231,12 @@ class StrategyConfig:
         _check(0 <= self.trim_fraction < 0.5, "strategy.trim_fraction", "must be in [0, 0.5)")
         _check(self.krum_f >= 0, "strategy.krum_f", "must be >= 0")
         _check(self.krum_m >= 0, "strategy.krum_m", "must be >= 0 (0 = replies - krum_f)")
-        _check(self.server_lr >= 0, "strategy.server_lr",
-               "must be >= 0 (0 = the strategy's own default)")
+        if self.server_lr == 0:  # the old spelling of "not set"; 0 is no step at all
+            _notice("strategy.server_lr = 0 is read as not set (the strategy's own default); "
+                    "leave the key out instead")
+            self.server_lr = None
+        _check(self.server_lr is None or self.server_lr > 0, "strategy.server_lr",
+               "must be > 0 (leave it out for the strategy's own default)")
         _check(0 <= self.server_momentum < 1, "strategy.server_momentum", "must be in [0, 1)")
         _check(0 <= self.beta1 < 1, "strategy.beta1", "must be in [0, 1)")
         _check(0 <= self.beta2 < 1, "strategy.beta2", "must be in [0, 1)")
@@ -218,14 +248,22 @@ class StrategyConfig:
 class PrivacyConfig:
     """Client-level differential privacy (DP-FedAvg); see docs/strategies.md."""
 
-    mode: str = "off"  # off | central (server clips, adds noise) | local (each client does)
-    clip: float = 1.0  # C: each client's update (L2 over the adapter) is clipped to this
-    noise_multiplier: float = 1.0  # sigma: noise std is sigma * C on the sum of updates
-    delta: float = 1e-5  # the delta of the (epsilon, delta) reported
-    adaptive: bool = False  # move C towards a quantile of the update norms (Andrew et al.)
-    target_quantile: float = 0.5  # adaptive: share of updates C should leave unclipped
-    clip_lr: float = 0.2  # adaptive: geometric step of C each round
-    count_stddev: float = 0.0  # adaptive: noise on the unclipped count; 0 = clients/round / 20
+    mode: str = field(default="off", metadata={
+        "help": "off | central (server clips, adds noise) | local (each client does)"})
+    clip: float = field(default=1.0, metadata={
+        "help": "C: each client's update (L2 over the adapter) is clipped to this"})
+    noise_multiplier: float = field(default=1.0, metadata={
+        "help": "sigma: noise std is sigma * C on the sum of updates"})
+    delta: float = field(default=1e-5, metadata={
+        "help": "the delta of the (epsilon, delta) reported"})
+    adaptive: bool = field(default=False, metadata={
+        "help": "move C towards a quantile of the update norms (Andrew et al.)"})
+    target_quantile: float = field(default=0.5, metadata={
+        "help": "adaptive: share of updates C should leave unclipped"})
+    clip_lr: float = field(default=0.2, metadata={
+        "help": "adaptive: geometric step of C each round"})
+    count_stddev: float = field(default=0.0, metadata={
+        "help": "adaptive: noise on the unclipped count; 0 = clients/round / 20"})
 
     def __post_init__(self) -> None:
         _check(self.mode in ("off", "central", "local"), "privacy.mode",
@@ -245,9 +283,11 @@ COMPRESS_METHODS = ("none", "delta", "fp16", "bf16", "int8", "topk")
 class CompressConfig:
     """How a client's update travels up (see docs/strategies.md for the measured bytes)."""
 
-    method: str = "none"  # none | delta | fp16 | bf16 | int8 | topk
-    topk_fraction: float = 0.01  # topk: share of each tensor's entries sent
-    error_feedback: bool = True  # topk: what was not sent is added to the next round's update
+    method: str = field(default="none", metadata={"help": " | ".join(COMPRESS_METHODS)})
+    topk_fraction: float = field(default=0.01, metadata={
+        "help": "topk: share of each tensor's entries sent"})
+    error_feedback: bool = field(default=True, metadata={
+        "help": "topk: what was not sent is added to the next round's update"})
 
     def __post_init__(self) -> None:
         _check(self.method in COMPRESS_METHODS, "compress.method",

@@ -19,8 +19,19 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 
 def _coerce(key: str, value: Any, tp: Any, root: type) -> Any:
-    """Check ``value`` against the annotated type ``tp``; ints are accepted for floats."""
+    """Check ``value`` against the annotated type ``tp``; ints are accepted for floats,
+    ``None`` for an optional (``float | None``: TOML has no null, a key left out is None)."""
     origin = typing.get_origin(tp)
+    if isinstance(tp, types.UnionType) or origin is typing.Union:
+        arms = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(arms) < len(typing.get_args(tp)):
+            return None
+        for arm in arms[:-1]:
+            try:
+                return _coerce(key, value, arm, root)
+            except ConfigError:
+                pass
+        return _coerce(key, value, arms[-1], root)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table [{key}], got {value!r}")
@@ -45,8 +56,6 @@ def _coerce(key: str, value: Any, tp: Any, root: type) -> Any:
         return float(value)
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
-    if isinstance(tp, types.UnionType):  # pragma: no cover - no unions in the config today
-        return value
     return value
 
 
@@ -137,10 +146,14 @@ def _toml_key(k: str) -> str:
 
 
 def toml_text(d: dict[str, Any]) -> str:
-    """A config's nested dicts as TOML text: top-level values, then a table a section."""
-    top = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    """A config's nested dicts as TOML text: top-level values, then a table a section.
+    A None (an optional key not set, ``float | None = None``) is left out: TOML has no
+    null, and the key left out loads back as its default None."""
+    top = [f"{k} = {_toml_value(v)}" for k, v in d.items()
+           if v is not None and not isinstance(v, dict)]
     lines = top
     for k, v in d.items():
         if isinstance(v, dict):
-            lines += ["", f"[{k}]"] + [f"{_toml_key(a)} = {_toml_value(b)}" for a, b in v.items()]
+            lines += ["", f"[{k}]"] + [f"{_toml_key(a)} = {_toml_value(b)}"
+                                       for a, b in v.items() if b is not None]
     return "\n".join(lines) + "\n"

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from fedit.data.load import load_rows
+from fedit.errors import DataError
 from fedit.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
 
 METHODS = ("iid", "shards", "dirichlet", "natural")
@@ -372,3 +374,48 @@ def write_partitions(
     atomic_write_json(out / "stats.json", stats)
     plot_partitions(stats, out / "clients.png")
     return stats
+
+
+def partition_file(
+    source: str,
+    out_dir: str | Path,
+    method: str = "dirichlet",
+    num_clients: int = 10,
+    label_field: str = "category",
+    alpha: float = 0.5,
+    min_size: int = 1,
+    shards_per_client: int = 2,
+    test_per_label: int = 0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Split a data set over clients and write them: ``fedit partition``'s work.
+
+    Loads ``source`` (a file, a folder or ``dolly-15k``: :func:`fedit.data.load.load_rows`),
+    first holds out ``test_per_label`` rows per ``label_field`` value into ``test.jsonl``
+    (per data set when the rows have no such field), then partitions the rest with
+    :func:`partition` and writes them with :func:`write_partitions`.
+
+    Returns
+    -------
+    dict
+        The statistics written to ``stats.json``: ``num_rows`` (the training rows),
+        ``num_clients`` and one ``{"rows": n, ...}`` per client.
+
+    Raises
+    ------
+    DataError
+        When a method other than ``iid`` needs ``label_field`` and the rows lack it.
+    """
+    out = Path(out_dir)
+    rows = load_rows(source)
+    if test_per_label:
+        has_labels = bool(rows) and label_field in rows[0]
+        labels = [str(r.get(label_field, "")) for r in rows] if has_labels else None
+        train_idx, test_idx = holdout_split(labels, len(rows), test_per_label, seed)
+        atomic_write_jsonl(out / "test.jsonl", [rows[i] for i in test_idx])
+        rows = [rows[i] for i in train_idx]
+    if method != "iid" and rows and label_field not in rows[0]:
+        raise DataError(f"{source}: rows have no field '{label_field}' (choose one with --by)")
+    keys = [str(r.get(label_field, "")) for r in rows]
+    parts = partition(keys, method, num_clients, alpha, min_size, shards_per_client, seed)
+    return write_partitions(out, rows, parts, label_field if method != "iid" else None)

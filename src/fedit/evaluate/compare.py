@@ -21,11 +21,10 @@ import numpy as np
 
 from fedit.errors import DataError
 from fedit.evaluate.evaluation import load_eval
+from fedit.evaluate.forest import plot_forest as draw
+from fedit.evaluate.verdicts import METRICS, NO_DIFFERENCE
 from fedit.io import atomic_write_bytes, atomic_write_json
 
-# metric -> True when higher is better
-METRICS = {"loss": False, "rouge_l": True, "similarity": True, "exact_match": True,
-           "judge": True}
 # eval.json settings that change which rows are scored or what a metric means
 SETTING_KEYS = ("rows", "label_field", "template", "cutoff_len", "truncation",
                 "min_response_tokens", "train_on_inputs", "fields", "generated",
@@ -40,7 +39,6 @@ SETTING_NAMES = {"template": "data.template", "cutoff_len": "data.cutoff_len",
                  "rows": "held-out rows", "generated": "generated answers",
                  "exact_match_categories": "eval.exact_match_categories",
                  "similarity_model": "similarity model"}
-NO_DIFFERENCE = "no difference at 95%"
 JUDGE_RECORDS = "judge.jsonl"  # `fedit judge` single grading, beside answers.jsonl
 COMPARE_FILE = "compare.json"
 COMPARE_PLOT = "compare.png"  # the forest plot, beside compare.json
@@ -222,8 +220,6 @@ def write_compare(out_dir: Path, result: dict[str, Any]) -> list[Path]:
 def plot_forest(result: dict[str, Any]) -> bytes | None:
     """The forest plot (:mod:`fedit.evaluate.forest`) of ``compare_evals``' result as PNG
     bytes: a panel per metric with the one pair B - A; None when no metric has rows."""
-    from fedit.evaluate.forest import plot_forest as draw
-
     a, b = Path(result["a"]).name or result["a"], Path(result["b"]).name or result["b"]
     return draw({"B - A": result["metrics"]}, difference="B - A",
                 xlabel="B - A (paired bootstrap 95% interval over rows)",

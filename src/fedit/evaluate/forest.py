@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from fedit.evaluate.compare import METRICS, NO_DIFFERENCE
+from fedit.evaluate.verdicts import METRICS, NO_DIFFERENCE
 
 COLORS = {"better": "#55a868", "worse": "#c44e52", NO_DIFFERENCE: "#4c72b0"}
 WIDTH_IN, ROW_IN, MARGIN_IN = 10.0, 0.42, 0.9  # figure size: MARGIN + ROW per pair and panel

@@ -55,6 +55,7 @@ PER_CLIENT_FILE = "per_client.txt"  # the per-client table, beside eval.json
 @dataclass
 class EvalTarget:
     """A resolved ``fedit eval`` argument."""
+
     kind: str  # "run" | "adapter" | "base"
     cfg: RunConfig  # cfg.model.name is the base model to load
     adapter: Path | None = None

@@ -46,12 +46,14 @@ from typing import Any
 
 import numpy as np
 
-from fedit.client.round import client_seed, load_model
+from fedit.client.load import load_model
+from fedit.client.round import client_seed
 from fedit.client.trainer import train_adapter
 from fedit.config import RunConfig, to_toml
 from fedit.data.batching import tokenize_for_run
 from fedit.data.federated import FederatedData, split_data, write_split
 from fedit.errors import ConfigError
+from fedit.evaluate.evaluation import evaluate_model, load_eval, write_eval
 from fedit.experiment.paired import format_paired, paired_section
 from fedit.experiment.scales import (
     ExperimentSettings,
@@ -134,8 +136,6 @@ class Experiment:
         return summary
 
     def _evaluate(self, folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
-        from fedit.evaluate.evaluation import evaluate_model, write_eval
-
         t0 = time.perf_counter()
         result, answers = evaluate_model(self.model, self.tokenizer, self.data.test_rows,
                                          self.cfg, generate=self.settings.generate,
@@ -167,8 +167,6 @@ class Experiment:
         for c in self.local_clients:
             sub = folder / f"client_{c:04d}"
             if (sub / "eval.json").is_file() and (sub / "train.json").is_file():
-                from fedit.evaluate.evaluation import load_eval
-
                 result, answers = load_eval(sub)
                 record = _read_json(sub / "train.json")
             else:
@@ -181,8 +179,6 @@ class Experiment:
             results.append(result)
             first_answers = answers if first_answers is None else first_answers
             clients[str(c)] = record
-        from fedit.evaluate.evaluation import write_eval
-
         mean = mean_results(results)
         mean["settings"] = {**results[0].get("settings", {}), "local_clients": self.local_clients,
                             "answers_from_client": self.local_clients[0]}

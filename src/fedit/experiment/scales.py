@@ -77,6 +77,7 @@ import numpy as np
 from fedit.algorithms.strategies import num_sampled
 from fedit.config import RunConfig, config_from_dict
 from fedit.config.toml import apply_overrides
+from fedit.data.clients import with_client_count
 from fedit.errors import ConfigError
 
 EXPERIMENTS = ("fedit-paper",)
@@ -188,7 +189,7 @@ def experiment_config(
                                   f"{', '.join('experiment.' + k for k in sorted(known))}")
         settings = ExperimentSettings(**extra)
         raw.setdefault("name", f"{name}-{scale}")
-        cfg = config_from_dict(raw)
+        cfg = with_client_count(config_from_dict(raw))  # a client folder sets the count
     except ConfigError as e:
         raise ConfigError(f"--set: {e}") from None
     if cfg.train.max_steps < 1:

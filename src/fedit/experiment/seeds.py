@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fedit.errors import ConfigError
-from fedit.evaluate.compare import METRICS, NO_DIFFERENCE
+from fedit.evaluate.verdicts import METRICS, NO_DIFFERENCE
 from fedit.experiment.paired import VERDICTS
 from fedit.experiment.run import ARMS, OVERALL_METRICS, Experiment
 from fedit.experiment.scales import experiment_config, plan_budget

@@ -26,12 +26,19 @@ from pathlib import Path
 from typing import Any
 
 from fedit.errors import ConfigError, ModelError
-from fedit.evaluate.runner import ADAPTER_CONFIG, FINAL_ADAPTER, EvalTarget, resolve_target
+from fedit.evaluate.runner import (
+    ADAPTER_CONFIG,
+    FINAL_ADAPTER,
+    EvalTarget,
+    load_eval_model,
+    resolve_target,
+)
 from fedit.export.card import CardFacts, model_card
 from fedit.federation.checkpoint import read_metrics
 from fedit.federation.loop import Log
 from fedit.io import atomic_dir
 from fedit.model.adapter import ADAPTER_WEIGHTS
+from fedit.model.device import parse_dtype
 
 SAVE_DTYPES = ("fp32", "bf16", "fp16")
 CARD = "README.md"
@@ -157,9 +164,6 @@ def write_adapter(t: EvalTarget, out: Path, card: str) -> None:
 
 def write_merged(t: EvalTarget, out: Path, dtype: str, card: str, log: Log) -> None:
     """The base with the adapter merged in fp32, cast to ``dtype``, tokenizer and card."""
-    from fedit.evaluate.runner import load_eval_model
-    from fedit.model.device import parse_dtype
-
     fp32 = dataclasses.replace(t.cfg.model, dtype="fp32", device="cpu", quantization=0)
     tokenizer, lm = load_eval_model(dataclasses.replace(t, cfg=dataclasses.replace(
         t.cfg, model=fp32)))

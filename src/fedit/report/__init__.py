@@ -14,7 +14,19 @@ can be mailed or attached as it is; the same PNGs are also written beside the HT
   ``fedit eval`` / ``fedit judge`` have written them.
 """
 
-from fedit.report.page import build_report, render_html, sample_rows
+from pathlib import Path
+
+from fedit.report.page import build_page, render_html, sample_rows
+from fedit.report.seeds import build_seeds_report, is_seeds_folder
 from fedit.report.source import Source, load_source
+
+
+def build_report(folder: Path, out: Path | None = None) -> Path:
+    """Write ``out`` (default ``<folder>/report.html``) and its PNGs beside it: the page of
+    a run or an experiment, or of a ``--seeds`` folder the page across its seeds."""
+    if is_seeds_folder(Path(folder)):
+        return build_seeds_report(Path(folder), out)
+    return build_page(Path(folder), out)
+
 
 __all__ = ["Source", "build_report", "load_source", "render_html", "sample_rows"]

@@ -215,13 +215,9 @@ def html_page(title: str, body: list[str]) -> str:
             f"<body>{''.join(body)}</body></html>\n")
 
 
-def build_report(folder: Path, out: Path | None = None) -> Path:
-    """Write ``out`` (default ``<folder>/report.html``) and its PNGs beside it; a folder of
-    ``--seeds`` gets the page across seeds (:mod:`fedit.report.seeds`)."""
-    from fedit.report.seeds import build_seeds_report, is_seeds_folder
-
-    if is_seeds_folder(Path(folder)):
-        return build_seeds_report(Path(folder), out)
+def build_page(folder: Path, out: Path | None = None) -> Path:
+    """Write a run's or an experiment's page ``out`` (default ``<folder>/report.html``)
+    and its PNGs beside it."""
     src = load_source(Path(folder))
     out = Path(out) if out is not None else src.folder / "report.html"
     makers = {"loss": plot_loss_curve, "categories": plot_category_bars,

@@ -7,6 +7,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+from fedit.data.partition import plot_partitions
 from fedit.evaluate.forest import plot_forest
 from fedit.report.source import Source, read_json
 
@@ -183,7 +184,6 @@ def client_heatmap(src: Source) -> bytes | None:
         return png.read_bytes()
     import tempfile
 
-    from fedit.data.partition import plot_partitions
 
     with tempfile.TemporaryDirectory() as tmp:
         return plot_partitions(read_json(src.partitions / "stats.json"),

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from fedit.errors import DataError
-from fedit.evaluate.compare import NO_DIFFERENCE
+from fedit.evaluate.forest import plot_forest
+from fedit.evaluate.verdicts import NO_DIFFERENCE
 from fedit.io import atomic_write_bytes, atomic_write_text
-from fedit.report.page import METRIC_COLUMNS, esc, html_page, img, num
+from fedit.report.page import METRIC_COLUMNS, build_page, esc, html_page, img, num
 from fedit.report.source import duration, read_json
 
 PLOT_TITLE = "Paired differences per seed: fedit - other arm, 95% intervals"
@@ -31,15 +32,13 @@ def is_seeds_folder(folder: Path) -> bool:
 def build_seeds_report(folder: Path, out: Path | None = None) -> Path:
     """Write the page across seeds (default ``<folder>/report.html``), its forest plot
     beside it, and each seed's own report where it is missing."""
-    from fedit.report.page import build_report
-
     exp = read_json(folder / "experiment.json")
     if not isinstance(exp.get("arms"), dict):
         raise DataError(f"{folder / 'experiment.json'}: no 'arms' table; re-run "
                         "`fedit experiment ... --seeds N` to rewrite it")
     for sub in exp["folders"].values():
         if not (folder / sub / "report.html").is_file():
-            build_report(folder / sub)
+            build_page(folder / sub)
     out = Path(out) if out is not None else folder / "report.html"
     body = [f"<h1>fedit report: {esc(exp.get('experiment', 'experiment'))} "
             f"({esc(exp.get('scale') or 'custom')} scale), {len(exp['seeds'])} seeds</h1>",
@@ -126,8 +125,6 @@ def paired_table(paired: dict[str, Any]) -> str:
 
 def plot_seeds(paired: dict[str, Any]) -> bytes | None:
     """The forest plot (:mod:`fedit.evaluate.forest`) with a row per pair and seed."""
-    from fedit.evaluate.forest import plot_forest
-
     rows: dict[str, dict[str, Any]] = {}
     for metrics in paired.values():
         for metric, m in metrics.items():

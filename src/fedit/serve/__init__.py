@@ -7,6 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 from fedit.errors import ConfigError
+from fedit.model.base import load_base_model, load_tokenizer
+from fedit.model.device import pick_device
 from fedit.serve.adapters import AdapterCache, wrap_with_adapter
 from fedit.serve.app import Server, api_key_from_env, create_app
 from fedit.serve.engine import Engine
@@ -21,9 +23,6 @@ def load_server(paths: list[str], *, model: str | None = None, template: str | N
                 default_max_tokens: int = 256, api_key_env: str | None = None,
                 log: Callable[[str], None] = print) -> Server:
     """Find the adapters, load the base model once, start the engine."""
-    from fedit.model.base import load_base_model, load_tokenizer
-    from fedit.model.device import pick_device
-
     limits = {"--max-batch": max_batch, "--max-queue": max_queue,
               "--max-adapters": max_adapters, "--max-model-len": max_model_len,
               "default max_tokens": default_max_tokens}

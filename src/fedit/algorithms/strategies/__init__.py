@@ -97,8 +97,8 @@ def build_strategy(name: str, options: dict[str, Any],
     """The strategy ``name`` (registered, or a user's ``module:Class``) with its parameters
     dataclass filled from ``options`` (the ``[strategy]`` table plus ``seed``: keys the
     dataclass does not have are ignored) and ``params`` (``[strategy.params]``: every key
-    must be a field). ``server_lr = 0`` (the config's default) leaves the strategy's own
-    default step."""
+    must be a field). ``server_lr = None`` (the config's default: not set) leaves the
+    strategy's own default step."""
     if is_strategy_ref(name):
         cls = load_strategy_class(name)
         params_cls = cls.params_class
@@ -109,7 +109,7 @@ def build_strategy(name: str, options: dict[str, Any],
                           "'module:Class' for your own")
     known = {f.name for f in dataclasses.fields(params_cls)}
     kwargs = {k: v for k, v in options.items() if k in known}
-    if options.get("server_lr") == 0:
+    if options.get("server_lr") is None:
         kwargs.pop("server_lr", None)
     unknown = sorted(set(params or {}) - known)
     if unknown:

@@ -31,6 +31,12 @@ class FedAvgMParams(StrategyParams):
     server_lr: float = 1.0
     server_momentum: float = 0.9
 
+    def __post_init__(self) -> None:
+        if not self.server_lr > 0:
+            raise ValueError(f"server_lr must be > 0, got {self.server_lr}")
+        if not 0 <= self.server_momentum < 1:
+            raise ValueError(f"server_momentum must be in [0, 1), got {self.server_momentum}")
+
 
 class FedAvgM(Strategy):
     """Server momentum on the example-weighted mean; the momentum is ``ServerState``'s

@@ -33,6 +33,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedit.algorithms import payload as P
 from fedit.algorithms.contract import ClientState, Instruction, Reply
+from fedit.algorithms.strategies import load_strategy_class
 from fedit.config import RunConfig, config_from_dict
 from fedit.errors import ConfigError
 from fedit.runtimes.flower import wire
@@ -215,7 +216,16 @@ def handle_train(message: Message, context: Context) -> Message:
 
 
 def handle_query(message: Message, context: Context) -> Message:
-    """Answer the server's hello: the client id this node claims (-1: none)."""
+    """Answer the server's hello: the client id this node claims (-1: none), or, when the
+    run's strategy is a user's class this node cannot import, why it refuses (one line)."""
+    asked = dict(message.content.config_records.get(P.CONFIG_RECORD, {}))
+    answer: dict[str, Any] = {}
+    ref = str(asked.get(P.STRATEGY, "") or "")
+    if ref:
+        try:
+            load_strategy_class(ref)
+        except ConfigError as e:
+            answer[P.REFUSED] = str(e)
     pid = node_partition_id(dict(context.node_config))
-    record = ConfigRecord({P.PARTITION_ID: -1 if pid is None else pid})
-    return Message(RecordDict({P.CONFIG_RECORD: record}), reply_to=message)
+    answer[P.PARTITION_ID] = -1 if pid is None else pid
+    return Message(RecordDict({P.CONFIG_RECORD: ConfigRecord(answer)}), reply_to=message)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fedit.config import RunConfig, load_config
+from fedit.data.clients import with_client_count
 from fedit.errors import FeditError
 
 Log = Callable[[str], None]
@@ -266,7 +267,7 @@ class LocalFederation:
 
 def resolve_run(config: Path, overrides: Sequence[str]) -> tuple[RunConfig, list[str]]:
     """The checked config, and overrides that also pin the run folder (absolute path)."""
-    cfg = load_config(config, list(overrides))
+    cfg = with_client_count(load_config(config, list(overrides)))  # a client folder counts
     sets = list(overrides)
     if not cfg.name:
         cfg.name = f"{config.stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"

@@ -30,6 +30,7 @@ from fedit.algorithms.contract import Instruction, Reply
 from fedit.algorithms.pipeline import start_of
 from fedit.client.load import load_model
 from fedit.config import RunConfig, load_config, to_toml
+from fedit.config.schema import is_strategy_ref
 from fedit.data.federated import FederatedData
 from fedit.errors import ConfigError, FeditError
 from fedit.federation import checkpoint as ckpt
@@ -52,19 +53,24 @@ class FlowerRuntime:
         self.config_toml = to_toml(cfg)
         self.nodes: dict[int, int] = {}  # client id -> node id
         self.state_rounds: dict[int, int] = {}  # client -> round of its newest state
+        self.refused: dict[int, str] = {}  # node id -> why it cannot take part
 
     # -- nodes ---------------------------------------------------------------------------
     def refresh_nodes(self) -> None:
-        """Forget nodes the SuperLink no longer lists; ask new ones which client they are."""
+        """Forget nodes the SuperLink no longer lists; ask new ones which client they are
+        (and, for a user's strategy, whether they can import it: a node that cannot is
+        refused, with its one-line reason, and not asked again)."""
         live = set(self.grid.get_node_ids())
         for client, node in sorted(self.nodes.items()):
             if node not in live:
                 self.log(f"client {client} (node {node}) left the federation")
                 del self.nodes[client]
-        new = sorted(live - set(self.nodes.values()))
+        new = sorted(live - set(self.nodes.values()) - set(self.refused))
         if not new:
             return
-        hello = [Message(RecordDict({P.CONFIG_RECORD: ConfigRecord({})}), dst_node_id=n,
+        ask = {P.STRATEGY: self.cfg.strategy.name} if is_strategy_ref(
+            self.cfg.strategy.name) else {}
+        hello = [Message(RecordDict({P.CONFIG_RECORD: ConfigRecord(dict(ask))}), dst_node_id=n,
                          message_type=MessageType.QUERY, group_id="hello",
                          ttl=HELLO_TIMEOUT) for n in new]
         answers = wire.exchange(self.grid, hello, min(HELLO_TIMEOUT, self.cfg.flower.round_timeout))
@@ -75,8 +81,12 @@ class FlowerRuntime:
                 self.log(f"node {node} did not say which client it is ({why}); asked again "
                          "next round")
                 continue
-            claims.append((node, int(answer.content.config_records[P.CONFIG_RECORD]
-                                     [P.PARTITION_ID])))  # type: ignore[arg-type]
+            said = answer.content.config_records[P.CONFIG_RECORD]
+            if P.REFUSED in said:
+                self.refused[node] = str(said[P.REFUSED])
+                self.log(f"node {node} refused: {self.refused[node]}")
+                continue
+            claims.append((node, int(said[P.PARTITION_ID])))  # type: ignore[arg-type]
         for node, client in claims:
             if client >= 0:
                 if client in self.nodes:
@@ -90,18 +100,20 @@ class FlowerRuntime:
         self.log(f"clients -> nodes: {dict(sorted(self.nodes.items()))}")
 
     def wait_for_nodes(self) -> None:
-        """Wait up to ``flower.node_timeout`` s for ``partition.clients`` nodes to join."""
+        """Wait up to ``flower.node_timeout`` s for ``partition.clients`` nodes to join (or
+        be refused)."""
         f, want = self.cfg.flower, self.cfg.partition.clients
         deadline = time.monotonic() + f.node_timeout
         while True:
             self.refresh_nodes()
-            if len(self.nodes) >= want or time.monotonic() >= deadline:
+            if len(self.nodes) + len(self.refused) >= want or time.monotonic() >= deadline:
                 break
             time.sleep(1.0)
         need = self.cfg.strategy.min_replies
         if len(self.nodes) < need:
+            why = "".join(f"; node {n} refused: {r}" for n, r in sorted(self.refused.items()))
             raise FeditError(f"only {len(self.nodes)} node(s) joined within flower.node_timeout"
-                             f" = {f.node_timeout:g} s; strategy.min_replies = {need}")
+                             f" = {f.node_timeout:g} s; strategy.min_replies = {need}{why}")
         if len(self.nodes) < want:
             self.log(f"starting with {len(self.nodes)} of {want} nodes")
 
