@@ -2,13 +2,15 @@
 
 The server decides from the prompt it receives: a single grade is the N of "score=N" in the
 answer; a pairwise verdict favours the answer that says GOOD, or always position A. A script
-of faults (a reply without a verdict, HTTP 500, no reply until the client gives up) is
-played before the normal replies. It counts every request it gets.
+of faults (a reply without a verdict, HTTP 500, HTTP 429) is played before the normal
+replies. It counts every request it gets.
+
+No test waits: the clients' back-off goes to a ``Waits`` that records it, and a request the
+server never answers is played by a transport that raises httpx's timeout at once.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import socket
@@ -26,18 +28,10 @@ from typer.testing import CliRunner
 
 from fedit.cli import app as cli_app
 from fedit.errors import DataError
-from fedit.evaluate.judge import (
-    Judge,
-    JudgeCache,
-    JudgeClient,
-    JudgeError,
-    chat_endpoint,
-    judge_pairwise,
-    judge_single,
-    load_answers,
-    match_rows,
-    run_judge,
-)
+from fedit.evaluate.judge import Judge, default_cache_path, judge_pairwise, judge_single, run_judge
+from fedit.evaluate.judge_answers import load_answers, match_rows
+from fedit.evaluate.judge_cache import JudgeCache
+from fedit.evaluate.judge_client import JudgeClient, JudgeError, chat_endpoint
 from fedit.evaluate.judge_prompts import (
     pairwise_messages,
     parse_rating,
@@ -50,7 +44,7 @@ from fedit.evaluate.judge_prompts import (
 class ServerState:
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
-    script: list[str] = field(default_factory=list)  # faults played first: malformed|500|hang
+    script: list[str] = field(default_factory=list)  # faults played first: malformed|500|429
     pairwise: str = "better"  # better: the answer saying GOOD wins; favour_a: always [[A]]
     url: str = ""
 
@@ -86,11 +80,6 @@ async def chat_completions(request: Request) -> Any:
     if fault == "429":
         return JSONResponse({"error": {"message": "slow down"}}, status_code=429,
                             headers={"Retry-After": "0.3"})
-    if fault == "hang":  # no reply: wait until the client gives up and disconnects
-        deadline = time.monotonic() + 60
-        while not await request.is_disconnected() and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        return JSONResponse({"error": {"message": "too late"}}, status_code=504)
     content = _judge_reply(body) if fault is None else (
         "I cannot decide." if fault == "malformed" else f"No verdict ({fault}).")
     return {"id": "chatcmpl-1", "object": "chat.completion", "model": body["model"],
@@ -142,8 +131,38 @@ def write(path, rows):
     return path
 
 
+class Waits:
+    """Stands in for ``time.sleep`` in a client: records each back-off instead of waiting."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.seconds.append(seconds)
+
+
+class SilentServer(httpx.BaseTransport):
+    """The test server, except that its first ``silent`` requests get no reply: each is
+    recorded and raises what httpx raises when the timeout runs out, at once."""
+
+    def __init__(self, silent: int) -> None:
+        self.silent = silent
+        self.timeouts: list[dict[str, float]] = []  # the timeout each request carried
+        self._network = httpx.HTTPTransport()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.timeouts.append(request.extensions["timeout"])
+        if len(self.timeouts) <= self.silent:
+            raise httpx.ReadTimeout("timed out", request=request)
+        return self._network.handle_request(request)
+
+    def close(self) -> None:
+        self._network.close()
+
+
 def make_judge(server, tmp_path, **client_kw) -> Judge:
-    client_kw = {"timeout": 2.0, "retries": 2, "backoff": 0.01} | client_kw
+    """A judge of the test server whose back-off is recorded in ``judge.client.sleep``."""
+    client_kw = {"timeout": 2.0, "retries": 2, "backoff": 0.01, "sleep": Waits()} | client_kw
     return Judge(JudgeClient(server.url, "judge-1", **client_kw),
                  JudgeCache(tmp_path / "cache.sqlite"))
 
@@ -238,14 +257,28 @@ def test_server_error_then_success(server, tmp_path):
     result = judge_single(answers([9]), judge, log=lambda m: None)
     assert result["items"][0]["score"] == 9
     assert len(server.requests) == 3 and judge.client.requests == 3
+    assert len(judge.client.sleep.seconds) == 2  # one back-off before each retry
+
+
+def test_backoff_doubles_with_jitter_up_to_the_cap(server, tmp_path):
+    # jitter 0 halves each back-off, the most jitter keeps it whole; the cap comes first
+    for jitter, expected in [(0.0, [0.25, 0.5, 0.5]), (1.0, [0.5, 1.0, 1.0])]:
+        server.script = ["500"] * 3
+        judge = make_judge(server, tmp_path / str(jitter), retries=3, backoff=0.5,
+                           max_backoff=1.0, jitter=lambda j=jitter: j)
+        assert judge_single(answers([3]), judge, log=lambda m: None)["items"][0]["score"] == 3
+        assert judge.client.sleep.seconds == expected
 
 
 def test_rate_limit_waits_retry_after(server, tmp_path):
     server.script = ["429"]
     judge = make_judge(server, tmp_path)  # back-off 0.01 s: the wait is the server's 0.3 s
-    start = time.monotonic()
     assert judge_single(answers([4]), judge, log=lambda m: None)["items"][0]["score"] == 4
-    assert time.monotonic() - start >= 0.3 and len(server.requests) == 2
+    assert judge.client.sleep.seconds == [0.3] and len(server.requests) == 2
+    server.script = ["429"]  # a Retry-After over the cap waits the cap
+    judge = make_judge(server, tmp_path, max_backoff=0.2)
+    judge_single(answers([5]), judge, log=lambda m: None)
+    assert judge.client.sleep.seconds == [0.2] and len(server.requests) == 4
 
 
 def test_error_after_retries_names_the_status(server, tmp_path):
@@ -256,22 +289,41 @@ def test_error_after_retries_names_the_status(server, tmp_path):
 
 def test_a_silent_server_is_tried_once_per_retry_then_a_clear_error(server, tmp_path):
     # Prepare: a server that does not answer the first three requests at all
-    server.script = ["hang"] * 3
-    judge = make_judge(server, tmp_path, timeout=0.2, retries=2)
+    silent = SilentServer(3)
+    judge = make_judge(server, tmp_path, timeout=0.2, retries=2, jitter=lambda: 1.0,
+                       transport=silent)
     # Execute
     with pytest.raises(JudgeError) as err:
         judge_single(answers([5]), judge, log=lambda m: None)
-    # Assert: every request had the client's timeout; 1 + retries tries, not one more
-    assert judge.client._http.timeout == httpx.Timeout(0.2)
+    # Assert: every request had the client's timeout; 1 + retries tries, not one more, with
+    # the back-off (0.01 s doubled) between them
+    assert silent.timeouts == [{"connect": 0.2, "read": 0.2, "write": 0.2, "pool": 0.2}] * 3
     assert str(err.value) == (f"judge endpoint {server.url}/chat/completions gave no answer "
                               "within 0.2 s (3 tries): raise --timeout or check the server")
-    assert len(server.requests) == 3 and judge.client.requests == 3
-    # one silent request, then an answered retry (the usual 2 s timeout of these tests)
-    server.script = ["hang"]
-    judge = make_judge(server, tmp_path)
+    assert judge.client.requests == 3 and not server.requests
+    assert judge.client.sleep.seconds == [0.01, 0.02]
+    # one silent request, then an answered retry
+    silent = SilentServer(1)
+    judge = make_judge(server, tmp_path, jitter=lambda: 1.0, transport=silent)
     result = judge_single(answers([5]), judge, log=lambda m: None)
-    assert result["items"][0]["score"] == 5 and len(server.requests) == 5
-    assert judge.client.requests == 2
+    assert result["items"][0]["score"] == 5 and len(server.requests) == 1
+    assert judge.client.requests == 2 and len(silent.timeouts) == 2
+    assert judge.client.sleep.seconds == [0.01]
+
+
+def test_default_cache_path_is_in_fedit_cache_dir(tmp_path, monkeypatch):
+    # the same file as before convert.cache_dir was used: $FEDIT_CACHE (~ expanded; unset
+    # or empty means ~/.cache/fedit), then judge/replies.sqlite
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FEDIT_CACHE", str(tmp_path / "cache"))
+    assert default_cache_path() == tmp_path / "cache" / "judge" / "replies.sqlite"
+    monkeypatch.setenv("FEDIT_CACHE", "~/elsewhere")
+    assert default_cache_path() == tmp_path / "home" / "elsewhere" / "judge" / "replies.sqlite"
+    home_cache = tmp_path / "home" / ".cache" / "fedit" / "judge" / "replies.sqlite"
+    monkeypatch.setenv("FEDIT_CACHE", "")
+    assert default_cache_path() == home_cache
+    monkeypatch.delenv("FEDIT_CACHE")
+    assert default_cache_path() == home_cache
 
 
 def test_cli_cache_second_run_makes_no_request(server, tmp_path, monkeypatch):

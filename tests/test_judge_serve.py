@@ -85,8 +85,11 @@ def test_pairwise_with_the_base_model_as_judge(server, tmp_path):
     mine = write(tmp_path / "fedit" / "answers.jsonl", answers(["The Nile.", "Amazon"]))
     other = write(tmp_path / "local" / "answers.jsonl", answers(["Danube", "no idea"]))
     before = len(statuses(server, 0))
+    # one prompt at a time: 4 in flight overflow the server, and whether the one answered
+    # 429 gets in within its retries depends on how fast the others decode (the busy
+    # server is test_busy_server_429_is_retried's subject)
     judge([str(mine), "--against", str(other.parent), "--judge-url", server.url + "/v1",
-           "--judge-model", "base", "--no-reference"], tmp_path)
+           "--judge-model", "base", "--no-reference", "--concurrency", "1"], tmp_path)
     written = json.loads((tmp_path / "fedit" / "judge-vs-local.json").read_text())
     assert written["mode"] == "pairwise" and written["judge_model"] == "base"
     overall = written["overall"]

@@ -63,7 +63,6 @@ DP_CLIP = "dp-clip"  # instruction key: the clip norm C this round (adaptive cli
 LORA_RANK = "lora-rank"  # instruction key: the LoRA rank this client trains
 CODEC_PREFIX = "codec."  # reply extra arrays that belong to the upload's codec
 RESIDUAL = "codec.residual"  # client state: top-k's error-feedback residual
-UNCLIPPED = "dp-unclipped"  # reply metric: 1.0 when the update was within the clip norm
 UNIFORM = "secure-uniform"  # instruction key: weigh this upload 1 in SecAgg+'s sum (DP)
 
 
@@ -105,6 +104,12 @@ class Pipeline:
         self._pairs: list[tuple[int, int]] = []
         if (self.ranked or o.freeze_a) and o.adapter_names:
             self._pairs = lora_pairs(o.adapter_names)
+
+    @property
+    def dp(self) -> PrivacyConfig:
+        """``[privacy]``, where the caller knows privacy is on."""
+        assert self.o.privacy is not None, "privacy is off"
+        return self.o.privacy
 
     # -- description ------------------------------------------------------------------------
     @property
@@ -222,7 +227,7 @@ class Pipeline:
         noise, divided by the expected number of clients a round (a fixed denominator, so
         one client moves the mean by at most C / m). Central mode clips and adds the noise
         here; local mode received updates already clipped and noised by each client."""
-        p, o = self.o.privacy, self.o
+        p, o = self.dp, self.o
         clip = float(state.scalars["dp.clip"])
         total = [np.zeros(a.shape, np.float64) for a in global_arrays]
         unclipped = 0
@@ -284,7 +289,7 @@ class Pipeline:
 
     def _next_clip(self, server_round: int, state: ServerState, combined: Combined,
                    info: dict[str, Any]) -> float:
-        p, clip = self.o.privacy, float(state.scalars["dp.clip"])
+        p, clip = self.dp, float(state.scalars["dp.clip"])
         if not p.adaptive or "dp_unclipped" not in info:
             return clip
         rng = np.random.default_rng([self.o.seed, server_round, 0xC1])
@@ -293,12 +298,12 @@ class Pipeline:
         return float(adaptive_clip(clip, frac, p.target_quantile, p.clip_lr))
 
     def _count_stddev(self) -> float:
-        return float(count_stddev_for(self.o.privacy, max(self.o.per_round, 1)))
+        return float(count_stddev_for(self.dp, max(self.o.per_round, 1)))
 
     def _update_sigma(self) -> float:
         """The noise multiplier on the updates: all of sigma, or (adaptive clipping) what
         is left after the noisy unclipped count's share (Andrew et al., Thm. 1)."""
-        p = self.o.privacy
+        p = self.dp
         if not p.adaptive:
             return float(p.noise_multiplier)
         return float(effective_noise_multiplier(p.noise_multiplier, self._count_stddev()))
@@ -334,33 +339,31 @@ class Pipeline:
 
     def client_upload(self, instruction: Instruction, state: ClientState, start: Arrays,
                       trained: Arrays, *, client: int, server_round: int
-                      ) -> tuple[Arrays, dict[str, Arrays], dict[str, float]]:
+                      ) -> tuple[Arrays, dict[str, Arrays]]:
         """What the client sends: its adapter clipped / noised (DP at the client), only B
-        (FFA), encoded (compression); plus codec arrays and metrics. Updates ``state``
-        (the error-feedback residual)."""
-        metrics: dict[str, float] = {}
+        (FFA), encoded (compression); plus the codec's arrays. Updates ``state`` (the
+        error-feedback residual)."""
         p = self.o.privacy
         if p is not None and (p.mode == "local" or self.o.secure):
-            trained, metrics = self._client_dp(instruction, start, trained, client, server_round)
+            trained = self._client_dp(instruction, start, trained, client, server_round)
         sent, sent_start = self._sent(trained), self._sent(start)
         codec = self.o.codec
         if codec is None:
-            return sent, {}, metrics
+            return sent, {}
         residual = state.arrays.get(RESIDUAL)
         payload, residual = codec.encode(sent_start, sent, residual)
         if residual is not None:
             state.arrays[RESIDUAL] = residual
-        return payload.arrays, payload.extra, metrics
+        return payload.arrays, payload.extra
 
     def _client_dp(self, instruction: Instruction, start: Arrays, trained: Arrays,
-                   client: int, server_round: int) -> tuple[Arrays, dict[str, float]]:
-        p = self.o.privacy
+                   client: int, server_round: int) -> Arrays:
+        p = self.dp
         clip = float(instruction.config.get(DP_CLIP, p.clip))
         delta = [t.astype(np.float64) - s for t, s in zip(trained, start, strict=True)]
-        clipped, norm = clip_update(delta, clip)
+        clipped, _ = clip_update(delta, clip)
         if p.mode == "local":
             rng = np.random.default_rng([self.o.seed, server_round, client, 0x1D])
             noise = gaussian_noise(clipped, p.noise_multiplier * clip, rng)
             clipped = [c + n for c, n in zip(clipped, noise, strict=True)]
-        out = [(s + c).astype(t.dtype) for s, c, t in zip(start, clipped, trained, strict=True)]
-        return out, {UNCLIPPED: float(norm <= clip)}
+        return [(s + c).astype(t.dtype) for s, c, t in zip(start, clipped, trained, strict=True)]

@@ -76,14 +76,13 @@ def run_client_round(
                          seed=personal_seed(seed, server_round, client), pad_id=pad_id)
     extra = pipe.after_train(instruction, state, global_arrays, trained,
                              TrainInfo(result.steps, result.lr_sum))
-    arrays, codec_extra, dp_metrics = pipe.client_upload(
+    arrays, codec_extra = pipe.client_upload(
         instruction, state, global_arrays, trained, client=client, server_round=server_round)
     metrics = {
         P.TRAIN_LOSS: result.train_loss,
         P.STEPS: float(result.steps),
         P.TOKENS: float(result.tokens),
         P.SECONDS: result.seconds,
-        **dp_metrics,
     }
     return Reply(client, arrays, result.num_examples, metrics, {**extra, **codec_extra})
 

@@ -1,40 +1,30 @@
 """LLM judge over any OpenAI-compatible chat endpoint: MT-Bench single-answer grading (1-10)
-and pairwise comparison with position swap, with retries, back-off and an on-disk cache.
+and pairwise comparison with position swap; ``run_judge`` and ``format_judge`` are what
+``fedit judge`` calls.
 
-The endpoint URL is the OpenAI "base URL": the client POSTs to ``{url}/chat/completions``,
-so ``http://127.0.0.1:8080/v1`` and ``https://api.openai.com/v1`` work as given. A bare
-``http://host:port`` (no path) gets ``/v1`` added; a URL that already ends in
-``/chat/completions`` is used as it is.
+The pieces live beside this module: the HTTP client with its retries and back-off in
+``judge_client``, the on-disk reply cache in ``judge_cache``, reading and pairing the
+answers files in ``judge_answers``, the prompts and verdict parsers in ``judge_prompts``.
+Their public names are importable from here too.
 
-Replies are cached in SQLite, keyed by a hash of the judge model and the full prompt (not the
-URL), so a re-run, or the same answers judged from another folder, makes no request. Only
-replies with a verdict are cached: an unparsable item is asked again on the next run.
-
-A judge with a small context (``fedit serve`` of a small model, a local server) answers HTTP
-400 "maximum context length" when the prompt and ``max_tokens`` do not fit: that request and
-every later one go without ``max_tokens`` (the server gives what fits), and a prompt that
-does not fit at all is counted as unparsable (``too_long``), not fatal to the whole run.
+Only replies with a verdict are cached: an unparsable item is asked again on the next run.
+A prompt too long for the judge's context is counted as unparsable (``too_long``), not
+fatal to the whole run.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import random
-import sqlite3
 import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
-import httpx
-
-from fedit.errors import DataError, FeditError
+from fedit.evaluate.judge_answers import answers_path, load_answers, match_rows
+from fedit.evaluate.judge_cache import JudgeCache, cache_key, default_cache_path
+from fedit.evaluate.judge_client import JudgeClient, JudgeError, PromptTooLong, chat_endpoint
 from fedit.evaluate.judge_prompts import (
     PROMPT_NAMES,
     pairwise_messages,
@@ -44,193 +34,38 @@ from fedit.evaluate.judge_prompts import (
 )
 from fedit.io import atomic_write_json, atomic_write_jsonl
 
+__all__ = [
+    "Judge", "JudgeCache", "JudgeClient", "JudgeError", "PromptTooLong", "answers_path",
+    "cache_key", "chat_endpoint", "default_cache_path", "default_out", "format_judge",
+    "judge_pairwise", "judge_single", "load_answers", "match_rows", "run_judge", "write_judge",
+]
+
 T = TypeVar("T")
 Log = Callable[[str], None]
-
-
-class JudgeError(FeditError):
-    """The judge endpoint cannot be reached or keeps failing; the message says what to do."""
-
-
-class PromptTooLong(JudgeError):
-    """The judge's context cannot hold the prompt: HTTP 400, context length exceeded."""
-
-
-# ---------------------------------------------------------------- the HTTP client
-def chat_endpoint(url: str) -> str:
-    """``{url}/chat/completions``; a bare ``http://host:port`` gets ``/v1`` first."""
-    url = url.rstrip("/")
-    if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
-        raise JudgeError(f"--judge-url {url!r}: give an http:// or https:// URL, e.g. "
-                         "http://127.0.0.1:8080/v1")
-    if url.endswith("/chat/completions"):
-        return url
-    if urlsplit(url).path in ("", "/"):
-        url += "/v1"
-    return url + "/chat/completions"
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or "no detail"
-    return f"{type(exc).__name__}: {text}"
-
-
-@dataclass
-class JudgeClient:
-    """A chat-completions client that retries what is worth retrying.
-
-    Parameters
-    ----------
-    url : OpenAI base URL (see :func:`chat_endpoint`).
-    model : the judge model name sent in each request.
-    api_key : sent as ``Authorization: Bearer``; None sends no header (local servers).
-    timeout : seconds for one request.
-    retries : extra tries after a timeout, connection error, HTTP 429 or 5xx.
-    max_tokens : the reply's budget; None once a server said prompt + budget exceed its
-        context (HTTP 400): later requests leave it to the server.
-    backoff : first back-off in seconds, doubled each retry (with jitter), capped by
-        ``max_backoff``; a 429's ``Retry-After`` is honoured up to that cap.
-    """
-
-    url: str
-    model: str
-    api_key: str | None = None
-    timeout: float = 60.0
-    retries: int = 4
-    backoff: float = 0.5
-    max_backoff: float = 20.0
-    max_tokens: int | None = 1024
-    requests: int = field(default=0, init=False)
-
-    def __post_init__(self) -> None:
-        self.endpoint = chat_endpoint(self.url)
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        self._http = httpx.Client(timeout=self.timeout, headers=headers)
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        self._http.close()
-
-    def chat(self, messages: list[dict[str, str]]) -> str:
-        """The reply text for ``messages`` at temperature 0 ("" when the reply has none)."""
-        body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": 0}
-        if self.max_tokens is not None:
-            try:
-                return self._post({**body, "max_tokens": self.max_tokens})
-            except PromptTooLong:  # prompt + max_tokens over a small context: from now on
-                self.max_tokens = None  # the server gives each reply what fits
-        return self._post(body)
-
-    def _post(self, body: dict[str, Any]) -> str:
-        for attempt in range(self.retries + 1):
-            with self._lock:
-                self.requests += 1
-            try:
-                resp = self._http.post(self.endpoint, json=body)
-            except (httpx.TimeoutException, httpx.TransportError) as exc:
-                if attempt == self.retries:
-                    raise self._transport_error(exc) from exc
-                self._sleep(attempt)
-                continue
-            if resp.status_code == 429 or resp.status_code >= 500:
-                if attempt == self.retries:
-                    raise JudgeError(f"judge endpoint {self.endpoint} answered HTTP "
-                                     f"{resp.status_code} {attempt + 1} times: "
-                                     f"{_snippet(resp.text)}")
-                self._sleep(attempt, resp.headers.get("retry-after"))
-                continue
-            if resp.status_code == 400 and _context_full(resp.text):
-                raise PromptTooLong(f"judge endpoint {self.endpoint}: {_snippet(resp.text)}")
-            if resp.status_code >= 400:
-                raise JudgeError(f"judge endpoint {self.endpoint} refused the request: HTTP "
-                                 f"{resp.status_code} {_snippet(resp.text)} (check "
-                                 "--judge-model and the API key)")
-            return _reply_text(resp)
-        raise AssertionError("unreachable")  # the loop returns or raises
-
-    def _sleep(self, attempt: int, retry_after: str | None = None) -> None:
-        delay = min(self.max_backoff, self.backoff * 2**attempt)
-        delay *= 0.5 + random.random() / 2  # jitter: concurrent callers do not retry in step
-        if retry_after and retry_after.replace(".", "", 1).isdigit():
-            delay = max(delay, min(self.max_backoff, float(retry_after)))
-        time.sleep(delay)
-
-    def _transport_error(self, exc: Exception) -> JudgeError:
-        tries = self.retries + 1
-        if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
-            return JudgeError(f"judge endpoint {self.endpoint} gave no answer within "
-                              f"{self.timeout:g} s ({tries} tries): raise --timeout or check "
-                              "the server")
-        return JudgeError(f"judge endpoint {self.endpoint} unreachable ({_one_line(exc)}; "
-                          f"{tries} tries): start the server or fix --judge-url")
-
-
-def _context_full(text: str) -> bool:
-    """An HTTP 400 body saying the context is too small (OpenAI, vLLM, fedit serve)."""
-    return "context_length_exceeded" in text or "maximum context length" in text
-
-
-def _snippet(text: str) -> str:
-    return " ".join(text.split())[:200] or "(empty body)"
-
-
-def _reply_text(resp: httpx.Response) -> str:
-    """choices[0].message.content, or "" for a reply of any other shape (retried as such)."""
-    try:
-        content = resp.json()["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        return ""
-    return content if isinstance(content, str) else ""
-
-
-# ---------------------------------------------------------------- the cache
-def default_cache_path() -> Path:
-    """``$FEDIT_CACHE/judge/replies.sqlite`` (``FEDIT_CACHE`` defaults to ~/.cache/fedit)."""
-    root = Path(os.environ.get("FEDIT_CACHE") or Path.home() / ".cache" / "fedit")
-    return root.expanduser() / "judge" / "replies.sqlite"
-
-
-def cache_key(model: str, messages: list[dict[str, str]]) -> str:
-    """sha256 of the judge model and the full prompt; the URL is left out on purpose."""
-    blob = json.dumps({"model": model, "messages": messages, "temperature": 0},
-                      sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-class JudgeCache:
-    """Judge replies by :func:`cache_key`, in one SQLite file (safe across threads and runs)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, timeout=30, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, "
-                             "model TEXT, reply TEXT, created REAL)")
-        except (OSError, sqlite3.Error) as exc:
-            raise JudgeError(f"{path}: cannot open the judge cache ({_one_line(exc)}): point "
-                             "--cache or FEDIT_CACHE at a writable place") from exc
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> str | None:
-        with self._lock:
-            row = self._db.execute("SELECT reply FROM replies WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else None
-
-    def put(self, key: str, model: str, reply: str) -> None:
-        with self._lock, self._db:
-            self._db.execute("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?)",
-                             (key, model, reply, time.time()))
-
-    def close(self) -> None:
-        self._db.close()
+Pair = tuple[dict[str, Any], dict[str, Any]]
 
 
 @dataclass
 class Judge:
-    """A client, its cache, and how often a reply without a verdict is asked again (at most
-    ``parse_retries`` times, and no more once the judge repeats a reply word for word)."""
+    """A client, its cache, and how often a reply without a verdict is asked again.
+
+    Parameters
+    ----------
+    client : JudgeClient
+        Sends the prompts.
+    cache : JudgeCache
+        Replies with a verdict, kept across runs.
+    parse_retries : int
+        Extra tries for a reply without a verdict; none once the judge repeats a reply
+        word for word.
+
+    Attributes
+    ----------
+    cache_hits : int
+        Prompts answered from the cache.
+    too_long : int
+        Prompts the judge's context could not hold (counted as unparsable).
+    """
 
     client: JudgeClient
     cache: JudgeCache
@@ -241,7 +76,21 @@ class Judge:
 
     def ask(self, messages: list[dict[str, str]],
             parse: Callable[[str], Any]) -> tuple[str, Any, bool]:
-        """(reply, verdict or None, from cache) for one prompt."""
+        """Return (reply, verdict or None, from cache) for one prompt.
+
+        Parameters
+        ----------
+        messages : list of dict
+            The prompt.
+        parse : callable
+            The reply's verdict, None when it has none.
+
+        Returns
+        -------
+        tuple
+            The last reply (a "(not judged: ...)" note for a prompt too long), its verdict
+            or None, and whether it came from the cache.
+        """
         key = cache_key(self.client.model, messages)
         cached = self.cache.get(key)
         if cached is not None and parse(cached) is not None:
@@ -266,61 +115,6 @@ class Judge:
         return reply, None, False
 
 
-# ---------------------------------------------------------------- answers files
-def answers_path(path: Path) -> Path:
-    """The answers.jsonl a path names: the file itself, or ``answers.jsonl`` in a folder."""
-    file = path / "answers.jsonl" if path.is_dir() else path
-    if not file.is_file():
-        raise DataError(f"{file}: no such answers file (write one with `fedit eval`)")
-    return file
-
-
-def load_answers(path: Path) -> list[dict[str, Any]]:
-    """Rows of an answers.jsonl (``id``, ``instruction``, ``answer`` required), ids unique."""
-    file = answers_path(path)
-    rows: list[dict[str, Any]] = []
-    seen: set[Any] = set()
-    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{file}:{n}: not JSON ({exc.msg})") from exc
-        missing = [k for k in ("id", "instruction", "answer") if k not in row] if isinstance(
-            row, dict) else ["id", "instruction", "answer"]
-        if missing:
-            raise DataError(f"{file}:{n}: missing field(s) {missing} (answers.jsonl of fedit "
-                            "eval has id, instruction, answer, reference, category)")
-        if not isinstance(row["answer"], str) or not isinstance(row["instruction"], str):
-            raise DataError(f"{file}:{n}: 'instruction' and 'answer' must be text")
-        if row["id"] in seen:
-            raise DataError(f"{file}:{n}: id {row['id']} appears twice")
-        seen.add(row["id"])
-        rows.append(row)
-    if not rows:
-        raise DataError(f"{file}: no answers in it")
-    return rows
-
-
-def match_rows(rows: list[dict[str, Any]], other: list[dict[str, Any]], path: Path,
-               other_path: Path) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """Pairs of rows with the same id and instruction; anything else is a clear error."""
-    by_id = {r["id"]: r for r in other}
-    only_a = [r["id"] for r in rows if r["id"] not in by_id]
-    only_b = sorted(set(by_id) - {r["id"] for r in rows}, key=str)
-    if only_a or only_b:
-        raise DataError(f"{path} and {other_path} hold different rows: ids only in the first "
-                        f"{only_a[:5]}, only in the second {only_b[:5]} ({len(only_a)} and "
-                        f"{len(only_b)} in all); judge answers to the same test set")
-    for r in rows:
-        if r["instruction"] != by_id[r["id"]]["instruction"]:
-            raise DataError(f"{path} and {other_path}: id {r['id']} has a different "
-                            "instruction in each (answers to different test sets?)")
-    return [(r, by_id[r["id"]]) for r in rows]
-
-
-# ---------------------------------------------------------------- judging
 def _run_all(fn: Callable[[Any], T], tasks: Sequence[Any], concurrency: int,
              log: Log) -> list[T]:
     """``fn`` over ``tasks`` on ``concurrency`` threads, in order; the first error stops all."""
@@ -341,7 +135,27 @@ def _run_all(fn: Callable[[Any], T], tasks: Sequence[Any], concurrency: int,
 
 def judge_single(rows: list[dict[str, Any]], judge: Judge, *, reference: bool = True,
                  concurrency: int = 4, log: Log = print) -> dict[str, Any]:
-    """Grade each answer 1-10; ``items`` keep each reply, ``score`` None when unparsable."""
+    """Grade each answer 1-10.
+
+    Parameters
+    ----------
+    rows : list of dict
+        Rows of an answers file.
+    judge : Judge
+        Asks the prompts.
+    reference : bool
+        Show the judge the reference answer (MT-Bench single-math-v1) or not (single-v1).
+    concurrency : int
+        Prompts in flight at once.
+    log : callable
+        Progress lines.
+
+    Returns
+    -------
+    dict
+        ``mode``, ``judge_model``, ``overall`` and ``by_category`` summaries, and ``items``
+        keeping each reply, ``score`` None when unparsable.
+    """
     def one(row: dict[str, Any]) -> dict[str, Any]:
         reply, score, cached = judge.ask(single_messages(row, reference), parse_rating)
         return {"id": row["id"], "category": str(row.get("category") or ""), "score": score,
@@ -354,14 +168,26 @@ def judge_single(rows: list[dict[str, Any]], judge: Judge, *, reference: bool = 
 _WINNER = {("ab", "A"): "win", ("ab", "B"): "loss", ("ba", "A"): "loss", ("ba", "B"): "win"}
 
 
-def judge_pairwise(pairs: list[tuple[dict[str, Any], dict[str, Any]]], judge: Judge, *,
-                   reference: bool = True, concurrency: int = 4,
-                   log: Log = print) -> dict[str, Any]:
-    """Compare answers to the same rows in both orders: a win or loss only when both orders
-    agree; a disagreement is a tie marked ``consistent: false``."""
+def judge_pairwise(pairs: list[Pair], judge: Judge, *, reference: bool = True,
+                   concurrency: int = 4, log: Log = print) -> dict[str, Any]:
+    """Compare answers to the same rows in both orders.
+
+    Parameters
+    ----------
+    pairs : list of tuple
+        ``(row, other row)`` of :func:`match_rows`; a win is the first row's.
+    judge, reference, concurrency, log
+        As for :func:`judge_single` (pair-math-v1 with the reference, pair-v2 without).
+
+    Returns
+    -------
+    dict
+        As :func:`judge_single`'s; each item's ``outcome`` is a win or loss only when both
+        orders agree, a disagreement is a tie marked ``consistent: false``.
+    """
     tasks = [(p, order) for p in pairs for order in ("ab", "ba")]
 
-    def one(task: tuple[tuple[dict[str, Any], dict[str, Any]], str]) -> tuple[str, bool, str]:
+    def one(task: tuple[Pair, str]) -> tuple[str, bool, str]:
         (row, other), order = task
         a, b = (row, other) if order == "ab" else (other, row)
         messages = pairwise_messages(row, a["answer"], b["answer"], reference)
@@ -369,27 +195,33 @@ def judge_pairwise(pairs: list[tuple[dict[str, Any], dict[str, Any]]], judge: Ju
         return verdict, cached, reply
 
     replies = _run_all(one, tasks, concurrency, log)
-    items = []
-    for i, (row, _) in enumerate(pairs):
-        (v_ab, c_ab, r_ab), (v_ba, c_ba, r_ba) = replies[2 * i], replies[2 * i + 1]
-        g_ab = "tie" if v_ab == "C" else _WINNER.get(("ab", v_ab))
-        g_ba = "tie" if v_ba == "C" else _WINNER.get(("ba", v_ba))
-        outcome = None if g_ab is None or g_ba is None else g_ab if g_ab == g_ba else "tie"
-        items.append({"id": row["id"], "category": str(row.get("category") or ""),
-                      "outcome": outcome,
-                      "consistent": None if outcome is None else g_ab == g_ba,
-                      "verdict_ab": v_ab, "verdict_ba": v_ba, "cached": c_ab and c_ba,
-                      "judgment_ab": r_ab, "judgment_ba": r_ba})
+    items = [_pair_item(row, replies[2 * i], replies[2 * i + 1])
+             for i, (row, _) in enumerate(pairs)]
     return _result("pairwise", judge, items, _summary_pairwise)
 
 
+def _pair_item(row: dict[str, Any], ab: tuple[str, bool, str],
+               ba: tuple[str, bool, str]) -> dict[str, Any]:
+    """One row's item from its (verdict, cached, reply) in each order."""
+    (v_ab, c_ab, r_ab), (v_ba, c_ba, r_ba) = ab, ba
+    g_ab = "tie" if v_ab == "C" else _WINNER.get(("ab", v_ab))
+    g_ba = "tie" if v_ba == "C" else _WINNER.get(("ba", v_ba))
+    outcome = None if g_ab is None or g_ba is None else g_ab if g_ab == g_ba else "tie"
+    return {"id": row["id"], "category": str(row.get("category") or ""), "outcome": outcome,
+            "consistent": None if outcome is None else g_ab == g_ba,
+            "verdict_ab": v_ab, "verdict_ba": v_ba, "cached": c_ab and c_ba,
+            "judgment_ab": r_ab, "judgment_ba": r_ba}
+
+
 def _summary_single(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rows, judged, unparsable and the mean score of single-grading items."""
     scores = [it["score"] for it in items if it["score"] is not None]
     return {"rows": len(items), "judged": len(scores), "unparsable": len(items) - len(scores),
             "mean_score": sum(scores) / len(scores) if scores else None}
 
 
 def _summary_pairwise(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rows, judged, unparsable, win/tie/loss counts and rates of pairwise items."""
     judged = [it for it in items if it["outcome"] is not None]
     counts = {k: sum(it["outcome"] == k for it in judged) for k in ("win", "tie", "loss")}
     rates = {f"{k}_rate": v / len(judged) if judged else None for k, v in counts.items()}
@@ -399,6 +231,7 @@ def _summary_pairwise(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _result(mode: str, judge: Judge, items: list[dict[str, Any]],
             summary: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> dict[str, Any]:
+    """The result of a judging: the items, summarised overall and per category."""
     categories = sorted({it["category"] for it in items})
     by_category = {c: summary([it for it in items if it["category"] == c]) for c in categories}
     return {"mode": mode, "judge_model": judge.client.model, "overall": summary(items),
@@ -407,7 +240,20 @@ def _result(mode: str, judge: Judge, items: list[dict[str, Any]],
 
 # ---------------------------------------------------------------- what the CLI calls
 def write_judge(out: Path, result: dict[str, Any]) -> Path:
-    """judge.json (items without the judge's text) and, beside it, the full items as JSONL."""
+    """Write judge.json (items without the judge's text) and, beside it, the full items.
+
+    Parameters
+    ----------
+    out : Path
+        The judge.json to write.
+    result : dict
+        What :func:`run_judge` returns.
+
+    Returns
+    -------
+    Path
+        The JSONL of the full items (``out`` with the suffix ``.jsonl``).
+    """
     records = out.with_suffix(".jsonl")
     atomic_write_jsonl(records, result["items"])
     slim = [{k: v for k, v in it.items() if not k.startswith("judgment")}
@@ -417,7 +263,7 @@ def write_judge(out: Path, result: dict[str, Any]) -> Path:
 
 
 def default_out(answers: Path, against: Path | None) -> Path:
-    """judge.json beside the answers, or judge-vs-<other>.json for a pairwise comparison."""
+    """Return judge.json beside the answers, or judge-vs-<other>.json for a comparison."""
     folder = answers if answers.is_dir() else answers.parent
     if against is None:
         return folder / "judge.json"
@@ -425,16 +271,51 @@ def default_out(answers: Path, against: Path | None) -> Path:
     return folder / f"judge-vs-{other.name or 'other'}.json"
 
 
+def _api_key(key_env: str | None) -> str | None:
+    """The API key from ``key_env`` (which must be set) or ``OPENAI_API_KEY``, else None."""
+    if key_env and not os.environ.get(key_env):
+        raise JudgeError(f"environment variable {key_env} (--judge-key-env) is not set: "
+                         "export the API key in it")
+    return os.environ.get(key_env or "OPENAI_API_KEY") or None
+
+
 def run_judge(answers: Path, against: Path | None, *, url: str, model: str,
               key_env: str | None = None, out: Path | None = None, concurrency: int = 4,
               timeout: float = 60.0, retries: int = 4, parse_retries: int = 2,
               reference: bool = True, cache_path: Path | None = None,
               log: Log = print) -> dict[str, Any]:
-    """Judge one answers file (single grading) or two (pairwise); write judge.json."""
-    if key_env and not os.environ.get(key_env):
-        raise JudgeError(f"environment variable {key_env} (--judge-key-env) is not set: "
-                         "export the API key in it")
-    api_key = os.environ.get(key_env or "OPENAI_API_KEY") or None
+    """Judge one answers file (single grading) or two (pairwise); write judge.json.
+
+    Parameters
+    ----------
+    answers : Path
+        The answers file, or its folder; a win in a comparison is this one's.
+    against : Path or None
+        The other answers for a pairwise comparison, None for single grading.
+    url, model : str
+        The judge's OpenAI base URL and model name.
+    key_env : str or None
+        The environment variable holding the API key (default ``OPENAI_API_KEY``, and
+        none is needed then).
+    out : Path or None
+        The judge.json to write (default :func:`default_out`).
+    concurrency, timeout, retries, parse_retries : int or float
+        Prompts in flight, seconds per request, retries per request and per reply
+        without a verdict.
+    reference : bool
+        Show the judge the reference answers.
+    cache_path : Path or None
+        The reply cache (default :func:`default_cache_path`).
+    log : callable
+        Progress lines.
+
+    Returns
+    -------
+    dict
+        The result of :func:`judge_single` or :func:`judge_pairwise`, with ``settings``,
+        ``out`` and ``records`` (the files written).
+    """
+    api_key = _api_key(key_env)
     rows = load_answers(answers)
     pairs = match_rows(rows, load_answers(against), answers, against) if against else None
     out = out or default_out(answers, against)
@@ -442,13 +323,10 @@ def run_judge(answers: Path, against: Path | None, *, url: str, model: str,
     cache = JudgeCache(cache_path or default_cache_path())
     client = JudgeClient(url, model, api_key, timeout=timeout, retries=retries)
     judge = Judge(client, cache, parse_retries=parse_retries)
+    kw: dict[str, Any] = {"reference": reference, "concurrency": concurrency, "log": log}
     try:
-        if pairs is None:
-            result = judge_single(rows, judge, reference=reference, concurrency=concurrency,
-                                  log=log)
-        else:
-            result = judge_pairwise(pairs, judge, reference=reference,
-                                    concurrency=concurrency, log=log)
+        result = (judge_single(rows, judge, **kw) if pairs is None
+                  else judge_pairwise(pairs, judge, **kw))
     finally:
         client.close()
         cache.close()
@@ -457,8 +335,7 @@ def run_judge(answers: Path, against: Path | None, *, url: str, model: str,
         "against": str(answers_path(against)) if against else None,
         "endpoint": client.endpoint, "prompt": PROMPT_NAMES[(result["mode"], reference)],
         "temperature": 0, "requests": client.requests, "cache_hits": judge.cache_hits,
-        "too_long": judge.too_long,
-        "cache": str(cache.path),
+        "too_long": judge.too_long, "cache": str(cache.path),
     }
     result["records"] = str(write_judge(out, result))
     result["out"] = str(out)
@@ -466,7 +343,7 @@ def run_judge(answers: Path, against: Path | None, *, url: str, model: str,
 
 
 def format_judge(result: dict[str, Any]) -> str:
-    """A few lines for the terminal: overall and per category, requests, files written."""
+    """Return a few lines for the terminal: overall and per category, requests, files."""
     lines = []
     for name, m in [("overall", result["overall"]), *result["by_category"].items()]:
         if result["mode"] == "single":
