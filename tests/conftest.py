@@ -224,3 +224,113 @@ class Tally(Strategy):
             {"rounds": int(state.scalars["rounds"]) + 1})
 
 
+
+
+# -- a fake Flower Grid: the ServerApp's round loop in this process, no SuperLink, no nodes.
+#    Shared by the tests that drive the ServerApp (import it from here, never from another
+#    test file). flwr is an optional extra, so it is imported when a grid is used: call
+#    ``pytest.importorskip("flwr")`` first, and set Flower's TaskIdentity for the test
+#    (``flower_task_identity``). --------------------------------------------------------
+class FakeGrid:
+    """Nodes 101, 102, ... run the real ClientApp handlers in-process (partition-id 0, 1,
+    ..., or ``node_configs[client]``), then ``behaviours[client]`` (message, good reply)
+    may alter, drop (None) or replace the reply. ``replies`` holds the replies not yet
+    pulled, ``sent`` every (node, message) pushed."""
+
+    def __init__(self, clients: int, behaviours: dict | None = None,
+                 node_configs: list[dict] | None = None) -> None:
+        self.node_ids = [101 + k for k in range(clients)]
+        self.behaviours = behaviours or {}
+        self.node_configs = node_configs
+        self.replies: dict = {}
+        self.sent: list = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+    def push_messages(self, messages) -> list[str]:
+        from flwr.app import Context, MessageType, RecordDict
+
+        from fedit.runtimes.flower.client import handle_query, handle_train
+
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id
+            self.sent.append((msg.metadata.dst_node_id, msg))
+            client = self.node_ids.index(msg.metadata.dst_node_id)
+            node_config = ({"partition-id": client, "num-partitions": len(self.node_ids)}
+                           if self.node_configs is None else self.node_configs[client])
+            ctx = Context(run_id=1, node_id=msg.metadata.dst_node_id, node_config=node_config,
+                          state=RecordDict(), run_config={})
+            train = msg.metadata.message_type == MessageType.TRAIN
+            reply = (handle_train if train else handle_query)(msg, ctx)
+            if train and client in self.behaviours:
+                reply = self.behaviours[client](msg, reply)
+            if reply is not None:
+                self.replies[msg.object_id] = reply
+            ids.append(msg.object_id)
+        return ids
+
+    def pull_messages(self, ids) -> list:
+        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+
+
+def run_server_app(cfg_path: Path, grid: FakeGrid, *sets: str,
+                   resume: str = "") -> tuple[Path, list[dict]]:
+    """What `flwr run` makes the ServerApp do, over ``grid``: the run folder and its
+    metrics lines."""
+    from flwr.app import Context, RecordDict
+
+    from fedit.runtimes.flower.server import server_main
+
+    run_config = {"config": str(cfg_path), "set": " ".join(sets), "resume": resume}
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=run_config)
+    summary = server_main(grid, context, log=lambda m: None)  # type: ignore[arg-type]
+    run_dir = Path(summary["run_dir"])
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return run_dir, [json.loads(x) for x in lines]
+
+
+@pytest.fixture
+def flower_task_identity(monkeypatch):
+    """Flower stamps every new Message with the identity of the task running it: one, for
+    a test that runs the ServerApp and the ClientApp handlers in its own process."""
+    pytest.importorskip("flwr")
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+# -- what the serving tests serve -------------------------------------------------------
+KEY = "sk-test-fedit"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_model_dir) -> Path:
+    """A 2-round tiny run (rounds 1 and 2 kept, final adapter, metrics.jsonl), served by
+    the serving tests (test_serve, test_chat_page, test_judge_serve)."""
+    from fedit.config import load_config
+    from fedit.runtimes.inprocess import Simulation
+
+    tmp = tmp_path_factory.mktemp("serve-run")
+    data = write_jsonl(tmp / "rows.jsonl", make_rows(64, seed=5))
+    config = write_config(tmp / "tiny.toml", tiny_model_dir, data, name="tiny",
+                          train={"max_steps": 2})
+    cfg = load_config(config)
+    Simulation(cfg, make_run_dir(cfg)).run()
+    return tmp / "runs" / "tiny"
+
+
+@pytest.fixture(scope="module")
+def loud(tmp_path_factory, tiny_model_dir) -> Path:
+    """A stand-alone adapter with large random weights: it changes every answer."""
+    from fedit.model.adapter import get_adapter_arrays, save_adapter, set_adapter_arrays
+    from fedit.model.base import LoraSpec, attach_lora, load_base_model
+
+    rng = np.random.default_rng(0)
+    lm = attach_lora(load_base_model(str(tiny_model_dir), dtype="fp32"), LoraSpec(), seed=3)
+    set_adapter_arrays(lm, [rng.normal(0, 0.5, a.shape) for a in get_adapter_arrays(lm)])
+    return save_adapter(lm, tmp_path_factory.mktemp("adapters") / "loud",
+                        base_model=str(tiny_model_dir))

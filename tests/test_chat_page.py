@@ -1,23 +1,26 @@
 """The chat page at ``/`` in a real headless Chromium against a real ``fedit serve`` process.
 
-The browser is Debian's ``/usr/bin/chromium`` driven by Playwright (which never downloads
-its own); ``make test`` installs it. The page must stream both answers side by side, give
-the same text as the API for the same request, draw the run's loss curve and load nothing
-from any other origin.
+The browser, driven by Playwright, is the system's Chromium where one is on PATH
+(``chromium``, ``chromium-browser``, ``google-chrome``: the first found), else Playwright's
+own (``.venv/bin/playwright install chromium``, no root needed); ``make test`` looks in the
+same order, gets one and says which. With neither the tests fail and say why: never a skip.
+The page must stream both answers side by side, give the same text as the API for the
+same request, draw the run's loss curve and load nothing from any other origin.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import shutil
 
 import httpx
 import pytest
 
 # the fixtures ``run`` (a 2-round tiny run) and ``loud`` (an adapter that changes every answer)
-from tests.test_serve import KEY, Served, loud, run  # noqa: F401
+from fedit.serve.launch import ServerProcess as Served
+from tests.conftest import KEY
 
-CHROMIUM = Path("/usr/bin/chromium")
+SYSTEM_CHROMIUMS = ("chromium", "chromium-browser", "google-chrome")  # as the Makefile
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
@@ -32,15 +35,30 @@ def page_server(run, loud):  # noqa: F811
     served.stop()
 
 
+def system_chromium() -> str | None:
+    """The first of ``SYSTEM_CHROMIUMS`` on PATH, or None (then: Playwright's own)."""
+    return next(filter(None, map(shutil.which, SYSTEM_CHROMIUMS)), None)
+
+
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM.is_file():
-        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium (the "
-                    "Makefile's `chromium` target), or run `make chromium` as root")
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import Error, sync_playwright
 
+    system = system_chromium()
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            browser = p.chromium.launch(executable_path=system, args=CHROMIUM_ARGS)
+            failed = ""
+        except Error as e:  # its first line, and the browser's own first complaint if any
+            lines = str(e).strip().splitlines()
+            said = [x.split("][err] ", 1)[1] for x in lines if "][err] " in x][:1]
+            failed = ": ".join(lines[:1] + said)
+        if failed:  # out of the except block: one line, not Playwright's error chained
+            which = (f"the system's Chromium {system} did not start" if system else
+                     f"no Chromium: none on PATH ({', '.join(SYSTEM_CHROMIUMS)}) and "
+                     "Playwright's own did not start (`make chromium` or "
+                     "`.venv/bin/playwright install chromium` installs it)")
+            pytest.fail(f"{which}: {failed}", pytrace=False)
         yield browser
         browser.close()
 

@@ -4,7 +4,7 @@ hands each message to the real ClientApp handler in this process, or misbehaves.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,6 @@ from flwr.app import (  # noqa: E402
     MessageType,
     RecordDict,
 )
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from fedit.algorithms import payload as P  # noqa: E402
 from fedit.algorithms.strategies import Reply  # noqa: E402
@@ -31,57 +30,22 @@ from fedit.errors import ConfigError  # noqa: E402
 from fedit.federation.replies import BadReply, check_reply  # noqa: E402
 from fedit.model.adapter import load_adapter_arrays  # noqa: E402
 from fedit.runtimes.flower import wire  # noqa: E402
-from fedit.runtimes.flower.client import handle_query, handle_train, node_rows  # noqa: E402
+from fedit.runtimes.flower.client import handle_query, node_rows  # noqa: E402
 from fedit.runtimes.flower.server import server_main  # noqa: E402
-from tests.conftest import make_rows, write_config, write_jsonl  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    FakeGrid,
+    make_rows,
+    run_server_app,
+    write_config,
+    write_jsonl,
+)
 
 Behaviour = Callable[[Message, Message], Message | None]  # (message, good reply) -> reply
 
 
 @pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    # Flower stamps every new Message with the identity of the task running it
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
-class FakeGrid:
-    """Nodes 101, 102, ... run the real ClientApp handlers in-process (partition-id 0, 1,
-    ...), then ``behaviours[client]`` may alter, drop (None) or replace the reply."""
-
-    def __init__(self, clients: int, behaviours: dict[int, Behaviour] | None = None,
-                 node_configs: list[dict] | None = None) -> None:
-        self.node_ids = [101 + k for k in range(clients)]
-        self.behaviours = behaviours or {}
-        self.node_configs = node_configs
-        self.replies: dict[str, Message] = {}
-        self.sent: list[tuple[int, Message]] = []
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.node_ids)
-
-    def push_messages(self, messages: Iterable[Message]) -> list[str]:
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = msg.object_id
-            self.sent.append((msg.metadata.dst_node_id, msg))
-            client = self.node_ids.index(msg.metadata.dst_node_id)
-            node_config = ({"partition-id": client, "num-partitions": len(self.node_ids)}
-                           if self.node_configs is None else self.node_configs[client])
-            ctx = Context(run_id=1, node_id=msg.metadata.dst_node_id, node_config=node_config,
-                          state=RecordDict(), run_config={})
-            handler = handle_train if msg.metadata.message_type == MessageType.TRAIN \
-                else handle_query
-            reply: Message | None = handler(msg, ctx)
-            if msg.metadata.message_type == MessageType.TRAIN and client in self.behaviours:
-                reply = self.behaviours[client](msg, reply)  # type: ignore[arg-type]
-            if reply is not None:
-                self.replies[msg.object_id] = reply
-            ids.append(msg.object_id)
-        return ids
-
-    def pull_messages(self, ids: Iterable[str]) -> list[Message]:
-        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+def task_identity(flower_task_identity):
+    """Every test here runs the ServerApp and the ClientApp handlers in this process."""
 
 
 def _with_arrays(good: Message, edit: Callable[[list[np.ndarray]], list[np.ndarray]]) -> Message:
@@ -124,15 +88,7 @@ def cfg_path(tmp_path, tiny_model_dir):
                         flower={"round_timeout": 1.0, "node_timeout": 0})
 
 
-def _run(cfg_path, grid, *sets, resume=""):
-    """What `flwr run` makes the ServerApp do, with the fake Grid."""
-    run_config = {"config": str(cfg_path), "set": " ".join(sets), "resume": resume}
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                      run_config=run_config)
-    summary = server_main(grid, context, log=lambda m: None)  # type: ignore[arg-type]
-    run_dir = Path(summary["run_dir"])
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return run_dir, [json.loads(x) for x in lines]
+_run = run_server_app
 
 
 def _reasons(line):
@@ -353,7 +309,7 @@ def test_a_node_that_cannot_import_the_strategy_is_refused(cfg_path, tmp_path, m
                 "my_strategy_not_on_this_node:" + ref.rpartition(":")[2]))
             return real(msg, ctx)
 
-    monkeypatch.setitem(globals(), "handle_query", node_query)  # FakeGrid's handler
+    monkeypatch.setattr(node, "handle_query", node_query)  # what FakeGrid's nodes call
     logs: list[str] = []
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={
         "config": str(cfg_path), "resume": "", "set": " ".join([

@@ -17,7 +17,6 @@ from fedit.cli import app as cli_app
 from fedit.serve.launch import ServerProcess
 
 # the fixture ``run``: a 2-round tiny run, served as `tiny`, its base as `base`
-from tests.test_serve import run  # noqa: F401
 
 _POST = re.compile(r'"POST /v1/chat/completions HTTP/1\.1" (\d{3})')
 

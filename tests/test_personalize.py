@@ -19,7 +19,7 @@ from fedit.client.personalize import PERSONAL, personal_adapter_dir
 from fedit.config import load_config
 from fedit.errors import ConfigError
 from fedit.model.adapter import get_adapter_arrays, load_adapter_arrays
-from tests.conftest import _WORDS, write_config, write_jsonl
+from tests.conftest import _WORDS, FakeGrid, run_server_app, write_config, write_jsonl
 
 FINAL = "final/adapter/adapter_model.safetensors"
 
@@ -217,29 +217,16 @@ def test_report_shows_global_vs_personal_per_client(runs):
 
 
 # -- Flower ----------------------------------------------------------------------------------
-@pytest.fixture
-def flower_grid(monkeypatch):
-    pytest.importorskip("flwr")
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-    from tests.test_flower_server import FakeGrid, _run
-
-    return FakeGrid, _run
-
-
 def test_under_flower_v_k_stays_on_the_node_and_equals_the_simulation(
-        flower_grid, runs, tmp_path, tiny_model_dir):
+        flower_task_identity, runs, tmp_path, tiny_model_dir):
     from fedit.runtimes.flower import wire
 
-    FakeGrid, run_flower = flower_grid
     cfg = _config(tmp_path, tiny_model_dir, "ditto", flower={"node_timeout": 0})
     nodes = [tmp_path / f"node{k}" for k in range(2)]
     grid = FakeGrid(2, node_configs=[{"partition-id": k, "num-partitions": 2,
                                       "state-dir": str(d)} for k, d in enumerate(nodes)])
     # Execute: the ditto run of the fixture, over a (fake) Flower Grid
-    run_dir, _ = run_flower(cfg, grid, "name=ditto")
+    run_dir, _ = run_server_app(cfg, grid, "name=ditto")
     # Assert: the global adapter of the simulation; each node's personal adapter is the
     # simulation's, saved on the node; no reply carried more than the adapter
     sim = runs["ditto"]
@@ -257,12 +244,11 @@ def test_under_flower_v_k_stays_on_the_node_and_equals_the_simulation(
     assert not (run_dir / "personal").exists()  # v_k never reached the server
 
 
-def test_finetune_is_refused_under_flower(flower_grid, tmp_path, tiny_model_dir):
-    FakeGrid, run_flower = flower_grid
+def test_finetune_is_refused_under_flower(flower_task_identity, tmp_path, tiny_model_dir):
     cfg = _config(tmp_path, tiny_model_dir, "finetune", flower={"node_timeout": 0})
     with pytest.raises(ConfigError, match="finetune trains after the last round in the "
                                           "simulation only"):
-        run_flower(cfg, FakeGrid(2), "name=ft")
+        run_server_app(cfg, FakeGrid(2), "name=ft")
 
 
 def test_eval_of_a_run_with_only_per_client_rows(runs, tmp_path):

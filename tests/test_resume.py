@@ -122,6 +122,16 @@ def test_a_killed_experiment_resumes_its_fedit_arm(tmp_path, tiny_model_dir):
     assert a["fedit"]["steps"] == b["fedit"]["steps"] == 4
 
 
+def _default_sigint() -> None:
+    """Run in the child between fork and exec: SIGINT back to its default action.
+
+    A shell without job control starts a background job (`nohup make test &`, some CI
+    runners) with SIGINT ignored, every child inherits that, and a Python started with
+    SIGINT ignored never raises KeyboardInterrupt: the Ctrl-C below would be lost.
+    (``restore_signals`` restores SIGPIPE, SIGXFZ and SIGXFSZ only, not SIGINT.)"""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_names_the_resume_command_and_resume_finishes_the_run(job):
     root, cfg, whole = job
     # the run waits after committing round 1 (FEDIT_PAUSE), so the Ctrl-C cannot come after
@@ -129,9 +139,11 @@ def test_ctrl_c_names_the_resume_command_and_resume_finishes_the_run(job):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FEDIT_PAUSE": "after-manifest:1"}
     env.pop("FEDIT_FAULT", None)
     run_dir = root / "runs" / "interrupted"
+    # preexec_fn: the Ctrl-C reaches the run even when this suite is a background job
     proc = subprocess.Popen([sys.executable, "-m", "fedit", "train", str(cfg), "--set",
                              "name=interrupted"], env=env, cwd=root, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=_default_sigint)
     try:
         # Wait for round 1 to be committed (a file, not a timer), then press Ctrl-C
         manifest = run_dir / "rounds" / "0001" / "manifest.json"

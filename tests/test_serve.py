@@ -6,45 +6,15 @@ import json
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
-import numpy as np
 import openai
 import pytest
 
-from fedit.config import load_config
 from fedit.errors import ConfigError, ModelError
-from fedit.model.adapter import get_adapter_arrays, save_adapter, set_adapter_arrays
-from fedit.model.base import LoraSpec, attach_lora, load_base_model
-from fedit.runtimes.inprocess import Simulation
-from fedit.serve.launch import ServerProcess as Served  # also used by test_chat_page
+from fedit.serve.launch import ServerProcess as Served
 from fedit.serve.models import build_catalog
-from tests.conftest import make_rows, make_run_dir, write_config, write_jsonl
-
-KEY = "sk-test-fedit"
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_model_dir) -> Path:
-    """A 2-round tiny run (rounds 1 and 2 kept, final adapter, metrics.jsonl)."""
-    tmp = tmp_path_factory.mktemp("serve-run")
-    data = write_jsonl(tmp / "rows.jsonl", make_rows(64, seed=5))
-    config = write_config(tmp / "tiny.toml", tiny_model_dir, data, name="tiny",
-                          train={"max_steps": 2})
-    cfg = load_config(config)
-    Simulation(cfg, make_run_dir(cfg)).run()
-    return tmp / "runs" / "tiny"
-
-
-@pytest.fixture(scope="module")
-def loud(tmp_path_factory, tiny_model_dir) -> Path:
-    """A stand-alone adapter with large random weights: it changes every answer."""
-    rng = np.random.default_rng(0)
-    lm = attach_lora(load_base_model(str(tiny_model_dir), dtype="fp32"), LoraSpec(), seed=3)
-    set_adapter_arrays(lm, [rng.normal(0, 0.5, a.shape) for a in get_adapter_arrays(lm)])
-    return save_adapter(lm, tmp_path_factory.mktemp("adapters") / "loud",
-                        base_model=str(tiny_model_dir))
+from tests.conftest import KEY
 
 
 @pytest.fixture(scope="module")
