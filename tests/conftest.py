@@ -178,12 +178,12 @@ def smollm2_cache(tmp_path_factory):
 
 
 def make_run_dir(cfg, stem: str = "run") -> Path:
-    """A new run's folder for a config that has a name: checked (no committed round) and
-    made, as `fedit train` does."""
+    """A new run's folder, checked (no committed round) and made, as `fedit train` does; a
+    config without a name gets one (set on ``cfg``, which the test then runs)."""
     from fedit.federation.rundir import new_run
 
-    assert cfg.name, "tests name their runs (name=...)"
-    _, run_dir = new_run(cfg, stem)
+    named, run_dir = new_run(cfg, stem)
+    cfg.name = named.name
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 

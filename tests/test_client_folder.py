@@ -151,7 +151,7 @@ def test_missing_or_empty_folder(tmp_path):
         split_data(cfg)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="holds no data file"):
-        _cfg(tmp_path / "empty")
+        with_client_count(_cfg(tmp_path / "empty"))  # the run set-up counts the files
 
 
 def test_client_with_nothing_left_to_train_on(tmp_path):
@@ -213,7 +213,7 @@ def test_the_readme_example_folder(tmp_path):
 def test_model_card_names_the_client_folder(folder):
     from fedit.export.card import CardFacts, model_card
 
-    cfg = _cfg(folder, test_per_client=2)
+    cfg = with_client_count(_cfg(folder, test_per_client=2))  # as a run's config.toml holds
     card = model_card(CardFacts("adapter", "tiny", "adapter", {"r": 8}, cfg=cfg))
     assert "- file: the files of `clients`" in card
     assert ("- partition: 3 clients, one a file of the folder `clients`; 2 rows of each held "

@@ -31,7 +31,7 @@ from fedit.errors import FeditError
 
 Log = Callable[[str], None]
 
-REPO = Path(__file__).resolve().parents[3]  # a fedit checkout (editable install)
+REPO = Path(__file__).resolve().parents[4]  # a fedit checkout (editable install)
 APP_DIR = REPO / "flower-app"
 CREDENTIALS_SCRIPT = REPO / "scripts" / "flower-credentials.sh"
 ISOLATIONS = ("subprocess", "process")
