@@ -72,20 +72,25 @@ def test_a_run_trains_with_the_objective_it_is_given(tmp_path, tiny_model_dir, m
     path = write_config(tmp_path / "o.toml", tiny_model_dir, data, seed=3, rounds=1,
                         partition={"clients": 2, "min_size": 4},
                         strategy={"fraction": 1.0}, train={"max_steps": 1, "lr": 1e-9})
-    lines = {}
+    lines, summaries = {}, {}
     for name in ("sft", "doubled"):
         monkeypatch.setattr(obj, "objective_for", lambda cfg, n=name: (
             Doubled() if n == "doubled" else SFT()))
-        monkeypatch.setattr("fedit.runtimes.inprocess.objective_for", obj.objective_for)
+        for where in ("fedit.runtimes.inprocess", "fedit.runtimes.model_side"):
+            monkeypatch.setattr(f"{where}.objective_for", obj.objective_for)
         cfg = load_config(path, [f"name={name}"])
         run_dir = make_run_dir(cfg)
         Simulation(cfg, run_dir, log=lambda m: None).run()
         lines[name] = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text()
                        .splitlines()][1]
+        summaries[name] = json.loads((run_dir / "summary.json").read_text())
     # Assert: lr ~0 keeps the adapters equal, so the loss is exactly twice the SFT one
     assert lines["doubled"]["train_loss"] == pytest.approx(2 * lines["sft"]["train_loss"],
                                                            rel=1e-6)
     assert lines["doubled"]["eval_loss"] == pytest.approx(lines["sft"]["eval_loss"], rel=1e-6)
+    # the summary says which objective ran and what its train_loss is
+    assert summaries["doubled"]["objective"] == {"name": "doubled", "train_loss": (
+        "the mean loss per label token over every step of the round")}
 
 
 def test_sft_normalises_a_step_by_its_label_tokens(tiny_model_dir, tiny_rows):

@@ -237,6 +237,7 @@ class RoundLoop:
             "run_dir": str(self.run_dir),
             "rounds": self.cfg.rounds,
             "strategy": self.pipe.describe(),
+            "objective": self.model.objective,
             "base_eval_loss": lines[0]["eval_loss"],
             "final_eval_loss": lines[-1]["eval_loss"],
             "test_rows": self.model.held_out_rows,

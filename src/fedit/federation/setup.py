@@ -8,7 +8,7 @@ adapter, evaluating an adapter, saving one) comes in as :class:`ModelSide` callb
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +34,16 @@ class ModelSide:
     ``adapter_names``: its tensors' names in wire order (mixed ranks, FFA-LoRA);
     ``evaluate``: the objective's held-out evaluation of an adapter;
     ``save_adapter(arrays, folder)``: a PEFT adapter folder, returning its weights file;
-    ``held_out_rows``: how many held-out rows ``evaluate`` scores."""
+    ``held_out_rows``: how many held-out rows ``evaluate`` scores;
+    ``objective``: the training objective's name and what its ``train_loss`` is (for the
+    run summary)."""
 
     initial: Arrays
     adapter_names: list[str]
     evaluate: Evaluate
     save_adapter: Callable[[Arrays, Path], Path]
     held_out_rows: int = 0
+    objective: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -32,12 +32,14 @@ def model_side(cfg: RunConfig, tokenizer: Any, model: torch.nn.Module,
     (``fused``: whether this process trains on the fused path)."""
     for note in model_notes(model, cfg.lora.target_modules, fused):
         log(note)
-    held_out = objective_for(cfg).held_out(tokenizer, model, test_rows, cfg, log,
-                                           run_dir / DATA_STATS)
+    objective = objective_for(cfg)
+    held_out = objective.held_out(tokenizer, model, test_rows, cfg, log, run_dir / DATA_STATS)
 
     def save(arrays: list[np.ndarray], folder: Path) -> Path:
         set_adapter_arrays(model, arrays)
         return save_adapter(model, folder) / ADAPTER_WEIGHTS
 
     return ModelSide(initial=get_adapter_arrays(model), adapter_names=adapter_names(model),
-                     evaluate=held_out, save_adapter=save, held_out_rows=held_out.rows)
+                     evaluate=held_out, save_adapter=save, held_out_rows=held_out.rows,
+                     objective={"name": objective.name,
+                                "train_loss": objective.train_loss_means})
