@@ -15,11 +15,13 @@ from fedit.config import PrivacyConfig
 from fedit.errors import ConfigError
 
 
-def pipeline_from_config(cfg: Any, adapter_names: Sequence[str] = ()) -> Pipeline:
-    """The run's pipeline: ``strategy_from_config(cfg)`` and the pieces ``cfg`` turns on.
-    ``adapter_names`` (the adapter's tensor names in wire order) are needed for mixed
-    ranks and FFA-LoRA. The run set-up checks the config first (``check_compatible``)."""
-    strategy = strategy_from_config(cfg)
+def pipeline_from_config(cfg: Any, adapter_names: Sequence[str] = (),
+                         strategy: Strategy | None = None) -> Pipeline:
+    """The run's pipeline: ``strategy`` (default ``strategy_from_config(cfg)``) and the
+    pieces ``cfg`` turns on. ``adapter_names`` (the adapter's tensor names in wire order)
+    are needed for mixed ranks and FFA-LoRA. The run set-up checks the config first
+    (``check_compatible``)."""
+    strategy = strategy if strategy is not None else strategy_from_config(cfg)
     if getattr(strategy.params, "num_clients", None) == 0:
         strategy.params.num_clients = cfg.partition.clients  # type: ignore[attr-defined]
     s, lora = cfg.strategy, cfg.lora

@@ -19,22 +19,16 @@ and the round number, and everything else a round needs is in the checkpoint.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
-
 from fedit.algorithms import payload as P
-from fedit.algorithms.contract import Combined, Instruction, Reply, ServerState
+from fedit.algorithms.contract import Arrays, Combined, Instruction, Reply, ServerState
 from fedit.config import to_toml
 from fedit.federation import checkpoint as ckpt
 from fedit.federation.replies import BadReply, Dropped, check_arrays, check_reply
-from fedit.federation.setup import Run
+from fedit.federation.setup import Log, Run
 from fedit.io import append_jsonl, atomic_write_json, atomic_write_text
-
-Log = Callable[[str], None]
-Arrays = list[np.ndarray]
 
 
 @dataclass

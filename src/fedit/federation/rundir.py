@@ -51,9 +51,10 @@ def check_new_run_dir(run_dir: Path) -> None:
                           f"{foreign[0]}); choose another name (--set name=...)")
 
 
-def resumed_run(run_dir: Path, option: str = "--resume") -> RunConfig:
-    """The config of the run in ``run_dir`` (its own config.toml), to continue it."""
+def resumed_run(run_dir: Path, option: str = "--resume ") -> RunConfig:
+    """The config of the run in ``run_dir`` (its own config.toml), to continue it;
+    ``option`` names where the folder was given, for the error."""
     if not (run_dir / "config.toml").is_file():
-        raise ConfigError(f"{option} {run_dir}: no config.toml there; is it a run folder?")
+        raise ConfigError(f"{option}{run_dir}: no config.toml there; is it a run folder?")
     cfg = load_config(run_dir / "config.toml")
     return dataclasses.replace(cfg, output_dir=str(run_dir.parent), name=run_dir.name)

@@ -11,8 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
+from fedit.algorithms.contract import Arrays
 from fedit.algorithms.pipeline import Pipeline
 from fedit.algorithms.setup import check_compatible, pipeline_from_config
 from fedit.algorithms.strategies import strategy_from_config
@@ -20,7 +19,6 @@ from fedit.config import RunConfig
 from fedit.data.clients import with_client_count
 from fedit.data.federated import FederatedData, split_data, write_split
 
-Arrays = list[np.ndarray]
 Log = Callable[[str], None]
 #: an adapter's held-out loss and loss per label; (None, None) when there is no held-out row
 Evaluate = Callable[[Arrays], tuple[float | None, dict[str, float] | None]]
@@ -64,9 +62,11 @@ def prepare_run(cfg: RunConfig, run_dir: Path, build_model: Callable[
     ``data``), write the split into ``run_dir``, let the runtime build the model side,
     and make the pipeline. Errors in the config or the data stop here, with one line."""
     cfg = with_client_count(cfg)
-    check_compatible(cfg, strategy_from_config(cfg))
+    strategy = strategy_from_config(cfg)
+    check_compatible(cfg, strategy)
     data = data if data is not None else split_data(cfg, log)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_split(data, run_dir)
     model = build_model(cfg, data, run_dir)
-    return Run(cfg, run_dir, data, model, pipeline_from_config(cfg, model.adapter_names))
+    return Run(cfg, run_dir, data, model,
+               pipeline_from_config(cfg, model.adapter_names, strategy))

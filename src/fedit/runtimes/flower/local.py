@@ -28,6 +28,7 @@ from typing import Any
 from fedit.config import RunConfig, load_config
 from fedit.data.clients import with_client_count
 from fedit.errors import FeditError
+from fedit.federation.rundir import named
 
 Log = Callable[[str], None]
 
@@ -270,9 +271,9 @@ def resolve_run(config: Path, overrides: Sequence[str]) -> tuple[RunConfig, list
     cfg = with_client_count(load_config(config, list(overrides)))  # a client folder counts
     sets = list(overrides)
     if not cfg.name:
-        cfg.name = f"{config.stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        cfg = named(cfg, config.stem)
         sets.append(f"name={json.dumps(cfg.name)}")
-    cfg.output_dir = str(Path(cfg.output_dir).resolve())
+    cfg = dataclasses.replace(cfg, output_dir=str(Path(cfg.output_dir).resolve()))
     sets.append(f"output_dir={json.dumps(cfg.output_dir)}")
     return cfg, sets
 
