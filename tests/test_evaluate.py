@@ -137,6 +137,25 @@ def test_answers_are_generated_and_scored(tmp_path, tiny_model_dir, lm, rows):
     assert s["similarity_model"] == "sentence-transformers/all-MiniLM-L6-v2"
 
 
+@pytest.mark.parametrize("sample", [False, True])
+def test_two_evaluations_give_identical_answers(tmp_path, tiny_model_dir, rows, sample):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = attach_lora(load_base_model(str(tiny_model_dir), dtype="fp32"), LoraSpec(), seed=0)
+    rng = np.random.default_rng(1)  # large weights: the answers are not all empty
+    set_adapter_arrays(model, [rng.normal(0, 0.4, a.shape).astype(np.float32)
+                               for a in get_adapter_arrays(model)])
+    cfg = _cfg(tmp_path, tiny_model_dir, do_sample=sample, temperature=1.5)
+    # Execute: the same adapter twice; then one row at a time (other batches, same seed)
+    first = evaluate_model(model, tokenizer, rows, cfg, log=print)[1]
+    second = evaluate_model(model, tokenizer, rows, cfg, log=print)[1]
+    cfg.eval.generate_batch_size = 1
+    alone = evaluate_model(model, tokenizer, rows, cfg, log=print)[1]
+    # Assert: greedy answers repeat exactly; seeded sampling repeats whatever the batching
+    assert [a["answer"] for a in first] == [a["answer"] for a in second]
+    assert [a["answer"] for a in first] == [a["answer"] for a in alone]
+    assert len({a["answer"] for a in first}) > 1
+
+
 def test_exact_match_categories_and_similarity_switch(tmp_path, tiny_model_dir, lm, rows):
     tokenizer, model = lm
     cfg = _cfg(tmp_path, tiny_model_dir, exact_match_categories=["brainstorming"],

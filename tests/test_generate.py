@@ -45,27 +45,33 @@ def test_batches_keep_within_rows_and_tokens():
 
 
 class _RunsOn(torch.nn.Module):
-    """A stand-in model whose every answer runs on into a new alpaca section."""
+    """The tiny model made to answer a scripted text token by token (whatever it would say),
+    running on into a new alpaca section."""
 
-    def __init__(self, tok, continuation):
+    def __init__(self, model, tok, continuation):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.tok, self.continuation, self.kwargs = tok, continuation, {}
+        self.model, self.calls = model, 0
+        self.script = tok(continuation, add_special_tokens=False)["input_ids"]
 
-    def generate(self, input_ids, **kwargs):
-        self.kwargs = kwargs
-        new = self.tok(self.continuation, add_special_tokens=False, return_tensors="pt")
-        return torch.cat([input_ids, new.input_ids.repeat(len(input_ids), 1)], dim=1)
+    def forward(self, **kwargs):
+        out = self.model(**kwargs)
+        token = self.script[min(self.calls, len(self.script) - 1)]
+        self.calls += 1
+        out.logits = torch.full_like(out.logits, -1e9)
+        out.logits[..., token] = 0
+        return out
 
 
 def test_answers_stop_at_the_templates_markers(tiny_model_dir, tiny_rows):
     tok = load_tokenizer(str(tiny_model_dir))
-    model = _RunsOn(tok, "Paris is the capital.\n\n### Instruction:\nName a river.")
+    text = "Paris is the capital.\n\n### Instruction:\nName a river."
+    model = _RunsOn(load_base_model(str(tiny_model_dir), dtype="fp32"), tok, text)
     # Execute
     out = generate_answers(model, tok, tiny_rows[:2], max_new_tokens=32)
-    # Assert: transformers is asked to stop there, and what it ran on with is cut off
-    assert model.kwargs["stop_strings"] == sorted(TEMPLATE_STOPS["alpaca"])
+    # Assert: what it ran on with is cut off, and decoding stopped at the marker
     assert out.answers == ["Paris is the capital."] * 2
+    marker = len(tok(text[: text.index(":") + 1], add_special_tokens=False)["input_ids"])
+    assert model.calls <= marker + 1 < len(model.script)
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from fedit.client.losses import example_losses
 from fedit.client.objective import SFT, row_label
@@ -143,14 +142,12 @@ def evaluate_model(
     new_tokens = 0
     if generate and rows:
         ev = cfg.eval
-        if ev.do_sample:
-            torch.manual_seed(cfg.seed)
         t0 = time.perf_counter()
         gen = generate_answers(model, tokenizer, rows, template=cfg.data.template,
                                max_new_tokens=ev.max_new_tokens,
                                batch_size=ev.generate_batch_size,
                                max_batch_tokens=ev.generate_batch_tokens, do_sample=ev.do_sample,
-                               temperature=ev.temperature, top_p=ev.top_p)
+                               temperature=ev.temperature, top_p=ev.top_p, seed=cfg.seed)
         new_tokens = gen.new_tokens
         log(f"generated {len(rows)} answers, {new_tokens} tokens in "
             f"{time.perf_counter() - t0:.0f} s")

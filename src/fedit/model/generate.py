@@ -1,6 +1,8 @@
-"""Batched answer generation with the KV cache: prompts sorted by length, left-padded.
+"""Answers to evaluation prompts, decoded by the generation engine (continuous batching).
 
-Generation stops at the prompt template's own section markers
+Prompts are sorted by length and decoded by :class:`fedit.model.engine.Engine`, the engine
+``fedit serve`` runs: rows join the batch as others finish, so short answers do not wait
+for long ones. Generation stops at the prompt template's own section markers
 (:data:`fedit.data.prompts.TEMPLATE_STOPS`, e.g. alpaca's ``### Instruction:``) and the
 answer is cut before the first one: an untuned model that runs on into a new section of
 the template is scored on its answer only.
@@ -12,11 +14,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from fedit.data.batching import capped_batches
 from fedit.data.conversations import chat_template_of
 from fedit.data.prompts import TEMPLATE_STOPS, adds_special_tokens, build_prompt
+from fedit.errors import ModelError
+from fedit.model.engine import Engine, Event, Job, Sampling
 
 
 @dataclass
@@ -27,7 +28,6 @@ class Generations:
     new_tokens: int
 
 
-@torch.inference_mode()
 def generate_answers(
     model: Any,
     tokenizer: Any,
@@ -40,52 +40,44 @@ def generate_answers(
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    seed: int = 0,
 ) -> Generations:
-    """Answer every row's prompt (greedy by default), up to ``batch_size`` prompts at a time.
+    """Answer every row's prompt (greedy by default), up to ``batch_size`` rows decoding at once.
 
-    Prompts of similar length share a batch and are padded on the left, so every row's
-    answer starts at the same position and the KV cache serves the whole batch. A batch
-    also holds at most ``max_batch_tokens`` prompt + answer positions (padding included),
-    so one very long prompt does not pad a whole batch to its length (it goes alone).
+    Shortest prompts first; a row leaves the batch at its end (EOS, a stop string or
+    ``max_new_tokens``) and the next prompt takes its place. The batch holds at most
+    ``max_batch_tokens`` prompt + answer positions (left padding included), so one very
+    long prompt does not pad the others to its length. Sampling (``do_sample``) draws row
+    ``i``'s tokens from its own generator seeded ``seed + i``: the same answers whatever
+    the batching. Greedy answers repeat exactly from run to run.
     """
     prompts = [build_prompt(r, template, tokenizer) for r in rows]
     ids = [tokenizer(p, add_special_tokens=adds_special_tokens(r, template))["input_ids"]
            for p, r in zip(prompts, rows, strict=True)]
-    lengths = [len(x) for x in ids]
-    stops = [TEMPLATE_STOPS.get(chat_template_of(r, template), ()) for r in rows]
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
-    answers: list[str] = [""] * len(prompts)
-    was_training, side = model.training, tokenizer.padding_side
+    pieces: list[list[str]] = [[] for _ in rows]
+    counts = [0] * len(rows)
+
+    def emitter(i: int) -> Any:
+        def emit(event: Event) -> None:
+            if event.kind == "error":
+                raise ModelError(f"generating answer {i + 1}: {event.text}")
+            pieces[i].append(event.text)
+            counts[i] = max(counts[i], event.completion_tokens)
+        return emit
+
+    jobs = []
+    for i in sorted(range(len(rows)), key=lambda i: len(ids[i])):
+        stops = tuple(TEMPLATE_STOPS.get(chat_template_of(rows[i], template), ()))
+        sampling = Sampling(max_tokens=max_new_tokens, stop=stops, seed=seed + i,
+                            temperature=temperature if do_sample else 0.0, top_p=top_p)
+        jobs.append(Job(ids[i], "", sampling, emitter(i)))
+    was_training = model.training
     model.eval()
-    tokenizer.padding_side = "left"
-    device = next(model.parameters()).device
-    sampling: dict[str, Any] = {"do_sample": do_sample}
-    if do_sample:
-        sampling |= {"temperature": temperature, "top_p": top_p}
-    new_tokens = 0
     try:
-        for idx in capped_batches(order, lengths, batch_size, max_batch_tokens,
-                                  max_new_tokens):
-            enc = tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt",
-                                padding=True).to(device)
-            batch_stops = sorted({x for i in idx for x in stops[i]})
-            if batch_stops:  # transformers' StopStringCriteria, per row of the batch
-                sampling["stop_strings"], sampling["tokenizer"] = batch_stops, tokenizer
-            out = model.generate(
-                **enc, max_new_tokens=max_new_tokens, use_cache=True,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                **sampling,
-            )
-            sampling.pop("stop_strings", None)
-            new = out[:, enc["input_ids"].shape[1] :]
-            new_tokens += int((new != tokenizer.pad_token_id).sum())
-            for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True),
-                               strict=True):
-                answers[i] = cut_at_stops(text, stops[i]).strip()
+        Engine(model, tokenizer, max_batch=batch_size).run(jobs, max_batch_tokens)
     finally:
-        tokenizer.padding_side = side
         model.train(was_training)
-    return Generations(answers, new_tokens)
+    return Generations(["".join(p).strip() for p in pieces], sum(counts))
 
 
 def cut_at_stops(text: str, stops: Sequence[str]) -> str:

@@ -9,9 +9,9 @@ from typing import Any
 from fedit.errors import ConfigError
 from fedit.model.base import load_base_model, load_tokenizer
 from fedit.model.device import pick_device
+from fedit.model.engine import Engine
 from fedit.serve.adapters import AdapterCache, wrap_with_adapter
 from fedit.serve.app import Server, api_key_from_env, create_app
-from fedit.serve.engine import Engine
 from fedit.serve.models import build_catalog
 
 __all__ = ["load_server", "serve"]

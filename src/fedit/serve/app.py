@@ -3,7 +3,7 @@
 ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions`` (streamed as server-sent
 events when ``stream`` is true), ``/health``, and the chat page at ``/`` with its two small
 helpers (``/fedit/info``, ``/fedit/metrics``). Requests go to the batching engine
-(``fedit.serve.engine``); this module only checks, formats and streams.
+(``fedit.model.engine``); this module only checks, formats and streams.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from starlette.exceptions import HTTPException
 
 from fedit.data.prompts import TEMPLATE_STOPS, build_prompt
 from fedit.errors import ConfigError
+from fedit.model.engine import Engine, Event, Job, QueueFull, Sampling
 from fedit.serve import protocol as P
-from fedit.serve.engine import Engine, Event, Job, QueueFull, Sampling
 from fedit.serve.models import Catalog
 
 _POLL_S = 0.25  # how often a non-streamed request checks that its client is still there

@@ -1,11 +1,15 @@
-"""The batching engine: one thread owns the model and decodes every running request together.
+"""The generation engine: continuous batching for serving and for evaluation alike.
 
-Requests wait in a bounded queue; the engine admits them between decoding steps (continuous
-batching): the new prompts are pre-filled together, their KV cache rows are joined to the
-running batch's (left-padded to a common length), and from then on one forward pass a step
-serves every running row, each with its own LoRA adapter (PEFT's mixed-adapter batches,
-``adapter_names=``). A finished, stopped or abandoned row leaves the batch at once, and the
-left padding no row needs any more is cut off.
+Served, one thread owns the model and decodes every running request together: requests wait
+in a bounded queue (``submit``). Evaluating, ``run`` decodes a list of prompts to the end on
+the calling thread, in the order given, with no queue and no thread. Either way the engine
+admits new prompts between decoding steps (continuous batching), so a short answer leaves
+the batch when it ends instead of waiting for the longest one: the new prompts are
+pre-filled together, their KV cache rows are joined to the running batch's (left-padded to
+a common length), and from then on one forward pass a step serves every running row, each
+with its own LoRA adapter when served (PEFT's mixed-adapter batches, ``adapter_names=``).
+A finished, stopped or abandoned row leaves the batch at once, and the left padding no
+row needs any more is cut off.
 
 Each row keeps its own sampling (temperature, top-p, its own seeded generator), stop
 strings and token budget, so a row decodes the same tokens whether it runs alone or in a
@@ -18,14 +22,14 @@ from __future__ import annotations
 import queue
 import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from fedit.errors import ModelError
-from fedit.serve.adapters import AdapterCache
 
 Emit = Callable[["Event"], None]
 
@@ -68,6 +72,38 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
+class Adapters(Protocol):
+    """Which adapter a row runs with (``fedit.serve.adapters.AdapterCache`` for serving)."""
+
+    @property
+    def slots(self) -> Mapping[str, str]: ...  # name -> loaded adapter (``/health``)
+    @property
+    def enabled(self) -> bool: ...  # rows name their adapter (``adapter_names=``)
+    def slot(self, name: str) -> str: ...
+    def acquire(self, name: str) -> bool: ...
+    def release(self, name: str) -> None: ...
+    def release_all(self) -> None: ...
+
+
+class AsItIs:
+    """No adapter switching: every row runs the model as it is (its active adapter, if any)."""
+
+    slots: Mapping[str, str] = {}
+    enabled = False  # no adapter_names=: the active adapter serves every row
+
+    def slot(self, name: str) -> str:
+        return name
+
+    def acquire(self, name: str) -> bool:
+        return True
+
+    def release(self, name: str) -> None:
+        pass
+
+    def release_all(self) -> None:
+        pass
+
+
 class QueueFull(Exception):
     """The engine's queue holds as many waiting requests as it may (answer 429)."""
 
@@ -102,19 +138,21 @@ class Engine:
     model : peft.PeftModel or transformers model
         The base model, wrapped by PEFT when adapters are served.
     tokenizer : transformers tokenizer
-    adapters : AdapterCache
-        Names -> PEFT adapters, loaded lazily, at most ``max_loaded`` at a time.
+    adapters : Adapters or None
+        Names -> PEFT adapters (serving's ``AdapterCache``, loaded lazily, at most
+        ``max_loaded`` at a time); None: the model as it is, whatever name a job gives.
     max_batch : int
         Rows decoded together (1: one request at a time).
     max_queue : int
         Requests that may wait for a place; one more is refused (``QueueFull``).
     """
 
-    def __init__(self, model: Any, tokenizer: Any, adapters: AdapterCache, *,
+    def __init__(self, model: Any, tokenizer: Any, adapters: Adapters | None = None, *,
                  max_batch: int = 16, max_queue: int = 64) -> None:
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch}, {max_queue}")
-        self.model, self.tokenizer, self.adapters = model, tokenizer, adapters
+        self.model, self.tokenizer = model, tokenizer
+        self.adapters: Adapters = adapters if adapters is not None else AsItIs()
         self.max_batch = max_batch
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.deferred: list[Job] = []  # taken from the queue, waiting for an adapter slot
@@ -140,6 +178,44 @@ class Engine:
             self.queue.put_nowait(job)
         except queue.Full:
             raise QueueFull(f"{self.queue.maxsize} requests are already waiting") from None
+
+    def run(self, jobs: Sequence[Job], max_batch_tokens: int | None = None) -> None:
+        """Decode ``jobs`` to the end on the calling thread, admitted in the order given.
+
+        Continuous batching as served, with no queue and no thread: whenever rows finish,
+        the next jobs join, so the batch is never held up by its longest answer. A job joins
+        only while the batch would hold at most ``max_batch_tokens`` prompt + answer
+        positions (left padding included; a job always runs when the batch is empty), so
+        one very long prompt does not pad every row to its length. The same jobs in the
+        same order give the same batches, so greedy answers repeat exactly. Errors raise."""
+        waiting = deque(jobs)
+        batch: _Batch | None = None
+        while waiting or batch is not None:
+            new: list[Job] = []
+            while waiting and self._fits(batch, new, waiting[0], max_batch_tokens):
+                job = waiting.popleft()
+                if not self.adapters.acquire(job.model):
+                    raise ModelError(f"no adapter slot for {job.model!r}")
+                new.append(job)
+            if new:
+                batch = self._join(batch, self._prefill(new))
+            if batch is not None:
+                batch = self._step(batch)
+
+    def _fits(self, batch: _Batch | None, new: Sequence[Job], job: Job,
+              max_tokens: int | None) -> bool:
+        rows = (len(batch.rows) if batch else 0) + len(new)
+        if rows >= self.max_batch:
+            return False
+        if max_tokens is None or rows == 0:
+            return True
+        width = max([batch.mask.shape[1] if batch else 0]
+                    + [len(j.prompt_ids) for j in (*new, job)])
+        budget = max(j.sampling.max_tokens for j in (*new, job))
+        if batch:
+            budget = max(budget, *(r.job.sampling.max_tokens - len(r.generated)
+                                   for r in batch.rows))
+        return (rows + 1) * (width + budget) <= max_tokens
 
     # -- the loop ------------------------------------------------------------------------
 

@@ -10,8 +10,8 @@ import torch
 
 from fedit.model.adapter import get_adapter_arrays, save_adapter, set_adapter_arrays
 from fedit.model.base import LoraSpec, attach_lora, load_base_model, load_tokenizer
+from fedit.model.engine import Engine, Event, Job, Sampling, _first_stop, _safe_end
 from fedit.serve.adapters import AdapterCache, wrap_with_adapter
-from fedit.serve.engine import Engine, Event, Job, Sampling, _first_stop, _safe_end
 
 NAMES = ["x", "y", "z"]
 
@@ -189,3 +189,53 @@ def test_a_broken_adapter_fails_its_own_requests_only(tiny_model_dir, folders, t
     engine.stop()
     assert answers[1].end.kind == "error" and "broken" in answers[1].end.text
     assert [a.end.kind for a in (answers[0], answers[2])] == ["finish", "finish"]
+
+
+# -- run(): the engine on the calling thread (evaluation's generation) ----------------------
+
+
+def test_run_lets_the_next_prompt_join_when_a_row_ends(tiny_model_dir):
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = load_base_model(str(tiny_model_dir), dtype="fp32").eval()
+    log: list[tuple[str, int]] = []
+
+    def job(i, max_tokens):
+        def emit(event):
+            log.append((event.kind, i))
+        ids = tok(["a", "Once upon a time", "the sea", "b"][i])["input_ids"]
+        return Job(ids, "", Sampling(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+                   emit)
+
+    engine = Engine(model, tok, max_batch=2)
+    # Execute: two rows at a time; job 0 ends after 1 token, jobs 1-3 run 6 tokens each
+    engine.run([job(0, 1), job(1, 6), job(2, 6), job(3, 6)])
+    # Assert: job 2 joined while job 1 was still decoding (fixed batches of 2 would wait)
+    first = {i: log.index(next(e for e in log if e[1] == i)) for i in range(4)}
+    finish = {i: log.index(("finish", i)) for i in range(4)}
+    assert first[2] < finish[1] and first[3] < finish[2]
+    assert engine.max_rows_seen == 2
+    # 6 tokens = a prefill + 5 steps each: rows overlap, so fewer steps than 5 per job
+    assert engine.steps < 5 * 3
+
+
+def test_run_keeps_within_the_token_budget(tiny_model_dir):
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = load_base_model(str(tiny_model_dir), dtype="fp32").eval()
+    ids = tok("Once upon a time")["input_ids"]
+    widths: list[int] = []
+    engine = Engine(model, tok, max_batch=8)
+    forward = engine._forward
+
+    def spy(ids_, mask, positions, cache, rows):
+        widths.append(len(rows) * (mask.shape[1] + 4))
+        return forward(ids_, mask, positions, cache, rows)
+
+    engine._forward = spy
+    jobs = [Job(ids, "", Sampling(max_tokens=4, temperature=0, ignore_eos=True),
+                lambda e: None) for _ in range(6)]
+    # Execute: room for 2 rows of (prompt + 4 answer positions) at a time
+    budget = 2 * (len(ids) + 4)
+    engine.run(jobs, max_batch_tokens=budget)
+    # Assert
+    assert engine.max_rows_seen == 2
+    assert max(widths) <= budget + 2 * 4  # the cache grows by the answer as it decodes
