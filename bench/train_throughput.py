@@ -35,10 +35,13 @@ ratios to the baseline, also per repetition (runs next to each other in time).
 
 Each prints one JSON line: tokens/s over real (non-pad) tokens, seconds, final loss, peak
 RSS. Then the ratios to the reference, the machine's measured matmul peaks (2048^3, bf16
-and fp32), and each arm's MFU: model FLOPs of the work the configuration requires (2 x
-matmul params per token forward + the same backward for input gradients, lm_head only
-where a label is, LoRA, causal attention) over seconds, against the peak of the dtype
-the arm's base weights use.
+and fp32, best of 9), and each arm's MFU: model FLOPs of the work the configuration
+requires (2 x matmul params per token forward + the same backward for input gradients,
+lm_head only where a label is, LoRA, causal attention) over seconds, against the peak of
+the dtype the arm's base weights use (``mfu``) and against the limit of the model's own
+matmul shapes at the arm's tokens per batch (``mfu_shapes``, ``limits.shape_limit``: each
+product forward and for its input gradient, best of 7; it holds still where the 2048^3
+figure moves between runs).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from limits import shape_limit, square_peak
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("reference", "fedit", "fedit_inputs", "fedit_unfused", "fedit_compile", "fedit_hook",
@@ -83,31 +87,10 @@ def cpu_info() -> dict[str, Any]:
         "amx": "amx_bf16" in flags,
         "avx512_bf16": "avx512_bf16" in flags,
         "avx512f": "avx512f" in flags,
+        "flags": sorted(flags & {"amx_tile", "amx_bf16", "avx512_bf16", "avx512f", "avx2"}),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    """Best TFLOP/s of an n^3 matmul in ``dtype`` (after a warm-up).
-
-    A dtype this CPU has no fast path for (bf16 without AVX-512-BF16 or AMX ran at
-    ~0.0003 TFLOP/s here: a 2048^3 matmul would take a minute) is measured at 512^3."""
-    small = _matmul_tflops(dtype, 512, 1)
-    if 2 * n**3 / (small * 1e12) > 5.0:
-        return small
-    return _matmul_tflops(dtype, n, reps)
-
-
-def _matmul_tflops(dtype: torch.dtype, n: int, reps: int) -> float:
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e12
 
 
 class PeakRSS:
@@ -248,7 +231,7 @@ def run_reference(model_dir: str, rows: list[dict[str, Any]], args: argparse.Nam
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     lengths = [len(d["input_ids"]) for d in data]
     return _result("reference", model.config, lengths, [n - 1 for n in lengths], seconds,
-                   losses[-1], rss.peak, torch.float32)
+                   losses[-1], rss.peak, torch.float32, args.batch)
 
 
 def proximal_hook(model: torch.nn.Module, mu: float) -> Any:
@@ -302,7 +285,7 @@ def run_fedit(model_dir: str, rows: list[dict[str, Any]], args: argparse.Namespa
     lengths = [len(e.input_ids) for e in examples]
     labelled = [e.num_labels - (e.labels[0] != -100) for e in examples]
     out = _result(name, model.config, lengths, labelled, result.seconds, last[-1], rss.peak,
-                  dtype)
+                  dtype, args.batch)
     out["first_step_s"] = stamps[0] - t0
     return out
 
@@ -349,7 +332,8 @@ def run_eval_generate(model_dir: str, rows: list[dict[str, Any]], args: argparse
 
 
 def _result(arm: str, config: Any, lengths: list[int], labelled: list[int], seconds: float,
-            loss: float, peak: int, dtype: torch.dtype) -> dict[str, Any]:
+            loss: float, peak: int, dtype: torch.dtype, batch: int) -> dict[str, Any]:
+    batches = -(-len(lengths) // batch)
     return {
         "arm": arm,
         "rows": len(lengths),
@@ -360,6 +344,8 @@ def _result(arm: str, config: Any, lengths: list[int], labelled: list[int], seco
         "peak_rss_gb": peak / 2**30,
         "dtype": {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype],
         "model_tflop": model_flops(config, lengths, labelled, lora_r=8) / 1e12,
+        "tokens_per_batch": round(sum(lengths) / batches),
+        "labelled_per_batch": round(sum(labelled) / batches),
     }
 
 
@@ -376,6 +362,26 @@ def arm_table(model_dir: str, rows: list[dict[str, Any]], args: argparse.Namespa
         "fedit_hook": lambda: run_fedit(model_dir, rows, args, False, "fedit_hook", hook=True),
         "eval_generate": lambda: run_eval_generate(model_dir, rows, args),
     }
+
+
+class ShapeLimits:
+    """``limits.shape_limit`` for an arm's dtype and tokens per batch, measured once each."""
+
+    def __init__(self, model_dir: str) -> None:
+        from transformers import AutoConfig
+
+        self.config = AutoConfig.from_pretrained(model_dir)
+        self.seen: dict[tuple[str, int, int], dict[str, Any]] = {}
+
+    def mfu(self, r: dict[str, Any]) -> dict[str, Any]:
+        key = (r["dtype"], r["tokens_per_batch"], r["labelled_per_batch"])
+        if key not in self.seen:
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[r["dtype"]]
+            self.seen[key] = shape_limit(self.config, key[1], key[2], dtype)
+            print(json.dumps({"shape_limit": self.seen[key], "dtype": r["dtype"]}), flush=True)
+        limit = self.seen[key]["tflops"]
+        return {"shape_limit_tflops": limit,
+                "mfu_shapes": r["model_tflop"] / r["seconds"] / limit}
 
 
 # --- --baseline: this checkout against an earlier revision, one process per run ---------
@@ -496,9 +502,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     from fedit.model.convert import resolve_model
 
     info = cpu_info()
-    peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
-    print(json.dumps({"machine": info, "matmul_2048_tflops": peaks}), flush=True)
+    peaks = {"bf16": square_peak(torch.bfloat16), "fp32": square_peak(torch.float32)}
+    print(json.dumps({"machine": info, "matmul_2048_tflops_best_of_9": peaks}), flush=True)
     model_dir = resolve_model(args.model)
+    limits = ShapeLimits(model_dir)
     rows = load_rows(args.rows, args.seed)
     if args.baseline:
         print(json.dumps(compare(args, model_dir, rows, peaks)), flush=True)
@@ -512,6 +519,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             continue
         r["mfu"] = r["model_tflop"] / r["seconds"] / peaks[r["dtype"]]
         r["mfu_vs_best_peak"] = r["model_tflop"] / r["seconds"] / max(peaks.values())
+        r |= limits.mfu(r)
         results[name] = r
         print(json.dumps(r), flush=True)
     summary: dict[str, Any] = {"bf16_peak_tflops": peaks["bf16"], "fp32_peak_tflops": peaks["fp32"],

@@ -24,6 +24,7 @@ from fedit.config import TrainConfig
 from fedit.data.batching import Batch, collate, tokenize_rows
 from fedit.model.adapter import get_adapter_arrays
 from fedit.model.base import LoraSpec, attach_lora, load_base_model, load_tokenizer
+from fedit.model.device import parse_dtype, pick_dtype
 
 
 def _grads(fn, *tensors):
@@ -133,8 +134,8 @@ def tiny_batch(tiny_model_dir, tiny_rows):
     return tok, examples, collate(examples, tok.pad_token_id)
 
 
-def _lora_model(tiny_model_dir, dropout=0.0):
-    model = attach_lora(load_base_model(str(tiny_model_dir), dtype="fp32"),
+def _lora_model(tiny_model_dir, dropout=0.0, dtype="fp32"):
+    model = attach_lora(load_base_model(str(tiny_model_dir), dtype=dtype),
                         LoraSpec(dropout=dropout), seed=0)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -158,6 +159,33 @@ def test_fused_training_gives_the_stock_gradients(tiny_model_dir, tiny_batch):
     assert len(params) == 16
     for a, b in zip(ours, stock, strict=True):
         _close(a, b)
+
+
+@pytest.mark.parametrize("dtype", ["auto", "fp32", "bf16"])
+def test_each_path_gives_the_stock_gradients(tiny_model_dir, tiny_batch, dtype):
+    """The path the CPU flags pick (auto: bf16 with AMX or AVX-512-BF16, else fp32), and
+    each path forced whatever the CPU (bf16 runs emulated where it has no fast path)."""
+    _, _, batch = tiny_batch
+    picked = pick_dtype("cpu") if dtype == "auto" else parse_dtype(dtype)
+    model = _lora_model(tiny_model_dir, dtype=dtype)
+    truth_model = _lora_model(tiny_model_dir)  # the stock path in fp32
+    assert next(model.parameters()).dtype in (picked, torch.float32)  # LoRA weights: fp32
+    assert {p.dtype for n, p in model.named_parameters() if "lora" not in n} == {picked}
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss(m):
+        return lambda: token_losses(m, batch)[0].mean()
+
+    truth = _grads(loss(truth_model), *[p for p in truth_model.parameters() if p.requires_grad])
+    stock = _grads(loss(model), *params)
+    with fused_training(model):
+        ours = _grads(loss(model), *params)
+    for a, b, t in zip(ours, stock, truth, strict=True):
+        if picked == torch.float32:
+            _close(a, b)
+        else:  # bf16: no further from the fp32 truth than the stock bf16 modules are
+            err_ours, err_stock = (a - t).abs().max(), (b - t).abs().max()
+            assert err_ours <= 2 * err_stock + 1e-3 * t.abs().max(), (err_ours, err_stock)
 
 
 def test_fused_training_gives_the_stock_gradients_on_long_rows(tiny_model_dir, monkeypatch):
