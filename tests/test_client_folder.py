@@ -218,3 +218,76 @@ def test_model_card_names_the_client_folder(folder):
     assert "- file: the files of `clients`" in card
     assert ("- partition: 3 clients, one a file of the folder `clients`; 2 rows of each held "
             "out for it alone") in card
+
+
+# --- a folder per party ----------------------------------------------------------------
+
+
+@pytest.fixture
+def parties(tmp_path) -> tuple[Path, list[dict]]:
+    """A client folder of three kinds of client, and the 40 rows it holds in all:
+    ``a_party/`` (3 files in 3 formats: 5 + 6 + 7 rows), ``b_saved/`` (a datasets folder,
+    8 rows) and ``c.jsonl`` (one file, 14 rows)."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = make_rows(40, seed=7)
+    root = tmp_path / "clients"
+    party = root / "a_party"
+    party.mkdir(parents=True)
+    # names sort 1, 2, 3: the reading order, whatever order the files were written in
+    pq.write_table(pa.Table.from_pylist(rows[11:18]), party / "3_march.parquet")
+    with open(party / "2_feb.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows[5:11])
+    (party / "1_jan.json").write_text(json.dumps(rows[:5]), encoding="utf-8")
+    (party / ".DS_Store").write_text("ignored: its name starts with a dot")
+    datasets.Dataset.from_list(rows[18:26]).save_to_disk(str(root / "b_saved"))
+    write_jsonl(root / "c.jsonl", rows[26:])
+    return root, rows
+
+
+def test_a_party_folder_is_one_client_beside_a_datasets_folder_and_a_file(parties):
+    root, rows = parties
+    clients, per_client = load_client_folder(root)
+    assert [c.path.name for c in clients] == ["a_party", "b_saved", "c.jsonl"]
+    assert [c.label for c in clients] == ["a_party", "b_saved", "c"]  # names by default
+    assert [s.name for s in clients[0].sources] == ["1_jan.json", "2_feb.csv", "3_march.parquet"]
+    assert [len(r) for r in per_client] == [5 + 6 + 7, 8, 14]
+    keys = ("instruction", "context", "response", "category")
+    assert [[{k: r[k] for k in keys} for r in client] for client in per_client] == [
+        rows[:18], rows[18:26], rows[26:]]  # every row back, in file-name order
+    assert with_client_count(_cfg(root)).partition.clients == 3
+
+
+def test_clients_toml_labels_a_party_folder(parties):
+    root, _ = parties
+    (root / "clients.toml").write_text('[files."a_party"]\nlabel = "hospital A"\n'
+                                       '[files."b_saved"]\nlabel = "clinic B"\n')
+    clients = read_client_folder(root)
+    assert [c.label for c in clients] == ["hospital A", "clinic B", "c"]
+    data = split_data(_cfg(root, test_per_label=0))
+    assert [len(c) for c in data.client_rows] == [18, 8, 14]
+    assert data.client_names == ["hospital A", "clinic B", "c"]
+
+
+def test_a_party_folder_without_a_data_file_is_named(parties):
+    root, _ = parties
+    (root / "d_empty").mkdir()
+    (root / "d_empty" / "readme.txt").write_text("no rows here")
+    with pytest.raises(DataError, match=r"d_empty: a client folder with no data file"):
+        read_client_folder(root)
+    (root / "d_empty" / "rows.jsonl").write_text('{"instruction": "a", "response": "b"}\n')
+    with pytest.raises(DataError, match=r"readme\.txt: not a data file of client folder "
+                                        r"'d_empty'.*start its name with a dot"):
+        read_client_folder(root)
+
+
+def test_a_bad_row_in_a_party_folder_names_its_file(parties):
+    root, _ = parties
+    (root / "a_party" / "4_april.jsonl").write_text('{"instruction": "a", "response": "b"}\n'
+                                                    '{"instruction": "a"}\n')
+    with pytest.raises(DataError, match=r"a_party/4_april\.jsonl:2: field 'response'"):
+        load_client_folder(root)

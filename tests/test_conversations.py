@@ -97,7 +97,9 @@ def test_whole_turns_are_dropped_from_the_end(tok):
 
 def test_truncated_and_skipped_conversations_are_counted(tok, tmp_path):
     short, long = {"messages": TURNS[:2]}, {"messages": TURNS}
-    too_long = {"messages": [{"role": "user", "content": "word " * 80}, TURNS[1]]}
+    # both first turns too long: shortening the longer one alone cannot make room
+    too_long = {"messages": [{"role": "system", "content": "word " * 80},
+                             {"role": "user", "content": "word " * 80}, TURNS[1]]}
     data = SimpleNamespace(template="chatml", cutoff_len=40, train_on_inputs=False,
                            truncation="context", min_response_tokens=16)
     stats = tmp_path / "data_stats.json"
@@ -144,9 +146,10 @@ def test_a_mapped_conversation_column(tmp_path):
         ([TURNS[0], {"role": "assistant", "content": "  "}],
          r"chats.jsonl:2: turn 2 is an empty assistant turn"),
         ([TURNS[0], TURNS[2], TURNS[1]], r"chats.jsonl:2: turn 2: two user turns in a row"),
-        (TURNS[1:], r"chats.jsonl:2: turn 1: the conversation starts with an assistant turn"),
+        ([SYSTEM, TURNS[0], SYSTEM, TURNS[1]], r"chats.jsonl:2: turn 3: a system turn after"),
         ([SYSTEM, TURNS[0]], r"chats.jsonl:2: no assistant turn"),
-        (TURNS[:3], r"chats.jsonl:2: the last user turn has no answer"),
+        ([TURNS[1], TURNS[0], TURNS[0], TURNS[1]],
+         r"chats.jsonl:2: turn 3: two user turns in a row"),
         ([{"from": "bot", "value": "x"}], r"chats.jsonl:2: turn 1 has role 'bot'"),
         ([], r"chats.jsonl:2: field 'messages' must be a non-empty list"),
     ],

@@ -161,8 +161,10 @@ def test_nodes_with_their_own_files_get_client_ids_in_node_order(cfg_path, tmp_p
     grid = FakeGrid(2, node_configs=[{"data-path": str(f)} for f in files])
     # Execute
     _, lines = _run(cfg_path, grid, "rounds=1", "partition.clients=2", "data.cutoff_len=512")
-    # Assert: both trained, each on all of its own rows
-    assert lines[1]["clients"] == [0, 1] and lines[1]["num_examples"] == 8 + 12
+    # Assert: both trained, each on all of its own rows but those asking a held-out prompt
+    # (make_rows draws from few words: party 1 holds one of the server's held-out prompts)
+    assert lines[1]["clients"] == [0, 1] and lines[1]["num_examples"] == 8 + 12 - 1
+    assert lines[1]["held_out_duplicates"] == {"0": 0, "1": 1}
 
 
 def test_node_rows_come_from_the_node_config_only(cfg_path, tmp_path):

@@ -100,3 +100,64 @@ def test_chat_templates_shorten_the_context_too(tok, template):
     text = tok.decode(ex.input_ids)
     assert ex.truncated and len(ex.input_ids) <= 120 and ex.num_labels >= 16
     assert "Summarise the notes.\n\nalpha" in text and TRUNCATION_MARKER in text
+
+
+def _chat(first_user: str, system: str = "", answer: str = " ".join([WORDS] * 3)) -> dict:
+    turns = [{"role": "system", "content": system}] if system else []
+    return {"messages": [*turns, {"role": "user", "content": first_user},
+                         {"role": "assistant", "content": answer},
+                         {"role": "user", "content": "And a fish?"},
+                         {"role": "assistant", "content": "A trout."}]}
+
+
+def _turn_text(text: str, role: str) -> str:
+    return text.split(f"<|im_start|>{role}\n", 1)[1].split("<|im_end|>", 1)[0]
+
+
+def test_a_long_first_user_turn_is_shortened_so_the_conversation_is_kept(tok):
+    # Prepare: the first user turn alone is longer than the cutoff
+    row = _chat("Start here. " + " ".join([WORDS] * 20) + " End here.")
+    assert tokenize_row(tok, row, template="chatml", cutoff_len=120,
+                        truncation="skip").num_labels == 0  # skipped, as before
+    # Execute
+    ex = tokenize_row(tok, row, template="chatml", cutoff_len=120, min_response_tokens=16)
+    # Assert: it fits; the user turn kept its start and end around " [...] "; the answer
+    # starts right after the prompt and keeps at least 16 labelled tokens (cut at the
+    # cutoff, no end marker); the second exchange is gone
+    text = tok.decode(ex.input_ids)
+    user = _turn_text(text, "user")
+    assert ex.truncated and len(ex.input_ids) == 120
+    assert user.startswith("Start here. alpha beta") and user.endswith("omicron End here.")
+    assert user.count(TRUNCATION_MARKER) == 1
+    labelled = [t for t, lab in zip(ex.input_ids, ex.labels, strict=True) if lab != IGNORE_INDEX]
+    assert 16 <= ex.num_labels <= 16 + 4  # just enough was cut (the marker costs a few)
+    assert tok.decode(labelled).startswith("alpha beta gamma")
+    assert ex.labels[-len(labelled):] == labelled  # the answer runs to the cutoff
+    assert "And a fish?" not in text and "<|im_end|>" not in tok.decode(labelled)
+
+
+def test_the_longer_of_system_and_first_user_turn_is_the_one_shortened(tok):
+    row = _chat("Name a bird.", system="Rules: " + " ".join([WORDS] * 20), answer="A robin.")
+    ex = tokenize_row(tok, row, template="chatml", cutoff_len=100, min_response_tokens=16)
+    text = tok.decode(ex.input_ids)
+    assert ex.truncated and len(ex.input_ids) <= 100
+    assert TRUNCATION_MARKER in _turn_text(text, "system")
+    assert _turn_text(text, "user") == "Name a bird."
+    # an answer shorter than min_response_tokens is kept whole, with its end marker
+    labelled = [t for t, lab in zip(ex.input_ids, ex.labels, strict=True) if lab != IGNORE_INDEX]
+    assert tok.decode(labelled).startswith("A robin.<|im_end|>")
+
+
+def test_shortened_conversations_are_counted_as_truncated(tok, tmp_path):
+    long = " ".join([WORDS] * 20)
+    rows = [_chat("Name a bird.", answer="A robin."),  # fits whole
+            _chat("Name a bird."),  # its long first answer is cut at the cutoff
+            _chat(long),  # its first user turn is shortened
+            _chat(long, system=long)]  # shortening the longer turn is not enough: skipped
+    data = SimpleNamespace(template="chatml", cutoff_len=120, train_on_inputs=False,
+                           truncation="context", min_response_tokens=16)
+    stats = tmp_path / "data_stats.json"
+    examples, kept = tokenize_for_run(tok, rows, data, "c", None, stats)
+    assert kept == [0, 1, 2] and [e.truncated for e in examples] == [False, True, True]
+    assert json.loads(stats.read_text())["length"]["c"] == {"rows": 4, "truncated": 2,
+                                                            "skipped": 1}

@@ -21,3 +21,6 @@ METRICS_RECORD = "metrics"
 STATE_DIR = "state-dir"  # node-config key: where this node keeps client states
 STATE_ROUND = "state-round"  # instruction key: start from the state saved in this round (0: none)
 STATE_SAVED = "state-saved"  # reply metric: 1.0 when the client saved a state this round
+# No held-out prompt is trained on (fedit.data.dedup)
+HELD_OUT = "held-out-prompts"  # instruction key: held-out prompt hashes (sha256 hex, " "-joined)
+HELD_OUT_DUPLICATES = "held-out-duplicates"  # reply metric: training rows the client dropped

@@ -11,11 +11,13 @@ from typing import Annotated, Any
 import typer
 
 from fedit.cli.errors import one_line_errors
+from fedit.config import DataConfig
 from fedit.data.clients import write_folder_partitions
 from fedit.data.inspect import format_inspect, inspect_rows
-from fedit.data.load import load_rows
+from fedit.data.invalid import RowCounts, format_counts
+from fedit.data.load import iter_rows
 from fedit.data.partition import partition_file
-from fedit.errors import FeditError
+from fedit.errors import DataError, FeditError
 
 
 @one_line_errors
@@ -47,6 +49,9 @@ def partition_cmd(
     stats = partition_file(data, out, method=method, num_clients=clients, label_field=by,
                            alpha=alpha, min_size=min_size, shards_per_client=shards_per_client,
                            test_per_label=test_per_label, seed=seed)
+    removed = stats["held_out_duplicates"]["removed"]
+    if removed:
+        typer.echo(f"{removed} training row(s) removed: their prompt is also in test.jsonl")
     typer.echo(f"{_partition_line(stats, method)}\nwrote {out}/client_*.jsonl, "
                f"{out}/stats.json, {out}/clients.png")
 
@@ -76,13 +81,27 @@ def data_inspect(
         str, typer.Option(help="tokenizer for token lengths ('none' to skip)")
     ] = "smollm2-135m",
     template: Annotated[str, typer.Option(help="alpaca | chat | chatml")] = "alpaca",
+    invalid_rows: Annotated[str, typer.Option(
+        help="error: stop at an invalid row | skip: count and report them")] = "error",
+    max_invalid_fraction: Annotated[float, typer.Option(
+        help="skip: stop when more of the file is invalid")] = 0.5,
+    cutoff_len: Annotated[int, typer.Option(
+        help="preference pairs: count those shortened / skipped at this length")] = 512,
+    min_response_tokens: Annotated[int, typer.Option(
+        help="preference pairs: answer tokens each keeps when its prompt is shortened")] = 16,
 ) -> None:
-    """Rows, fields, label counts and token-length percentiles of a data file."""
-    rows = load_rows(file)
+    """Rows, fields, label counts and token-length percentiles of a data file (and, for
+    preference pairs, their count, lengths and what a run would shorten or skip)."""
+    counts = RowCounts.from_config(DataConfig(invalid_rows=invalid_rows,
+                                              max_invalid_fraction=max_invalid_fraction))
     tokenizer = None
     if model != "none":
         from fedit.model.base import load_tokenizer
 
         tokenizer = load_tokenizer(model)
-    report = inspect_rows(rows, label_field=label_field, tokenizer=tokenizer, template=template)
-    typer.echo(format_inspect(report))
+    rows = iter_rows(file, invalid=counts)  # read as a stream: never held whole
+    report = inspect_rows(rows, label_field=label_field, tokenizer=tokenizer, template=template,
+                          cutoff_len=cutoff_len, min_response_tokens=min_response_tokens)
+    if not report["rows"]:
+        raise DataError(f"{file}: no rows (the file is empty); give a file with at least one row")
+    typer.echo("\n".join([format_inspect(report), *format_counts(counts)]))

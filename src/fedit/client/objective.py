@@ -12,103 +12,39 @@ An :class:`Objective` owns, for one client (and for the server's held-out evalua
   (``precompute``: a preference objective's reference log-probabilities).
 
 The round loop, the runtimes and the strategies never know which objective runs: the
-trainer calls it, the runtimes ask :func:`objective_for` for the run's. Today's objective
-is supervised fine-tuning on response tokens (:class:`SFT`).
+trainer calls it, the runtimes ask :func:`objective_for` for the run's: supervised
+fine-tuning on response tokens (:class:`SFT`) or direct preference optimisation on pairs
+(:class:`~fedit.client.dpo.DPO`). The base class is in :mod:`fedit.client.objective_base`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 
 from fedit.algorithms.contract import ClientState
+from fedit.client.dpo import DPO
 from fedit.client.losses import example_losses, mean_token_loss, token_losses
+from fedit.client.objective_base import (  # re-exported: the seam's names live here too
+    NO_LABEL,
+    HeldOut,
+    Log,
+    Objective,
+    loss_by_category,
+    row_label,
+)
 from fedit.config import DataConfig, RunConfig
 from fedit.data.batching import Batch, collate, make_batches, tokenize_for_run
+from fedit.data.preferences import is_preference
+from fedit.errors import DataError
 from fedit.model.adapter import set_adapter_arrays
 
-Log = Callable[[str], None]
-NO_LABEL = "(none)"  # the category of a row without the label field
-
-
-class Objective:
-    """A training objective (base class; see the module docstring for the contract)."""
-
-    name: ClassVar[str] = ""
-    #: the row kinds it trains on, for messages
-    accepts: ClassVar[str] = ""
-    #: what ``train_loss`` in a metrics line is under this objective
-    train_loss_means: ClassVar[str] = ""
-
-    def examples(self, tokenizer: Any, rows: Sequence[dict[str, Any]], data: DataConfig,
-                 who: str, log: Log | None = None, stats_file: Path | None = None
-                 ) -> tuple[list[Any], list[int]]:
-        """The rows' training examples and the indices of the rows kept."""
-        raise NotImplementedError
-
-    def steps(self, examples: Sequence[Any], batch_size: int, micro_batch_size: int,
-              pad_id: int, rng: np.random.Generator, group_by_length: bool
-              ) -> Iterator[list[Any]]:
-        """One epoch: the micro-batches of each optimizer step."""
-        raise NotImplementedError
-
-    def normaliser(self, micro: Sequence[Any]) -> int:
-        """What a step's summed loss is divided by (its gradient is that mean)."""
-        raise NotImplementedError
-
-    def micro_loss(self, model: torch.nn.Module, micro: Any, state: ClientState
-                   ) -> tuple[torch.Tensor, int]:
-        """The micro-batch's summed loss (a differentiable scalar) and its real tokens."""
-        raise NotImplementedError
-
-    def precompute(self, model: torch.nn.Module, examples: Sequence[Any],
-                   state: ClientState) -> None:
-        """Once per client, before its first round, with the start adapter loaded: fill
-        ``state`` with what every later round reuses (nothing, by default)."""
-        return None
-
-    def held_out(self, tokenizer: Any, model: torch.nn.Module,
-                 rows: Sequence[dict[str, Any]], cfg: RunConfig, log: Log | None = None,
-                 stats_file: Path | None = None) -> HeldOut:
-        """The server's per-round evaluation of an adapter on the held-out rows."""
-        raise NotImplementedError
-
-
-class HeldOut:
-    """An adapter's held-out loss and loss per label, computed on the model in memory.
-
-    ``rows``: how many held-out rows it scores; calling it with an adapter's arrays gives
-    ``(loss, loss by label)``, ``(None, None)`` when there is no held-out row."""
-
-    rows: int = 0
-
-    def __call__(self, arrays: list[np.ndarray]
-                 ) -> tuple[float | None, dict[str, float] | None]:
-        raise NotImplementedError
-
-
-def row_label(row: dict[str, Any], label_field: str) -> str:
-    """The category of a row: its label field as text, ``NO_LABEL`` when absent or empty."""
-    value = row.get(label_field)
-    return str(value) if value not in (None, "") else NO_LABEL
-
-
-def loss_by_category(
-    sums: np.ndarray, counts: np.ndarray, labels: Sequence[str]
-) -> dict[str, float]:
-    """Token-weighted loss per label: the label's summed token losses over its token count."""
-    out = {}
-    for label in sorted(set(labels)):
-        mask = np.asarray([x == label for x in labels], dtype=bool)
-        n = int(counts[mask].sum())
-        if n:
-            out[label] = float(sums[mask].sum() / n)
-    return out
-
+__all__ = ["DPO", "NO_LABEL", "OBJECTIVES", "SFT", "HeldOut", "Log", "Objective",
+           "ResponseTokenLoss", "loss_by_category", "objective_for", "row_label"]
 
 class ResponseTokenLoss(HeldOut):
     """SFT's held-out loss: every response token of the held-out rows counts once."""
@@ -139,6 +75,9 @@ class SFT(Objective):
     def examples(self, tokenizer: Any, rows: Sequence[dict[str, Any]], data: DataConfig,
                  who: str, log: Log | None = None, stats_file: Path | None = None
                  ) -> tuple[list[Any], list[int]]:
+        if any(is_preference(row) for row in rows):
+            raise DataError(f"{who}: the rows are preference pairs (prompt, chosen, rejected); "
+                            "train them with train.objective = \"dpo\"")
         return tokenize_for_run(tokenizer, rows, data, who, log, stats_file)
 
     def steps(self, examples: Sequence[Any], batch_size: int, micro_batch_size: int,
@@ -168,9 +107,9 @@ class SFT(Objective):
 
 
 #: train.objective -> its class
-OBJECTIVES: dict[str, type[Objective]] = {"sft": SFT}
+OBJECTIVES: dict[str, type[Objective]] = {"sft": SFT, "dpo": DPO}
 
 
 def objective_for(cfg: RunConfig) -> Objective:
-    """The run's objective (``train.objective``)."""
-    return OBJECTIVES[cfg.train.objective]()
+    """The run's objective (``train.objective``), set up from the run's config."""
+    return OBJECTIVES[cfg.train.objective].from_config(cfg)

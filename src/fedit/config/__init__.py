@@ -4,7 +4,9 @@ with ``--set key=value`` overrides and written back (``toml``)."""
 from fedit.config.schema import (
     AGGREGATOR_NAMES,
     COMPRESS_METHODS,
+    DPO_LOSSES,
     EXACT_MATCH_CATEGORIES,
+    FIELD_NAMES,
     OBJECTIVE_NAMES,
     PERSONALIZE_METHODS,
     RANK_AGGREGATIONS,
@@ -12,6 +14,7 @@ from fedit.config.schema import (
     CheckpointConfig,
     CompressConfig,
     DataConfig,
+    DPOConfig,
     EvalConfig,
     FlowerConfig,
     LoraConfig,
@@ -28,8 +31,8 @@ from fedit.config.schema import (
 )
 
 __all__ = [
-    "AGGREGATOR_NAMES", "COMPRESS_METHODS", "EXACT_MATCH_CATEGORIES", "OBJECTIVE_NAMES",
-    "PERSONALIZE_METHODS",
+    "AGGREGATOR_NAMES", "COMPRESS_METHODS", "DPO_LOSSES", "EXACT_MATCH_CATEGORIES",
+    "FIELD_NAMES", "OBJECTIVE_NAMES", "PERSONALIZE_METHODS", "DPOConfig",
     "RANK_AGGREGATIONS", "STRATEGY_NAMES", "CheckpointConfig", "CompressConfig", "DataConfig",
     "EvalConfig", "FlowerConfig", "LoraConfig", "ModelConfig", "PartitionConfig",
     "PersonalizeConfig", "PrivacyConfig", "RunConfig", "StrategyConfig", "TrainConfig",

@@ -83,6 +83,13 @@ class LoraConfig:
         _check(len(self.target_modules) > 0, "lora.target_modules", "name at least one module")
 
 
+INVALID_ROWS = ("error", "skip")  # data.invalid_rows (fedit.data.invalid)
+
+
+#: the canonical names data.fields maps (instruction rows, conversations, preference pairs)
+FIELD_NAMES = ("instruction", "context", "response", "messages", "prompt", "chosen", "rejected")
+
+
 @dataclass
 class DataConfig:
     path: str = field(default="dolly-15k", metadata={"help": "dolly-15k, a file, a folder"})
@@ -98,6 +105,8 @@ class DataConfig:
     train_on_inputs: bool = False  # False: loss on response tokens only
     truncation: str = "context"  # context (shorten it to fit, README "Data") | skip
     min_response_tokens: int = 16  # truncation = context: response tokens kept
+    invalid_rows: str = "error"  # error (a bad row stops the load) | skip (drop and count it)
+    max_invalid_fraction: float = 0.5  # skip: still stop when more of a file is invalid
 
     def __post_init__(self) -> None:
         _check(self.template in ("alpaca", "chat", "chatml"), "data.template",
@@ -105,12 +114,15 @@ class DataConfig:
         _check(self.cutoff_len >= 8, "data.cutoff_len", "must be >= 8")
         _check(self.truncation in ("context", "skip"), "data.truncation", "use context or skip")
         _check(self.min_response_tokens >= 1, "data.min_response_tokens", "must be >= 1")
+        _check(self.invalid_rows in INVALID_ROWS, "data.invalid_rows", "use error or skip")
+        _check(0 <= self.max_invalid_fraction <= 1, "data.max_invalid_fraction",
+               "must be in [0, 1]")
         _check(self.test_per_label >= 0, "data.test_per_label", "must be >= 0")
         _check(self.test_per_client >= 0, "data.test_per_client", "must be >= 0")
         _check(self.max_rows >= 0, "data.max_rows", "must be >= 0 (0 = all rows)")
-        bad = set(self.fields) - {"instruction", "context", "response", "messages"}
+        bad = set(self.fields) - set(FIELD_NAMES)
         _check(not bad, "data.fields", f"unknown canonical field(s) {sorted(bad)}; "
-               "map instruction, context, response or messages")
+               f"map one of {', '.join(FIELD_NAMES)}")
 
 
 @dataclass
@@ -132,12 +144,12 @@ class PartitionConfig:
 
 
 #: training objectives (fedit.client.objective; a test checks the two agree)
-OBJECTIVE_NAMES = ("sft",)
+OBJECTIVE_NAMES = ("sft", "dpo")
 
 
 @dataclass
 class TrainConfig:
-    objective: str = "sft"  # sft: cross-entropy on the response tokens
+    objective: str = "sft"  # sft: cross-entropy on the response tokens | dpo: preference pairs
     local_epochs: int = 1
     batch_size: int = 8  # examples per optimizer step
     micro_batch_size: int = 8  # examples per forward pass (gradient accumulation)
@@ -295,6 +307,28 @@ class CompressConfig:
         _check(0 < self.topk_fraction <= 1, "compress.topk_fraction", "must be in (0, 1]")
 
 
+DPO_LOSSES = ("sigmoid", "ipo")
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation (``train.objective = "dpo"``; Rafailov et al. 2023,
+    arXiv 2305.18290; IPO: Azar et al. 2023, arXiv 2310.12036)."""
+
+    beta: float = field(default=0.1, metadata={
+        "help": "strength of the pull towards the reference (smaller: further from it)"})
+    loss: str = field(default="sigmoid", metadata={"help": " | ".join(DPO_LOSSES)})
+    label_smoothing: float = field(default=0.0, metadata={
+        "help": "sigmoid: assumed share of flipped labels (conservative DPO)"})
+
+    def __post_init__(self) -> None:
+        _check(self.beta > 0, "dpo.beta", "must be > 0")
+        _check(self.loss in DPO_LOSSES, "dpo.loss", f"use one of {', '.join(DPO_LOSSES)}")
+        _check(0 <= self.label_smoothing < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)")
+        _check(self.label_smoothing == 0 or self.loss == "sigmoid", "dpo.label_smoothing",
+               "applies to loss = \"sigmoid\" only; set it to 0 for ipo")
+
+
 @dataclass
 class CheckpointConfig:
     """What each committed round keeps on disk (see docs/architecture.md)."""
@@ -312,7 +346,7 @@ class EvalConfig:
     batch_size: int = 16  # no-grad batch size for held-out loss
     # `fedit eval`: generation and the metrics on the answers
     max_new_tokens: int = 128  # answer length cap
-    generate_batch_size: int = 16  # prompts generated together (KV cache, left-padded)
+    generate_batch_size: int = 16  # answers decoded together (continuous batching, KV cache)
     generate_batch_tokens: int = 8192  # and at most this many positions (padding included)
     do_sample: bool = False  # False: greedy decoding (temperature and top_p unused)
     temperature: float = 1.0
@@ -384,6 +418,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)

@@ -7,7 +7,6 @@ length, so padding (which costs compute and carries no label) stays small.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedit.data.prompts import IGNORE_INDEX, Example, tokenize_row
-from fedit.io import atomic_write_json
+from fedit.data.prompts import IGNORE_INDEX, Example, record_length_counts, tokenize_row
 
 MEGA_CHUNK = 50  # batches per sorted mega-chunk
 # A run's rows shortened / skipped for length, per client: the "length" entry of the
@@ -94,18 +92,6 @@ def tokenize_for_run(
     if stats_file is not None:
         record_length_counts(stats_file, who, counts)
     return examples, kept
-
-
-def record_length_counts(path: Path, who: str, counts: dict[str, int]) -> None:
-    """Set ``who``'s counts (rows, truncated, skipped) under the ``"length"`` entry of the
-    JSON file ``path`` (a run's ``partitions/stats.json``), and recompute that entry's
-    ``"total"`` over every other one; the rest of the file is kept."""
-    stats = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    length = stats.get("length", {})
-    length.pop("total", None)
-    length[who] = counts
-    length["total"] = {k: sum(v[k] for v in length.values()) for k in counts}
-    atomic_write_json(path, {**stats, "length": length})
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> Batch:

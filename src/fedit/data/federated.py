@@ -9,6 +9,11 @@ Two sources: ``data.path`` split over ``partition.clients`` clients by
 one client a file. Either way ``data.test_per_client`` rows of each client are held out
 for that client alone (``client_test_rows``, never trained on), then ``data.test_per_label``
 rows a label of what is left form the global held-out set.
+
+No held-out prompt is trained on (:mod:`fedit.data.dedup`): after the split, a client's
+training row that asks the same prompt (normalised) as any held-out row, global or any
+client's own, is removed; the held-out side keeps its copy. ``held_out_duplicates`` counts
+the rows each client lost.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import numpy as np
 
 from fedit.config import RunConfig
 from fedit.data.clients import load_client_folder
+from fedit.data.dedup import duplicates_stats, prompt_hashes, remove_held_out
+from fedit.data.invalid import RowCounts, invalid_stats
 from fedit.data.load import load_rows
 from fedit.data.partition import holdout_split, partition, write_partitions
 from fedit.errors import DataError
@@ -43,6 +50,15 @@ class FederatedData:
     client_test_rows: list[Rows] = field(default_factory=list)
     # each client's name: its label in a client folder, else "client_NNNN"
     client_names: list[str] = field(default_factory=list)
+    # each client's training rows removed because a held-out row asks the same prompt
+    held_out_duplicates: list[int] = field(default_factory=list)
+    # invalid rows and dropped turns met loading: per client label, or data.path's
+    invalid: dict[str, RowCounts] = field(default_factory=dict)
+
+    def held_out_hashes(self) -> set[str]:
+        """Prompt hashes of every held-out row: the global set and each client's own."""
+        return prompt_hashes([r for rows in [self.test_rows, *self.client_test_rows]
+                              for r in rows])
 
 
 def _labels(rows: Rows, field_: str, needed: bool) -> list[str] | None:
@@ -82,11 +98,24 @@ def _hold_out_per_client(owner: list[int], n_clients: int, per_client: int, seed
 def split_data(cfg: RunConfig, log: Callable[[str], None] | None = None) -> FederatedData:
     """Load, subsample, hold out the test sets, partition: nothing is written.
 
-    ``log`` hears one line about a client folder (partition settings that do not apply).
+    ``log`` hears one line about a client folder (partition settings that do not apply),
+    and the invalid rows skipped (``data.invalid_rows = "skip"``) and conversation turns
+    dropped, per client of a folder (else for ``data.path``), the first few named.
     """
-    if cfg.data.clients_dir:
-        return _split_folder(cfg, log)
-    rows = load_rows(cfg.data.path, cfg.data.fields or None)
+    invalid: dict[str, RowCounts] = {}
+    data = (_split_folder(cfg, log, invalid) if cfg.data.clients_dir
+            else _split_path(cfg, invalid))
+    data.invalid = invalid
+    for line in [x for who, counts in invalid.items() for x in counts.log_lines(who)]:
+        if log is not None:
+            log(line)
+    return data
+
+
+def _split_path(cfg: RunConfig, invalid: dict[str, RowCounts]) -> FederatedData:
+    """``data.path`` split over ``partition.clients`` clients."""
+    invalid[cfg.data.path] = RowCounts.from_config(cfg.data)
+    rows = load_rows(cfg.data.path, cfg.data.fields or None, invalid=invalid[cfg.data.path])
     rows = [rows[i] for i in _subsample(len(rows), cfg.data.max_rows, cfg.seed)]
     if cfg.data.test_per_client:
         # Each client's own held-out rows come from its partition: partition everything first.
@@ -101,9 +130,23 @@ def split_data(cfg: RunConfig, log: Callable[[str], None] | None = None) -> Fede
     train_idx, test_idx = holdout_split(labels, len(rows), cfg.data.test_per_label, cfg.seed)
     test_rows, train_rows = [rows[i] for i in test_idx], [rows[i] for i in train_idx]
     parts, label = _partition(train_rows, cfg)
-    return FederatedData(test_rows, [[train_rows[i] for i in part] for part in parts],
-                         train_rows, parts, label, [[] for _ in parts],
-                         [f"client_{c:04d}" for c in range(len(parts))])
+    return _without_held_out(test_rows, train_rows, parts, label, [[] for _ in parts],
+                             [f"client_{c:04d}" for c in range(len(parts))])
+
+
+def _without_held_out(test_rows: Rows, train_rows: Rows, parts: list[list[int]],
+                      label: str | None, client_test_rows: list[Rows], names: list[str]
+                      ) -> FederatedData:
+    """The split, less every training row whose prompt is held out (see the module doc)."""
+    data = FederatedData(test_rows, [], train_rows, parts, label, client_test_rows, names)
+    train_rows, kept, removed = remove_held_out(train_rows, parts, data.held_out_hashes())
+    for c, part in enumerate(kept):
+        if removed[c] and not part:
+            raise DataError(f"client {names[c]}: all {removed[c]} of its training rows ask a "
+                            "prompt of the held-out set, so none is left to train on; lower "
+                            "data.test_per_label / data.test_per_client or add rows")
+    return FederatedData(test_rows, [[train_rows[i] for i in part] for part in kept],
+                         train_rows, kept, label, client_test_rows, names, removed)
 
 
 def _partition(rows: Rows, cfg: RunConfig) -> tuple[list[list[int]], str | None]:
@@ -117,10 +160,13 @@ def _partition(rows: Rows, cfg: RunConfig) -> tuple[list[list[int]], str | None]
     return parts, by if part_labels else None
 
 
-def _split_folder(cfg: RunConfig, log: Callable[[str], None] | None) -> FederatedData:
+def _split_folder(cfg: RunConfig, log: Callable[[str], None] | None,
+                  invalid: dict[str, RowCounts]) -> FederatedData:
     """One client a file of ``data.clients_dir``."""
     d = cfg.data
-    clients, per_client = load_client_folder(d.clients_dir, d.fields or None)
+    clients, per_client = load_client_folder(d.clients_dir, d.fields or None,
+                                             RowCounts.from_config(d))
+    invalid.update({c.label: c.counts for c in clients})
     if log is not None:
         log(f"clients: {len(clients)} files in {d.clients_dir}, one client each "
             "(partition.method and partition.clients do not apply; data.path is not read)")
@@ -149,17 +195,21 @@ def _from_owners(cfg: RunConfig, rows: Rows, owner: list[int], n_clients: int,
     train_rows = [pool[i] for i in train_idx]
     train_owner = [owner[rest[i]] for i in train_idx]
     parts = _by_owner(train_owner, n_clients)
-    return FederatedData([pool[i] for i in test_idx],
-                         [[train_rows[i] for i in part] for part in parts], train_rows, parts,
-                         label, [[rows[i] for i in h] for h in held], names)
+    return _without_held_out([pool[i] for i in test_idx], train_rows, parts, label,
+                             [[rows[i] for i in h] for h in held], names)
 
 
 def write_split(data: FederatedData, folder: Path) -> None:
     """test.jsonl, partitions/ (stats, plot) and, when there are any, each client's own
     held-out rows (client_test/client_NNNN.jsonl) of a split, into ``folder``."""
     atomic_write_jsonl(folder / "test.jsonl", data.test_rows)
+    names = data.client_names or [f"client_{c:04d}" for c in range(len(data.parts))]
+    removed = data.held_out_duplicates or [0] * len(data.parts)
     write_partitions(folder / "partitions", data.train_rows, data.parts, data.label,
-                     write_rows=False, names=data.client_names or None)
+                     write_rows=False, names=data.client_names or None,
+                     extra={"held_out_duplicates": duplicates_stats(removed, names),
+                            **({"invalid": invalid_stats(data.invalid)} if data.invalid
+                               else {})})
     if any(data.client_test_rows):
         for c, rows in enumerate(data.client_test_rows):
             atomic_write_jsonl(folder / "client_test" / f"client_{c:04d}.jsonl", rows)

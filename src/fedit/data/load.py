@@ -6,7 +6,8 @@ source unchanged (``category``, say). A conversation row (a ``messages`` column,
 ShareGPT's ``conversations``, or the column ``data.fields.messages`` names) carries
 ``messages`` instead, as :func:`fedit.data.conversations.canonical_conversation` gives.
 
-A row that fails validation stops the load with a
+A row that fails validation stops the load (``data.invalid_rows = "error"``, the default;
+``"skip"`` drops and counts it instead, :mod:`fedit.data.invalid`) with a
 one-line :class:`~fedit.errors.DataError` naming where it is and what to do:
 
 - ``data/x.jsonl:17: ...``: a line number (1-based) in a JSON-lines or CSV file (the CSV
@@ -19,15 +20,30 @@ Long rows are not errors: truncation happens at tokenisation.
 
 from __future__ import annotations
 
-import csv
-import gzip
-import json
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from fedit.data.conversations import canonical_conversation
+from fedit.data.files import read_csv, read_json_list, read_jsonl, read_parquet
+from fedit.data.invalid import (
+    EMPTY_FIELD,
+    MAPPING_HINT,
+    MISSING_FIELD,
+    MISSING_LABEL,
+    NOT_AN_OBJECT,
+    WRONG_TYPE,
+    RowCounts,
+    RowError,
+)
+from fedit.data.preferences import (
+    PREFERENCE_FIELDS,
+    PairColumns,
+    canonical_preference,
+    is_preference_record,
+)
 from fedit.errors import DataError
 from fedit.hub import hub_reachable
 
@@ -43,7 +59,8 @@ Where = Callable[[int], str]
 
 
 def load_rows(
-    source: str, fields: Mapping[str, str] | None = None, *, required_label: str | None = None
+    source: str, fields: Mapping[str, str] | None = None, *, required_label: str | None = None,
+    invalid: RowCounts | None = None,
 ) -> list[dict[str, Any]]:
     """Load and validate instruction rows.
 
@@ -59,6 +76,9 @@ def load_rows(
         ``{"context": "input", "response": "output"}``. Unmapped names read their own column.
     required_label : str, optional
         A column every row must have non-empty (the label a partition or hold-out uses).
+    invalid : RowCounts, optional
+        The policy for invalid rows (``data.invalid_rows``; default: the first one stops
+        the load), and where this file's counts are added (:mod:`fedit.data.invalid`).
 
     Returns
     -------
@@ -68,16 +88,45 @@ def load_rows(
     Raises
     ------
     DataError
-        Naming file, line or row, field and what to do.
+        Naming file, line or row, field and what to do; under ``skip``, when more than
+        ``max_invalid_fraction`` of the rows are invalid.
     """
-    mapping = _field_map(fields)
-    conversation = (fields or {}).get(MESSAGES)
-    records, where = _read_source(source)
-    rows = [_canonical(rec, where, loc, mapping, required_label, conversation)
-            for loc, rec in records]
+    rows = list(iter_rows(source, fields, required_label=required_label, invalid=invalid))
     if not rows:
         raise DataError(f"{source}: no rows (the file is empty); give a file with at least one row")
     return rows
+
+
+def iter_rows(
+    source: str, fields: Mapping[str, str] | None = None, *, required_label: str | None = None,
+    invalid: RowCounts | None = None,
+) -> Iterator[dict[str, Any]]:
+    """The rows :func:`load_rows` returns, validated one at a time as the file is read.
+
+    A file is read as a stream (a JSON list too), so a caller that keeps only what it
+    counts (``fedit data inspect``) holds one row at a time, never the file. Yields
+    nothing for an empty source: :func:`load_rows` names that.
+    """
+    mapping = _field_map(fields)
+    conversation = (fields or {}).get(MESSAGES)
+    pairs = PairColumns.from_fields(fields)
+    records, where = _read_source(source)
+    counts = (invalid or RowCounts()).fresh()  # this file's; added to ``invalid`` at the end
+    for loc, rec in records:  # the one place a row is made: every invalid row passes here
+        counts.rows += 1
+        try:
+            row = _canonical(rec, where, loc, mapping, required_label, conversation,
+                             counts.dropped_turns, pairs)
+        except RowError as e:
+            counts.skip(e)  # raises under data.invalid_rows = "error"
+            continue
+        yield row
+    counts.check_fraction(source)
+    if invalid is not None:
+        invalid.add(counts)
+    if counts.rows and counts.invalid == counts.rows:
+        raise DataError(f"{source}: all {counts.rows} rows are invalid (the first: "
+                        f"{counts.named[0]}); {MAPPING_HINT}")
 
 
 def dolly_path() -> Path:
@@ -89,9 +138,9 @@ def _field_map(fields: Mapping[str, str] | None) -> dict[str, str]:
     """Canonical name -> source column for all three canonical names."""
     fields = dict(fields or {})
     for name, column in fields.items():
-        if name not in (*CANONICAL, MESSAGES):
+        if name not in (*CANONICAL, MESSAGES, *PREFERENCE_FIELDS):
             raise DataError(f"data.fields.{name}: unknown field; map one of "
-                            f"{', '.join(CANONICAL)} or {MESSAGES}")
+                            f"{', '.join((*CANONICAL, MESSAGES, *PREFERENCE_FIELDS))}")
         if not isinstance(column, str) or not column:
             raise DataError(f"data.fields.{name}: the column name must be a non-empty string")
     return {name: fields.get(name, name) for name in CANONICAL}
@@ -112,19 +161,26 @@ def _type_name(value: Any) -> str:
 
 def _canonical(
     rec: Any, where: Where, loc: int, mapping: dict[str, str], label: str | None,
-    conversation: str | None = None,
+    conversation: str | None = None, dropped_turns: Counter[str] | None = None,
+    pairs: PairColumns | None = None,
 ) -> dict[str, Any]:
-    """One validated row: canonical keys first, then the source's other columns."""
+    """One validated row: canonical keys first, then the source's other columns.
+    ``dropped_turns`` hears the turns a kept conversation lost (leading, trailing)."""
     if not isinstance(rec, dict):
         got = _type_name(rec)
-        raise DataError(f"{where(loc)}: expected an object with named fields, got {got}")
+        raise RowError(f"{where(loc)}: expected an object with named fields, got {got}",
+                       NOT_AN_OBJECT)
     column = conversation or next((c for c in CONVERSATION_COLUMNS if c in rec), None)
-    if column is not None:
+    if pairs is not None and is_preference_record(rec, pairs):  # fedit.data.preferences
+        row = canonical_preference(rec, where(loc), pairs)
+        consumed, column = set(pairs.columns().values()), None
+    elif column is not None:
         if column not in rec:
             have = ", ".join(map(str, rec)) or "none"
-            raise DataError(f"{where(loc)}: field {column!r} is missing (data.fields.messages "
-                            f"= {column!r} asks for it; columns: {have})")
-        row = canonical_conversation(rec[column], where(loc), column)
+            raise RowError(f"{where(loc)}: field {column!r} is missing (data.fields.messages "
+                           f"= {column!r} asks for it; columns: {have})", MISSING_FIELD)
+        dropped: Counter[str] = Counter()
+        row = canonical_conversation(rec[column], where(loc), column, dropped)
         consumed = {column}
     else:
         row = {name: _field(rec, where, loc, name, col) for name, col in mapping.items()}
@@ -135,10 +191,12 @@ def _canonical(
     if label is not None:
         value = row.get(label)
         if value is None or (isinstance(value, str) and not value.strip()):
-            raise DataError(
+            raise RowError(
                 f"{where(loc)}: field {label!r} is missing or empty (every row needs it to "
-                "partition or hold out by it; fill it in or choose another label field)"
-            )
+                "partition or hold out by it; fill it in or choose another label field)",
+                MISSING_LABEL)
+    if column is not None and dropped_turns is not None:
+        dropped_turns.update(dropped)  # counted once the row is kept
     return row
 
 
@@ -156,17 +214,16 @@ def _field(rec: dict[str, Any], where: Where, loc: int, name: str, column: str) 
             else f"data.fields.{name} = {column!r} asks for it; fix the row or map another column"
         )
         have = ", ".join(map(str, rec)) or "none"
-        raise DataError(f"{where(loc)}: field {column!r} is missing ({hint}; columns: {have})")
+        raise RowError(f"{where(loc)}: field {column!r} is missing ({hint}; columns: {have})",
+                       MISSING_FIELD)
     if not isinstance(value, str):
-        raise DataError(
+        raise RowError(
             f"{where(loc)}: field {column!r} must be a string, got {_type_name(value)} "
-            f"(fix the row or map another column with data.fields.{name})"
-        )
+            f"(fix the row or map another column with data.fields.{name})", WRONG_TYPE)
     if name != "context" and not value.strip():
-        raise DataError(
+        raise RowError(
             f"{where(loc)}: field {column!r} is empty (every row needs a non-empty "
-            "instruction and response; fix or remove the row)"
-        )
+            "instruction and response; fix or remove the row)", EMPTY_FIELD)
     return value
 
 
@@ -210,92 +267,11 @@ def _read_file(path: Path, name: str) -> tuple[Records, Where]:
             ".parquet (the text ones may be gzipped: .jsonl.gz), or a datasets folder"
         )
     if kind == ".parquet":
-        return _read_parquet(path, name), lambda i: f"{name}[{i}]"
+        return read_parquet(path, name), lambda i: f"{name}[{i}]"
     if kind == ".json":
-        return _read_json_list(path, name), lambda i: f"{name}[{i}]"
-    reader = _read_jsonl if kind == ".jsonl" else _read_csv
+        return read_json_list(path, name), lambda i: f"{name}[{i}]"
+    reader = read_jsonl if kind == ".jsonl" else read_csv
     return reader(path, name), lambda i: f"{name}:{i}"
-
-
-def _open_text(path: Path) -> IO[str]:
-    if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8-sig")
-    return open(path, encoding="utf-8-sig")  # utf-8-sig: a BOM some editors add is dropped
-
-
-def _read_jsonl(path: Path, name: str) -> Iterator[tuple[int, Any]]:
-    # Bytes, decoded a line at a time, so that a bad byte is reported on its own line.
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rb") as f:
-        lineno = 0
-        try:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue  # blank lines (a trailing one, say) carry no row
-                yield lineno, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{name}:{lineno}: invalid JSON ({e.msg}, column {e.colno}); "
-                "each line must hold one JSON object"
-            ) from None
-        except UnicodeDecodeError as e:
-            where = f"{name}:{lineno}"
-            raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        except (OSError, EOFError) as e:
-            raise DataError(f"{name}:{lineno + 1}: cannot read the file ({e})") from None
-
-
-def _read_json_list(path: Path, name: str) -> list[tuple[int, Any]]:
-    try:
-        with _open_text(path) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{name}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
-    except (UnicodeDecodeError, OSError, EOFError) as e:
-        raise DataError(f"{name}: cannot read the file ({e})") from None
-    if not isinstance(data, list):
-        raise DataError(
-            f"{name}: expected a JSON list of objects, got {_type_name(data)} "
-            "(for one object per line name the file .jsonl)"
-        )
-    return list(enumerate(data))
-
-
-def _read_csv(path: Path, name: str) -> Iterator[tuple[int, Any]]:
-    with _open_text(path) as f:
-        reader = csv.reader(f)
-        try:
-            header = next(reader, None)
-            if header is None:
-                return
-            while True:
-                start = reader.line_num + 1  # a quoted cell may span lines: name the first
-                cells = next(reader, None)
-                if cells is None:
-                    return
-                if not cells:
-                    continue
-                if len(cells) != len(header):
-                    raise DataError(
-                        f"{name}:{start}: row has {len(cells)} cells, the header has "
-                        f"{len(header)} (quote cells that hold commas or newlines)"
-                    )
-                yield start, dict(zip(header, cells, strict=True))
-        except csv.Error as e:
-            raise DataError(f"{name}:{reader.line_num}: invalid CSV ({e})") from None
-        except (UnicodeDecodeError, OSError, EOFError) as e:
-            raise DataError(f"{name}: cannot read the file ({e})") from None
-
-
-def _read_parquet(path: Path, name: str) -> list[tuple[int, Any]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{name}: not a readable parquet file ({e})") from None
-    return list(enumerate(table.to_pylist()))
 
 
 def _read_saved_dataset(path: Path, name: str) -> tuple[Records, Where]:
@@ -328,7 +304,15 @@ def _dataset_records(ds: Any, name: str) -> tuple[Records, Where]:
                 "save the split you want on its own"
             )
         ds, name = ds[split], f"{name}[{split}]"
-    return list(enumerate(ds.to_list())), lambda i: f"{name}[{i}]"
+    return enumerate(_batch_rows(ds.iter(batch_size=1024))), lambda i: f"{name}[{i}]"
+
+
+def _batch_rows(batches: Iterable[dict[str, list[Any]]]) -> Iterator[dict[str, Any]]:
+    """Row dicts of column batches (``{"a": [1, 2], "b": [3, 4]}``): a table read a
+    batch at a time, never whole."""
+    for batch in batches:
+        for values in zip(*batch.values(), strict=True):
+            yield dict(zip(batch, values, strict=True))
 
 
 def _read_hub(source: str) -> tuple[Records, Where]:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from fedit.data.dedup import duplicates_stats, prompt_hashes, remove_held_out
 from fedit.data.load import load_rows
 from fedit.errors import DataError
 from fedit.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
@@ -345,12 +346,14 @@ def write_partitions(
     label_field: str | None,
     write_rows: bool = True,
     names: Sequence[str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``client_NNNN.jsonl`` (0-based), ``stats.json`` and ``clients.png``.
 
     Every file is written atomically. Client files of an earlier, larger partition in the
     same folder are removed, so the folder never mixes two partitions. ``names`` (one a
-    client, e.g. the labels of a client folder) go into the statistics and the plot.
+    client, e.g. the labels of a client folder) go into the statistics and the plot;
+    ``extra`` entries (e.g. ``held_out_duplicates``) go into the statistics.
 
     Returns
     -------
@@ -360,7 +363,7 @@ def write_partitions(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     labels = [row.get(label_field) for row in rows] if label_field else None
-    stats = {"label_field": label_field, **partition_stats(labels, parts)}
+    stats = {"label_field": label_field, **partition_stats(labels, parts), **(extra or {})}
     if names is not None:
         for client, name in zip(stats["clients"], names, strict=True):
             client["name"] = str(name)
@@ -393,7 +396,9 @@ def partition_file(
     Loads ``source`` (a file, a folder or ``dolly-15k``: :func:`fedit.data.load.load_rows`),
     first holds out ``test_per_label`` rows per ``label_field`` value into ``test.jsonl``
     (per data set when the rows have no such field), then partitions the rest with
-    :func:`partition` and writes them with :func:`write_partitions`.
+    :func:`partition` and writes them with :func:`write_partitions`. A training row that
+    asks a held-out row's prompt (:mod:`fedit.data.dedup`) is removed from its client,
+    counted under ``held_out_duplicates``.
 
     Returns
     -------
@@ -408,14 +413,19 @@ def partition_file(
     """
     out = Path(out_dir)
     rows = load_rows(source)
+    held: set[str] = set()
     if test_per_label:
         has_labels = bool(rows) and label_field in rows[0]
         labels = [str(r.get(label_field, "")) for r in rows] if has_labels else None
         train_idx, test_idx = holdout_split(labels, len(rows), test_per_label, seed)
         atomic_write_jsonl(out / "test.jsonl", [rows[i] for i in test_idx])
+        held = prompt_hashes(rows[i] for i in test_idx)
         rows = [rows[i] for i in train_idx]
     if method != "iid" and rows and label_field not in rows[0]:
         raise DataError(f"{source}: rows have no field '{label_field}' (choose one with --by)")
     keys = [str(r.get(label_field, "")) for r in rows]
     parts = partition(keys, method, num_clients, alpha, min_size, shards_per_client, seed)
-    return write_partitions(out, rows, parts, label_field if method != "iid" else None)
+    rows, parts, removed = remove_held_out(rows, parts, held)
+    names = [f"client_{c:04d}" for c in range(len(parts))]
+    return write_partitions(out, rows, parts, label_field if method != "iid" else None,
+                            extra={"held_out_duplicates": duplicates_stats(removed, names)})

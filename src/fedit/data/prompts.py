@@ -19,17 +19,21 @@ dropped and the instruction is shortened the same way. ``"skip"`` leaves the row
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fedit.data.conversations import (
+    TRUNCATION_MARKER,
     chat_template_of,
     conversation_prompt,
     fit_conversation,
     is_conversation,
     render,
 )
+from fedit.io import atomic_write_json
 
 IGNORE_INDEX = -100
 
@@ -44,7 +48,6 @@ ALPACA_PROMPT_NO_INPUT = (
 )
 ALPACA_RESPONSE_SPLIT = "### Response:"
 TEMPLATES = ("alpaca", "chat", "chatml")
-TRUNCATION_MARKER = " [...] "  # where a shortened context or instruction lost its middle
 # Where an answer in a template ends when the model runs on into a new section of its own.
 TEMPLATE_STOPS = {"alpaca": ("### Instruction:", "### Input:", "### Response:"), "chat": (),
                   "chatml": ("<|im_end|>", "<|im_start|>")}
@@ -102,9 +105,12 @@ def tokenize_row(
 
     With ``truncation="context"`` the row is first fitted (see the module's docstring), so
     that at least ``min_response_tokens`` response tokens carry a label. A conversation
-    has labels on every assistant turn and loses whole turns past ``cutoff_len``."""
+    has labels on every assistant turn and loses whole turns past ``cutoff_len`` (with
+    ``"context"``, its first turns are shortened and its first answer cut as needed:
+    :func:`~fedit.data.conversations.fit_conversation`)."""
     if is_conversation(row):
-        return _tokenize_conversation(tokenizer, row, template, cutoff_len, train_on_inputs)
+        return _tokenize_conversation(tokenizer, row, template, cutoff_len, train_on_inputs,
+                                      truncation, min_response_tokens)
     special = adds_special_tokens(row, template)
     fitted = row
     if truncation == "context":
@@ -124,9 +130,11 @@ def tokenize_row(
 
 
 def _tokenize_conversation(tokenizer: Any, row: Mapping[str, Any], template: str,
-                           cutoff_len: int, train_on_inputs: bool) -> Example:
-    ids, spans, truncated = fit_conversation(tokenizer, row, template=template,
-                                             cutoff_len=cutoff_len)
+                           cutoff_len: int, train_on_inputs: bool, truncation: str,
+                           min_response_tokens: int) -> Example:
+    ids, spans, truncated = fit_conversation(
+        tokenizer, row, template=template, cutoff_len=cutoff_len, truncation=truncation,
+        min_response_tokens=min_response_tokens)
     labels = list(ids) if train_on_inputs else [IGNORE_INDEX] * len(ids)
     for start, stop in spans:
         labels[start:stop] = ids[start:stop]
@@ -177,3 +185,16 @@ def _prompt_tokens(tokenizer: Any, row: Mapping[str, Any], template: str) -> int
 
 def _count(tokenizer: Any, text: str, special: bool) -> int:
     return len(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def record_length_counts(path: Path, who: str, counts: dict[str, int]) -> None:
+    """Set ``who``'s counts (rows, truncated, skipped) under the ``"length"`` entry of the
+    JSON file ``path`` (a run's ``partitions/stats.json``), and recompute that entry's
+    ``"total"`` over every other one; the rest of the file is kept."""
+    stats = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    length = stats.get("length", {})
+    length.pop("total", None)
+    length[who] = counts
+    # v.get: a preference run's entries also count "identical" pairs
+    length["total"] = {k: sum(v.get(k, 0) for v in length.values()) for k in counts}
+    atomic_write_json(path, {**stats, "length": length})

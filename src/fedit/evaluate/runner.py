@@ -29,6 +29,7 @@ from fedit.client.losses import evaluate_loss
 from fedit.client.objective import SFT
 from fedit.client.personalize import personal_adapter_dir
 from fedit.config import RunConfig, load_config
+from fedit.data.invalid import RowCounts
 from fedit.data.load import load_rows
 from fedit.errors import ConfigError, DataError, ModelError
 from fedit.evaluate.evaluation import evaluate_model, write_eval
@@ -156,12 +157,13 @@ def _replace_model(cfg: RunConfig, name: str) -> RunConfig:
 
 
 def load_eval_rows(
-    on: str | None, target: EvalTarget, max_rows: int = 0
+    on: str | None, target: EvalTarget, max_rows: int = 0, log: Log | None = None,
 ) -> tuple[list[dict[str, Any]], str]:
     """The held-out rows (``--on``, else the run's test.jsonl) and where they came from.
 
     ``max_rows``: a random subset of that many rows (seeded by the config's seed, in file
-    order), for a quick look."""
+    order), for a quick look. Invalid rows follow the config's ``data.invalid_rows``;
+    ``log`` hears what was skipped."""
     if on is None:
         test = target.default_test
         if test is None:
@@ -174,17 +176,22 @@ def load_eval_rows(
             return [], str(test)  # data.test_per_label = 0: only the clients' own rows
         on = str(test)
     fields = target.cfg.data.fields or None
+    counts = RowCounts.from_config(target.cfg.data)
     try:
-        rows = load_rows(on, fields)
+        rows = load_rows(on, fields, invalid=counts)
     except DataError as first:
         if fields is None:
             raise
         # A run's own test.jsonl is already in canonical columns (instruction, context,
         # response), whatever data.fields mapped when the run read its source.
         try:
-            rows = load_rows(on, None)
+            counts = RowCounts.from_config(target.cfg.data)
+            rows = load_rows(on, None, invalid=counts)
         except DataError:
             raise first from None
+    for line in counts.log_lines(on):
+        if log is not None:
+            log(line)
     if max_rows < 0:
         raise ConfigError(f"--max-rows {max_rows}: must be >= 0 (0 = every row)")
     if max_rows and max_rows < len(rows):
@@ -226,7 +233,7 @@ def run_eval(
     out_dir = out if out is not None else t.default_out
     if out_dir is None:
         raise ConfigError("evaluating the base model: pass --out DIR for eval.json")
-    rows, source = load_eval_rows(on, t, max_rows)
+    rows, source = load_eval_rows(on, t, max_rows, log)
     log(f"evaluating {t.cfg.model.name}" + (f" + {t.adapter}" if t.adapter else "")
         + f" on {len(rows)} rows of {source}")
     tokenizer, lm = load_eval_model(t)

@@ -152,6 +152,7 @@ class RoundLoop:
             "num_examples": sum(r.num_examples for r in replies),
             "client_steps": [int(r.metrics.get(P.STEPS, 0)) for r in replies],
             "update_norms": norms,
+            "held_out_duplicates": _held_out_duplicates(result.replies),
             **({"secure_aggregation": True} if self.secure else {}),
             **{k: v for k, v in info.items() if not k.startswith("dp_")},
             **self.pipe.round_metrics(state),
@@ -242,9 +243,29 @@ class RoundLoop:
             "bytes_up": sum(m.get("bytes_up", 0) for m in lines),
             "bytes_down": sum(m.get("bytes_down", 0) for m in lines),
             **{k: lines[-1][k] for k in ("epsilon", "delta") if k in lines[-1]},
+            "held_out_duplicates": _reported_duplicates(lines),
         }
         atomic_write_json(self.run_dir / "summary.json", summary)
         return summary
+
+
+def _held_out_duplicates(replies: list[Reply]) -> dict[str, int]:
+    """Client -> its training rows dropped because a held-out row asks the same prompt, as
+    each replying client reported it."""
+    return {str(r.client): int(r.metrics[P.HELD_OUT_DUPLICATES]) for r in replies
+            if P.HELD_OUT_DUPLICATES in r.metrics}
+
+
+def _reported_duplicates(lines: list[dict[str, Any]]) -> dict[str, Any]:
+    """The summary's count: rows removed from the training of every client that replied
+    (``per_client`` lists those that lost any), from the metrics lines (so a resumed run
+    counts the rounds before it too)."""
+    per_client: dict[str, int] = {}
+    for line in lines:
+        per_client.update(line.get("held_out_duplicates") or {})
+    return {"removed": sum(per_client.values()),
+            "per_client": {c: n for c, n in sorted(per_client.items(), key=lambda kv: int(kv[0]))
+                           if n}}
 
 
 def _mean_train_loss(replies: list[Reply]) -> float | None:

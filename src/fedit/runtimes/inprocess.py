@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fedit.algorithms import payload as P
 from fedit.algorithms.contract import ClientState, Instruction, Reply
 from fedit.algorithms.pipeline import Pipeline
 from fedit.client.load import load_model
@@ -120,6 +121,8 @@ class InProcessRuntime:
         finally:
             bar.close()
         ckpt.fault_point("mid-client", server_round)
+        if self.data.held_out_duplicates:  # as a Flower node reports it
+            reply.metrics[P.HELD_OUT_DUPLICATES] = float(self.data.held_out_duplicates[client])
         if state:
             self._states[client] = ckpt.write_state(self.run_dir, state)
         return reply

@@ -9,6 +9,11 @@ comes from the server: the node config says where it is, either
 - ``partition-id=K num-partitions=N`` (demos): partition K of the run's own split of
   ``data.path``, exactly the rows the in-process simulation gives client K.
 
+Either way the node drops its rows whose prompt a held-out row also asks: the train
+message carries the held-out prompts' hashes (``held-out-prompts``), never the prompts,
+and the reply says how many rows went (``held-out-duplicates``; for a partition, the
+split's own count: the same rows the simulation removes).
+
 The base model and the tokenised data are kept per process: with a long-lived process
 (``fedit flower worker``, the recommended mode) they are loaded once; with Flower's
 default isolation a process lives for one message. A client's state (a strategy's
@@ -41,7 +46,7 @@ from fedit.runtimes.flower import wire
 log = logging.getLogger("flwr")
 
 _models: dict[str, tuple[Any, Any]] = {}  # model/LoRA key -> (tokenizer, model); one kept
-_examples: dict[str, list[Any]] = {}  # data key -> tokenised examples; one kept
+_examples: dict[str, tuple[list[Any], int]] = {}  # data key -> (examples, rows dropped)
 
 
 def run_config_from_text(text: str) -> RunConfig:
@@ -64,12 +69,34 @@ def node_partition_id(node_config: dict[str, Any]) -> int | None:
 
 def node_rows(cfg: RunConfig, node_config: dict[str, Any]) -> list[dict[str, Any]]:
     """This node's training rows, found through its node config (see the module doc)."""
+    return _node_split(cfg, node_config)[0]
+
+
+def node_training_rows(cfg: RunConfig, node_config: dict[str, Any], held_out: set[str]
+                       ) -> tuple[list[dict[str, Any]], int]:
+    """This node's rows less those whose prompt hash is in ``held_out``, and how many went
+    (a partition's count includes the rows its split already removed)."""
+    from fedit.data.dedup import drop_held_out
+
+    rows, removed = _node_split(cfg, node_config)
+    rows, dropped = drop_held_out(rows, held_out)
+    return rows, removed + dropped
+
+
+def _node_split(cfg: RunConfig, node_config: dict[str, Any]
+                ) -> tuple[list[dict[str, Any]], int]:
+    """The node's rows, and how many held-out duplicates the run's split removed of them."""
     from fedit.data.federated import split_data
+    from fedit.data.invalid import RowCounts
     from fedit.data.load import load_rows
 
     path = node_config.get(P.DATA_PATH)
     if path:
-        return load_rows(str(path), cfg.data.fields or None)
+        counts = RowCounts.from_config(cfg.data)  # data.invalid_rows, on the node's own file
+        rows = load_rows(str(path), cfg.data.fields or None, invalid=counts)
+        for line in counts.log_lines(str(path)):
+            log.info("fedit: %s", line)
+        return rows, 0
     pid = node_partition_id(node_config)
     if pid is None:
         raise ConfigError(f"node config: give {P.DATA_PATH}=FILE, or {P.PARTITION_ID}=K and "
@@ -80,7 +107,8 @@ def node_rows(cfg: RunConfig, node_config: dict[str, Any]) -> list[dict[str, Any
                           f"partition.clients = {cfg.partition.clients}")
     if pid >= n:
         raise ConfigError(f"node config: {P.PARTITION_ID}={pid} is not below {n}")
-    return split_data(cfg).client_rows[pid]
+    data = split_data(cfg)
+    return data.client_rows[pid], data.held_out_duplicates[pid]
 
 
 def _key(*parts: Any) -> str:
@@ -99,21 +127,26 @@ def _model(cfg: RunConfig) -> tuple[Any, Any]:
     return _models[key]
 
 
-def _node_examples(cfg: RunConfig, node_config: dict[str, Any], tokenizer: Any) -> list[Any]:
-    """This node's rows, checked against the chat template (the node holds the rows, so
-    the check is here) and made into the objective's examples; kept per process."""
+def _node_examples(cfg: RunConfig, node_config: dict[str, Any], tokenizer: Any,
+                   held_out: set[str]) -> tuple[list[Any], int]:
+    """This node's rows less the held-out prompts, checked against the chat template (the
+    node holds the rows, so the check is here) and made into the objective's examples;
+    kept per process. Also: how many rows were dropped as held-out duplicates."""
     from fedit.client.objective import objective_for
     from fedit.data.conversations import check_chat_template
 
     key = _key(cfg.model.name, asdict(cfg.data), asdict(cfg.partition), cfg.seed,
-               dict(node_config))
+               dict(node_config), sorted(held_out))
     if key not in _examples:
         _examples.clear()
-        rows = node_rows(cfg, node_config)
+        rows, removed = node_training_rows(cfg, node_config, held_out)
+        if removed:
+            log.info("fedit: %d training rows dropped: a held-out row asks the same prompt",
+                     removed)
         check_chat_template(tokenizer, [rows], cfg.data.template)
-        _examples[key] = objective_for(cfg).examples(
+        _examples[key] = (objective_for(cfg).examples(
             tokenizer, rows, cfg.data, "this node's data",
-            lambda m: log.warning("fedit: %s", m))[0]
+            lambda m: log.warning("fedit: %s", m))[0], removed)
     return _examples[key]
 
 
@@ -168,11 +201,12 @@ def train_on_node(
     config = dict(config)
     cfg = run_config_from_text(str(config.pop(P.RUN_CONFIG)))
     server_round, client = int(config.pop(P.SERVER_ROUND)), int(config.pop(P.CLIENT))
+    held_out = set(str(config.pop(P.HELD_OUT, "") or "").split())
     claimed = node_partition_id(node_config)
     if claimed is not None and claimed != client:
         raise ConfigError(f"the server sent client id {client}, this node is {claimed}")
     tokenizer, model = _model(cfg)
-    examples = _node_examples(cfg, node_config, tokenizer)
+    examples, removed = _node_examples(cfg, node_config, tokenizer, held_out)
     folder = state_folder(cfg, node_config, client)
     state = load_node_state(folder, int(config.pop(P.STATE_ROUND, 0)))
     log.info("fedit: client %d round %d: training on %d examples", client, server_round,
@@ -184,6 +218,7 @@ def train_on_node(
         instruction=Instruction(config, instruction_arrays or {}), state=state,
         personalize=cfg.personalize, objective=objective_for(cfg),
     )
+    reply.metrics[P.HELD_OUT_DUPLICATES] = float(removed)
     if state:
         save_node_state(folder, server_round, state)
         reply.metrics[P.STATE_SAVED] = 1.0

@@ -12,6 +12,10 @@ Clients are identified as in-process: a node that claims ``partition-id=K`` is c
 without one get the lowest free ids in node-id order. A client's state stays on its node;
 the server only records the round of each client's newest committed state
 (``state-round``), so a resumed run asks every node for the state it had then.
+
+No held-out prompt is trained on: every train instruction carries the prompt hashes of the
+held-out rows (``held-out-prompts``; sha256 of the normalised prompt, never a prompt), and
+each node drops its own matching rows and reports how many (``held-out-duplicates``).
 """
 
 from __future__ import annotations
@@ -48,8 +52,11 @@ TTL_MARGIN = 5.0  # a message outlives the round's wait a little: our timeout sp
 class FlowerRuntime:
     """The clients are Flower SuperNodes reached through ``grid``."""
 
-    def __init__(self, grid: Grid, cfg: RunConfig, log: Log = print) -> None:
+    def __init__(self, grid: Grid, cfg: RunConfig, log: Log = print,
+                 held_out: set[str] | None = None) -> None:
+        """``held_out``: the prompt hashes of the run's held-out rows, sent to every node."""
         self.grid, self.cfg, self.log = grid, cfg, log
+        self.held_out = " ".join(sorted(held_out or ()))
         self.config_toml = to_toml(cfg)
         self.nodes: dict[int, int] = {}  # client id -> node id
         self.state_rounds: dict[int, int] = {}  # client -> round of its newest state
@@ -129,6 +136,7 @@ class FlowerRuntime:
               instructions: dict[int, Instruction], secure: bool) -> RoundResult:
         for c, instruction in instructions.items():
             instruction.config[P.STATE_ROUND] = self.state_rounds.get(c, 0)
+            instruction.config[P.HELD_OUT] = self.held_out
         if secure:
             result = secagg.secure_round(self.grid, self.nodes, self.cfg, self.config_toml,
                                          server_round, global_arrays, instructions)
@@ -203,7 +211,8 @@ def server_main(grid: Grid, context: Context, log: Log = print) -> dict[str, Any
         return model_side(cfg, tokenizer, model, data.test_rows, run_dir, log, fused=False)
 
     run = prepare_run(cfg, run_dir, build_model, log)
-    loop = RoundLoop(run, FlowerRuntime(grid, run.cfg, log), log)
+    runtime = FlowerRuntime(grid, run.cfg, log, held_out=run.data.held_out_hashes())
+    loop = RoundLoop(run, runtime, log)
     summary = loop.run(resume=bool(resume))
     log(f"final adapter: {summary['final_adapter']}")
     return summary
