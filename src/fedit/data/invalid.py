@@ -44,6 +44,19 @@ NAMED = 5  # invalid rows named (file, line, reason) in the log, per client
 MAPPING_HINT = "check data.fields / the column mapping"
 
 
+def json_type(value: Any) -> str:
+    """The JSON name of a value's type, which is what a user sees in the file."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, dict):
+        return "object"
+    return "array" if isinstance(value, list) else type(value).__name__
+
+
 class RowError(DataError):
     """One row that fails validation; ``reason`` is one of the keys above."""
 

@@ -37,6 +37,7 @@ from fedit.data.invalid import (
     WRONG_TYPE,
     RowCounts,
     RowError,
+    json_type,
 )
 from fedit.data.preferences import (
     PREFERENCE_FIELDS,
@@ -146,19 +147,6 @@ def _field_map(fields: Mapping[str, str] | None) -> dict[str, str]:
     return {name: fields.get(name, name) for name in CANONICAL}
 
 
-def _type_name(value: Any) -> str:
-    """The JSON name of a value's type, which is what a user sees in the file."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, dict):
-        return "object"
-    return "array" if isinstance(value, list) else type(value).__name__
-
-
 def _canonical(
     rec: Any, where: Where, loc: int, mapping: dict[str, str], label: str | None,
     conversation: str | None = None, dropped_turns: Counter[str] | None = None,
@@ -167,7 +155,7 @@ def _canonical(
     """One validated row: canonical keys first, then the source's other columns.
     ``dropped_turns`` hears the turns a kept conversation lost (leading, trailing)."""
     if not isinstance(rec, dict):
-        got = _type_name(rec)
+        got = json_type(rec)
         raise RowError(f"{where(loc)}: expected an object with named fields, got {got}",
                        NOT_AN_OBJECT)
     column = conversation or next((c for c in CONVERSATION_COLUMNS if c in rec), None)
@@ -218,7 +206,7 @@ def _field(rec: dict[str, Any], where: Where, loc: int, name: str, column: str) 
                        MISSING_FIELD)
     if not isinstance(value, str):
         raise RowError(
-            f"{where(loc)}: field {column!r} must be a string, got {_type_name(value)} "
+            f"{where(loc)}: field {column!r} must be a string, got {json_type(value)} "
             f"(fix the row or map another column with data.fields.{name})", WRONG_TYPE)
     if name != "context" and not value.strip():
         raise RowError(

@@ -34,6 +34,7 @@ from fedit.data.invalid import (
     UNKNOWN_ROLE,
     WRONG_TYPE,
     RowError,
+    json_type,
 )
 
 PROMPT, CHOSEN, REJECTED = "prompt", "chosen", "rejected"
@@ -102,27 +103,15 @@ def canonical_preference(rec: Mapping[str, Any], where: str, cols: PairColumns
         instruction = prompt[-1]["content"]
     else:
         raise RowError(f"{where}: field {cols.prompt!r} must be a string or a list of "
-                       f"messages, got {_json_type(prompt)}; {SHAPE_HINT}", WRONG_TYPE)
+                       f"messages, got {json_type(prompt)}; {SHAPE_HINT}", WRONG_TYPE)
     return {PROMPT: prompt, CHOSEN: answers[0], REJECTED: answers[1],
             "instruction": instruction, "context": ""}
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, dict):
-        return "object"
-    return "array" if isinstance(value, list) else type(value).__name__
 
 
 def _text_field(value: Any, where: str, column: str) -> str:
     """A non-empty string field of a standard pair."""
     if not isinstance(value, str):
-        got = _json_type(value)
+        got = json_type(value)
         why = ("the prompt is a string, so the answers must be strings too" if got == "array"
                else "it must be a string")
         raise RowError(f"{where}: field {column!r} is {got}: {why}; {SHAPE_HINT}", WRONG_TYPE)
@@ -173,7 +162,7 @@ def _answer_turn(value: Any, where: str, column: str) -> str:
         raise RowError(f"{where}: field {column!r} is a string but the prompt is a list of "
                        f"messages; {SHAPE_HINT}", WRONG_TYPE)
     if not isinstance(value, list) or len(value) != 1:
-        got = f"{len(value)} messages" if isinstance(value, list) else _json_type(value)
+        got = f"{len(value)} messages" if isinstance(value, list) else json_type(value)
         raise RowError(f"{where}: field {column!r} must be a list of one assistant message, "
                        f"got {got}; {SHAPE_HINT}", WRONG_TYPE)
     turn = _message(value[0], where, column, 1)
