@@ -11,9 +11,12 @@ conservative DPO of Mitchell 2023); ``ipo`` (Azar et al. 2023, arXiv 2310.12036)
 by each answer's token count, as TRL computes it. A step's loss is the mean over its
 pairs, however many micro-batches it is split into (the normaliser: its pairs).
 
-The reference is the base model: the client's adapter disabled (PEFT's
-``disable_adapter``), so no second copy of the model is held. Its log-probabilities do
-not change during a run: ``precompute`` computes each pair's once per client, keyed by
+The reference costs no second copy of the model. With a fresh adapter it is the base
+model: the client's adapter disabled (PEFT's ``disable_adapter``). With ``lora.init_from``
+it is that starting adapter, held frozen as a second PEFT adapter (``"reference"``) in the
+same model and made active for the reference pass
+(:func:`fedit.model.init_from.reference_weights`). Its log-probabilities do not change
+during a run: ``precompute`` computes each pair's once per client, keyed by
 the pair's token hash (:attr:`~fedit.data.preference_tokens.PairExample.key`), and keeps
 them in the client's state, which every later round reads.
 """
@@ -36,6 +39,7 @@ from fedit.config import DataConfig, DPOConfig, RunConfig
 from fedit.data.batching import Batch, batch_order, capped_batches, collate
 from fedit.data.preference_tokens import PairExample, tokenize_pairs_for_run
 from fedit.model.adapter import set_adapter_arrays
+from fedit.model.init_from import reference_weights
 
 REFERENCE = "dpo-reference"  # ClientState.arrays key: [pair keys, ref chosen, ref rejected]
 
@@ -85,6 +89,24 @@ def implicit_rewards(policy_c: np.ndarray, policy_r: np.ndarray, ref_c: np.ndarr
     return beta * (policy_c - ref_c), beta * (policy_r - ref_r)
 
 
+def preference_scores(policy: Sequence[np.ndarray], reference: Sequence[np.ndarray],
+                      cfg: DPOConfig) -> dict[str, np.ndarray]:
+    """Per pair, from ``policy = (chosen logp, rejected logp, chosen tokens, rejected
+    tokens)`` (:func:`pair_logps`) and the reference's ``(chosen logp, rejected logp)``:
+    ``reward_margin`` (implicit reward of chosen minus rejected, ``beta * ((pi_c - ref_c)
+    - (pi_r - ref_r))``), ``correct`` (that margin > 0), ``reference_free_margin`` (the
+    policy's mean log-probability per token of chosen minus rejected), its
+    ``reference_free_correct`` and ``dpo_loss`` (``cfg.loss``)."""
+    pc, pr, nc, nr = (np.asarray(x, dtype=np.float64) for x in policy)
+    rc, rr = (np.asarray(x, dtype=np.float64) for x in reference)
+    chosen, rejected = implicit_rewards(pc, pr, rc, rr, cfg.beta)
+    free = pc / np.maximum(nc, 1) - pr / np.maximum(nr, 1)
+    t = [torch.from_numpy(x) for x in (pc, pr, rc, rr, nc, nr)]
+    return {"reward_margin": chosen - rejected, "correct": chosen > rejected,
+            "reference_free_margin": free, "reference_free_correct": free > 0,
+            "dpo_loss": dpo_losses(t[0], t[1], t[2], t[3], t[4], t[5], cfg).numpy()}
+
+
 @torch.inference_mode()
 def pair_logps(model: torch.nn.Module, pairs: Sequence[PairExample], pad_id: int,
                batch_size: int = 8, max_tokens: int = EVAL_BATCH_TOKENS
@@ -108,12 +130,13 @@ def pair_logps(model: torch.nn.Module, pairs: Sequence[PairExample], pad_id: int
 
 def reference_logps(model: Any, pairs: Sequence[PairExample], pad_id: int
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """The reference's chosen and rejected log-probabilities: the base model, the
-    adapter disabled (no second copy of the model)."""
+    """The reference's chosen and rejected log-probabilities: the starting adapter of
+    ``lora.init_from`` (the model's frozen reference adapter) when there is one, else the
+    base model, the adapter disabled (no second copy of the model either way)."""
     if not hasattr(model, "disable_adapter"):
         raise TypeError("DPO's reference is the base model with the LoRA adapter disabled; "
                         "the model has no adapter (attach one first)")
-    with model.disable_adapter():
+    with reference_weights(model):
         chosen, rejected, _, _ = pair_logps(model, pairs, pad_id)
     return chosen, rejected
 
@@ -218,8 +241,9 @@ class DPO(Objective):
 class PreferenceLoss(HeldOut):
     """DPO's held-out evaluation: the mean DPO loss per held-out pair (and per label);
     ``metrics`` after a call: ``preference_accuracy`` (the share of pairs whose chosen
-    answer has the larger implicit reward) and ``reward_margin`` (the mean difference).
-    The reference log-probabilities are computed on the first call, then kept."""
+    answer has the larger implicit reward) and ``reward_margin`` (the mean difference),
+    which the round's metrics line carries (``last_metrics``). The reference
+    log-probabilities are computed on the first call, then kept."""
 
     def __init__(self, examples: list[PairExample], labels: list[str], model: torch.nn.Module,
                  cfg: DPOConfig, pad_id: int) -> None:
@@ -235,12 +259,13 @@ class PreferenceLoss(HeldOut):
         if self.reference is None:
             self.reference = reference_logps(self.model, self.examples, self.pad_id)
         set_adapter_arrays(self.model, arrays)
-        pc, pr, nc, nr = pair_logps(self.model, self.examples, self.pad_id)
-        rc, rr = self.reference
-        t = [torch.from_numpy(x) for x in (pc, pr, rc, rr, nc, nr)]
-        losses = dpo_losses(t[0], t[1], t[2], t[3], t[4], t[5], self.cfg).numpy()
-        chosen, rejected = implicit_rewards(pc, pr, rc, rr, self.cfg.beta)
-        self.metrics = {"preference_accuracy": float(np.mean(chosen > rejected)),
-                        "reward_margin": float(np.mean(chosen - rejected))}
+        scores = preference_scores(pair_logps(self.model, self.examples, self.pad_id),
+                                   self.reference, self.cfg)
+        losses = scores["dpo_loss"]
+        self.metrics = {"preference_accuracy": float(np.mean(scores["correct"])),
+                        "reward_margin": float(np.mean(scores["reward_margin"]))}
         ones = np.ones(len(losses), dtype=np.int64)  # a pair counts once in its label's mean
         return float(losses.mean()), loss_by_category(losses, ones, self.labels)
+
+    def last_metrics(self) -> dict[str, float]:
+        return dict(self.metrics)

@@ -11,10 +11,12 @@ from fedit.client.fused import fused_note
 from fedit.config import RunConfig
 from fedit.model.base import LoraSpec, attach_lora, load_base_model, load_tokenizer, model_type
 from fedit.model.device import pick_device
+from fedit.model.init_from import start_from
 
 
 def load_model(cfg: RunConfig) -> tuple[Any, torch.nn.Module]:
-    """Tokenizer and the base model with a fresh LoRA adapter (loaded once per process)."""
+    """Tokenizer and the base model with its LoRA adapter (loaded once per process): a
+    fresh one, or ``lora.init_from``'s (for DPO also held as the frozen reference)."""
     tokenizer = load_tokenizer(cfg.model.name)
     device = pick_device(cfg.model.device)
     base = load_base_model(cfg.model.name, dtype=cfg.model.dtype, device=device,
@@ -22,7 +24,10 @@ def load_model(cfg: RunConfig) -> tuple[Any, torch.nn.Module]:
     lora = cfg.lora
     spec = LoraSpec(r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
                     target_modules=tuple(lora.target_modules))
-    return tokenizer, attach_lora(base, spec, seed=cfg.seed)
+    model = attach_lora(base, spec, seed=cfg.seed)
+    if lora.init_from:
+        start_from(model, lora.init_from, reference=cfg.train.objective == "dpo")
+    return tokenizer, model
 
 
 def model_notes(model: Any, wanted: tuple[str, ...] | list[str], fused: bool) -> list[str]:

@@ -79,6 +79,11 @@ class HeldOut:
                  ) -> tuple[float | None, dict[str, float] | None]:
         raise NotImplementedError
 
+    def last_metrics(self) -> dict[str, float]:
+        """More numbers of the last call for the round's metrics line (none by default;
+        DPO's: preference accuracy and reward margin)."""
+        return {}
+
 
 def row_label(row: dict[str, Any], label_field: str) -> str:
     """The category of a row: its label field as text, ``NO_LABEL`` when absent or empty."""

@@ -31,6 +31,7 @@ import torch
 
 from fedit.algorithms.contract import ClientState
 from fedit.algorithms.hooks import ProximalTerm
+from fedit.client.objective import SFT, Objective, objective_for
 from fedit.client.trainer import TrainResult, train_adapter
 from fedit.config import PersonalizeConfig, RunConfig, TrainConfig
 from fedit.data.prompts import Example
@@ -72,9 +73,11 @@ def _client_path(client: int) -> str:
 def ditto_update(
     model: torch.nn.Module, global_arrays: Arrays, examples: Sequence[Example],
     train: TrainConfig, p: PersonalizeConfig, state: ClientState, *, seed: int, pad_id: int,
+    objective: Objective | None = None,
 ) -> TrainResult:
     """Train the client's personal adapter ``v_k`` (from ``state``, else the global one)
-    towards its own rows, held near ``global_arrays`` by ``lam / 2 ||v_k - w||^2``; the
+    towards its own rows, held near ``global_arrays`` by ``lam / 2 ||v_k - w||^2``, on the
+    run's ``objective`` (SFT by default; DPO reads its reference from ``state``); the
     new ``v_k`` goes back into ``state``. Leaves ``v_k`` loaded in ``model``."""
     set_adapter_arrays(model, state.arrays.get(PERSONAL, global_arrays))
     hook = None
@@ -84,7 +87,7 @@ def ditto_update(
                   if t.requires_grad]
         hook = ProximalTerm(p.lam, start=anchor)
     result = train_adapter(model, examples, personal_train_config(train, p), pad_id=pad_id,
-                           seed=seed, hook=hook)
+                           seed=seed, hook=hook, objective=objective, state=state)
     state.arrays[PERSONAL] = get_adapter_arrays(model)
     return result
 
@@ -92,10 +95,15 @@ def ditto_update(
 def finetune_adapter(
     model: torch.nn.Module, global_arrays: Arrays, examples: Sequence[Example],
     train: TrainConfig, p: PersonalizeConfig, *, seed: int, pad_id: int,
+    objective: Objective | None = None, state: ClientState | None = None,
 ) -> Arrays:
-    """The global adapter trained further on one client's rows (``finetune``)."""
+    """The global adapter trained further on one client's rows (``finetune``), on the
+    run's ``objective``; its precompute (DPO's reference) fills what ``state`` lacks."""
+    objective, state = objective or SFT(), state or ClientState()
     set_adapter_arrays(model, global_arrays)
-    train_adapter(model, examples, personal_train_config(train, p), pad_id=pad_id, seed=seed)
+    objective.precompute(model, examples, state)
+    train_adapter(model, examples, personal_train_config(train, p), pad_id=pad_id, seed=seed,
+                  objective=objective, state=state)
     return get_adapter_arrays(model)
 
 
@@ -109,13 +117,15 @@ def write_personal_adapters(
     return what ``personal.json`` says: the method, its settings, and per client whether
     it has a personal adapter (a ditto client never sampled has none)."""
     p = cfg.personalize
+    objective = objective_for(cfg)
     saved: dict[int, str] = {}
     with atomic_dir(Path(run_dir) / PERSONAL_DIR) as tmp:
         for k in clients:
             if p.method == "finetune":
                 arrays: Arrays | None = finetune_adapter(
                     model, global_arrays, examples_of(k), cfg.train, p,
-                    seed=personal_seed(cfg.seed, cfg.rounds + 1, k), pad_id=pad_id)
+                    seed=personal_seed(cfg.seed, cfg.rounds + 1, k), pad_id=pad_id,
+                    objective=objective, state=state_of(k))
             else:
                 state = state_of(k)
                 arrays = state.arrays.get(PERSONAL) if state is not None else None

@@ -73,7 +73,8 @@ def run_client_round(
         trained = get_adapter_arrays(model)
         if personalize is not None and personalize.method == "ditto":
             ditto_update(model, global_arrays, examples, cfg, personalize, state,
-                         seed=personal_seed(seed, server_round, client), pad_id=pad_id)
+                         seed=personal_seed(seed, server_round, client), pad_id=pad_id,
+                         objective=objective)
     extra = pipe.after_train(instruction, state, global_arrays, trained,
                              TrainInfo(result.steps, result.lr_sum))
     arrays, codec_extra = pipe.client_upload(

@@ -68,6 +68,10 @@ class LoraConfig:
         "help": "flexlora (exact mean of dW, SVD to each rank) | hetlora"})
     freeze_a: bool = field(default=False, metadata={
         "help": "FFA-LoRA: A stays at its seeded init, only B trains and travels"})
+    init_from: str = field(default="", metadata={
+        "help": "an adapter to start from: a run folder (its final adapter) or a PEFT "
+                "adapter folder, of the run's r, alpha and target modules; DPO's "
+                "reference then ('' = a fresh adapter, the base model)"})
 
     def __post_init__(self) -> None:
         _check(self.r > 0, "lora.r", "must be > 0")

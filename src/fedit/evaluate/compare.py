@@ -1,7 +1,9 @@
 """Two evaluations of the same rows compared: the paired difference of each metric, B - A,
 with a paired bootstrap 95% percentile interval over rows.
 
-Rows are matched by their text (instruction, context, reference), not by position. The row
+Rows are matched by their text (instruction, context, reference; a preference pair's
+prompt, chosen and rejected), not by position. Preference evaluations
+(:mod:`fedit.evaluate.preference`) compare their own metrics. The row
 indices are resampled once and the same resamples serve every metric; a row whose metric
 is missing in either arm (no loss: the prompt fills the cutoff; exact match outside the
 short-answer categories) is left out of that metric only, and counted. The verdict comes
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +25,20 @@ import numpy as np
 from fedit.errors import DataError
 from fedit.evaluate.evaluation import load_eval
 from fedit.evaluate.forest import plot_forest as draw
-from fedit.evaluate.verdicts import METRICS, NO_DIFFERENCE
+from fedit.evaluate.preference import KIND as PREFERENCE
+from fedit.evaluate.verdicts import (
+    NO_DIFFERENCE,
+    PREFERENCE_METRICS,
+    RECORD_FIELDS,
+    SFT_METRICS,
+)
 from fedit.io import atomic_write_bytes, atomic_write_json
 
 # eval.json settings that change which rows are scored or what a metric means
 SETTING_KEYS = ("rows", "label_field", "template", "cutoff_len", "truncation",
                 "min_response_tokens", "train_on_inputs", "fields", "generated",
-                "max_new_tokens", "decoding", "exact_match_categories", "similarity_model")
+                "max_new_tokens", "decoding", "exact_match_categories", "similarity_model",
+                "beta", "dpo_loss", "label_smoothing")
 # recorded since issue 14: an eval.json written before has none, and is not refused for it
 LATER_KEYS = ("min_response_tokens", "train_on_inputs", "fields")
 SETTING_NAMES = {"template": "data.template", "cutoff_len": "data.cutoff_len",
@@ -38,7 +48,8 @@ SETTING_NAMES = {"template": "data.template", "cutoff_len": "data.cutoff_len",
                  "max_new_tokens": "eval.max_new_tokens", "decoding": "eval decoding",
                  "rows": "held-out rows", "generated": "generated answers",
                  "exact_match_categories": "eval.exact_match_categories",
-                 "similarity_model": "similarity model"}
+                 "similarity_model": "similarity model", "beta": "dpo.beta",
+                 "dpo_loss": "dpo.loss", "label_smoothing": "dpo.label_smoothing"}
 JUDGE_RECORDS = "judge.jsonl"  # `fedit judge` single grading, beside answers.jsonl
 COMPARE_FILE = "compare.json"
 COMPARE_PLOT = "compare.png"  # the forest plot, beside compare.json
@@ -54,6 +65,9 @@ def row_keys(answers: list[dict[str, Any]]) -> list[Key]:
     for a in answers:
         text = (str(a.get("instruction") or ""), str(a.get("context") or ""),
                 str(a.get("reference") or ""))
+        if "chosen" in a:  # a preference pair: its (maybe conversational) prompt and answers
+            text = (json.dumps(a.get("prompt"), sort_keys=True), str(a["chosen"]),
+                    str(a.get("rejected")))
         keys.append((*text, seen[text]))
         seen[text] += 1
     return keys
@@ -61,6 +75,10 @@ def row_keys(answers: list[dict[str, Any]]) -> list[Key]:
 
 def check_settings(a: dict[str, Any], b: dict[str, Any]) -> None:
     """Refuse two evaluations whose settings differ, naming the first difference."""
+    kinds = [PREFERENCE if s.get("kind") == PREFERENCE else "instruction" for s in (a, b)]
+    if kinds[0] != kinds[1]:
+        raise DataError(f"cannot compare: {kinds[0]} rows (A) vs {kinds[1]} rows (B); "
+                        "evaluate both on the same file (--on)")
     for key in SETTING_KEYS:
         if key in LATER_KEYS and (key not in a or key not in b):
             continue
@@ -85,13 +103,15 @@ def match_rows(keys_a: list[Key], keys_b: list[Key]) -> list[tuple[int, int]]:
     return [(i, where_b[k]) for i, k in enumerate(keys_a)]
 
 
-def metric_values(answers: list[dict[str, Any]], judge: dict[int, float | None] | None
-                  ) -> np.ndarray:
-    """Rows x METRICS, NaN where a metric is missing (judge: by answer id)."""
-    out = np.full((len(answers), len(METRICS)), np.nan)
+def metric_values(answers: list[dict[str, Any]], judge: dict[int, float | None] | None,
+                  metrics: Sequence[str] = tuple(SFT_METRICS)) -> np.ndarray:
+    """Rows x metrics, NaN where a metric is missing (judge: by answer id; a preference
+    metric: its record field, ``RECORD_FIELDS``)."""
+    out = np.full((len(answers), len(metrics)), np.nan)
     for i, a in enumerate(answers):
-        for j, name in enumerate(METRICS):
-            v = (judge or {}).get(a.get("id", i)) if name == "judge" else a.get(name)
+        for j, name in enumerate(metrics):
+            v = ((judge or {}).get(a.get("id", i)) if name == "judge"
+                 else a.get(RECORD_FIELDS.get(name, name)))
             if v is not None:
                 out[i, j] = float(v)
     return out
@@ -157,10 +177,13 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, resamples: int = 2000, see
     return out
 
 
-def verdict(low: float | None, high: float | None, higher_is_better: bool) -> str:
-    """"better" / "worse" (B against A) when the interval excludes 0, else no difference."""
+def verdict(low: float | None, high: float | None, higher_is_better: bool | None) -> str:
+    """"better" / "worse" (B against A) when the interval excludes 0, else no difference
+    (a metric with no better direction, an answer's length: "higher" / "lower")."""
     if low is None or high is None:
         return "no rows"
+    if higher_is_better is None and (low > 0 or high < 0):
+        return "higher" if low > 0 else "lower"
     if low > 0 or high < 0:
         return "better" if (low > 0) == higher_is_better else "worse"
     return NO_DIFFERENCE
@@ -192,14 +215,16 @@ def compare_evals(folder_a: Path, folder_b: Path, *, resamples: int = 2000, seed
     pairs = match_rows(row_keys(ans_a), row_keys(ans_b))
     judge_a, judge_b = load_judge_scores(folder_a), load_judge_scores(folder_b)
     both_judged = judge_a is not None and judge_b is not None
-    va = metric_values(ans_a, judge_a)[[i for i, _ in pairs]]
-    vb = metric_values(ans_b, judge_b)[[j for _, j in pairs]]
+    known = PREFERENCE_METRICS if res_a["settings"].get("kind") == PREFERENCE else SFT_METRICS
+    va = metric_values(ans_a, judge_a, list(known))[[i for i, _ in pairs]]
+    vb = metric_values(ans_b, judge_b, list(known))[[j for _, j in pairs]]
     stats = paired_bootstrap(va, vb, resamples=resamples, seed=seed)
     metrics = {}
-    for (name, higher), s in zip(METRICS.items(), stats, strict=True):
+    for (name, higher), s in zip(known.items(), stats, strict=True):
         if name == "judge" and not both_judged:
             continue
-        metrics[name] = {**s, "better": "higher" if higher else "lower",
+        better = "n/a" if higher is None else "higher" if higher else "lower"
+        metrics[name] = {**s, "better": better,
                          "verdict": verdict(s["low"], s["high"], higher)}
     return {"a": str(folder_a), "b": str(folder_b), "rows": len(pairs),
             "bootstrap": {"resamples": resamples, "seed": seed, "level": 0.95,
@@ -232,12 +257,13 @@ def _fmt(v: float | None, signed: bool = False) -> str:
 
 def format_compare(result: dict[str, Any]) -> str:
     """The text table: metric | A | B | B-A | 95% CI | verdict (which way is better)."""
-    head = f"{'metric':<20}{'A':>9}{'B':>9}{'B-A':>10}  {'95% CI':<21}{'rows':>6}  verdict"
+    w = max([20, *(len(f"{k} ({m['better']})") + 1 for k, m in result["metrics"].items())])
+    head = f"{'metric':<{w}}{'A':>9}{'B':>9}{'B-A':>10}  {'95% CI':<21}{'rows':>6}  verdict"
     lines = [f"A = {result['a']}", f"B = {result['b']}", head, "-" * len(head)]
     for name, m in result["metrics"].items():
         label = f"{name} ({m['better']})"
         ci = f"[{_fmt(m['low'], True)}, {_fmt(m['high'], True)}]" if m["low"] is not None else "-"
-        lines.append(f"{label:<20}{_fmt(m['mean_a']):>9}{_fmt(m['mean_b']):>9}"
+        lines.append(f"{label:<{w}}{_fmt(m['mean_a']):>9}{_fmt(m['mean_b']):>9}"
                      f"{_fmt(m['diff'], True):>10}  {ci:<21}{m['rows']:>6}  {m['verdict']}")
     b = result["bootstrap"]
     lines.append(f"paired bootstrap over {result['rows']} rows, {b['resamples']} resamples, "

@@ -26,6 +26,7 @@ from fedit.client.objective import SFT, row_label
 from fedit.config import RunConfig
 from fedit.errors import DataError
 from fedit.evaluate.metrics import SIMILARITY_MODEL, exact_match, perplexity, rouge_l, similarity
+from fedit.evaluate.preference import KIND, format_preference_table
 from fedit.io import atomic_write_json, atomic_write_jsonl
 from fedit.model.generate import generate_answers
 
@@ -234,7 +235,10 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """A short text table: one line per category, then the overall line."""
+    """A short text table: one line per category, then the overall line (a preference
+    evaluation's: :func:`fedit.evaluate.preference.format_preference_table`)."""
+    if result["settings"].get("kind") == KIND:
+        return format_preference_table(result)
     head = f"{'category':<24}{'rows':>6}{'loss':>8}{'ppl':>9}{'rougeL':>8}{'sim':>7}{'EM':>7}"
     lines = [head, "-" * len(head)]
     items = [*result["by_category"].items(), ("overall", result["overall"])]

@@ -46,8 +46,9 @@ def plot_forest(pairs: dict[str, dict[str, Any]], *, difference: str, xlabel: st
     axes = fig.subplots(len(panels), 1, squeeze=False, height_ratios=heights)[:, 0]
     for ax, (metric, rows) in zip(axes, panels.items(), strict=True):
         _panel(ax, rows)
-        ax.set_title(f"{metric} ({rows[0][1]['better']} is better): {difference}",
-                     fontsize=9, loc="left")
+        better = rows[0][1]["better"]
+        which = f" ({better} is better)" if better in ("higher", "lower") else ""
+        ax.set_title(f"{metric}{which}: {difference}", fontsize=9, loc="left")
     axes[-1].set_xlabel(xlabel)
     if title:
         fig.suptitle(title, fontsize=10)

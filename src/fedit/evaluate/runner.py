@@ -33,6 +33,7 @@ from fedit.data.invalid import RowCounts
 from fedit.data.load import load_rows
 from fedit.errors import ConfigError, DataError, ModelError
 from fedit.evaluate.evaluation import evaluate_model, write_eval
+from fedit.evaluate.preference import evaluate_preferences, preference_rows
 from fedit.io import atomic_write_text
 from fedit.model.adapter import (
     adapter_names,
@@ -237,12 +238,14 @@ def run_eval(
     log(f"evaluating {t.cfg.model.name}" + (f" + {t.adapter}" if t.adapter else "")
         + f" on {len(rows)} rows of {source}")
     tokenizer, lm = load_eval_model(t)
-    result, answers = evaluate_model(lm, tokenizer, rows, t.cfg, generate=generate, log=log)
+    pairs = preference_rows(rows, source)  # pairs: preference metrics (DPO)
+    evaluate = evaluate_preferences if pairs else evaluate_model
+    result, answers = evaluate(lm, tokenizer, rows, t.cfg, generate=generate, log=log)
     result["settings"] |= {"adapter": str(t.adapter) if t.adapter else None,
                            "run": str(t.run_dir) if t.run_dir else None,
                            "test_file": source, "max_rows": max_rows,
                            "like": str(t.like) if t.like else None}
-    if t.kind == "run" and t.run_dir is not None:
+    if t.kind == "run" and t.run_dir is not None and not pairs:
         per_client = per_client_losses(lm, tokenizer, t.run_dir, t.cfg)
         if per_client:
             result["per_client"] = per_client

@@ -1,8 +1,16 @@
 """The metrics a paired comparison knows and the words of its verdicts, shared by
 ``compare`` (the numbers) and ``forest`` (the plot)."""
 
-#: metric -> True when higher is better
-METRICS = {"loss": False, "rouge_l": True, "similarity": True, "exact_match": True,
-           "judge": True}
+#: metric -> True when higher is better (None: neither, a length)
+SFT_METRICS: dict[str, bool | None] = {"loss": False, "rouge_l": True, "similarity": True,
+                                       "exact_match": True, "judge": True}
+#: those of preference pairs (fedit.evaluate.preference), a record field each
+PREFERENCE_METRICS: dict[str, bool | None] = {
+    "preference_accuracy": True, "reward_margin": True, "reference_free_accuracy": True,
+    "reference_free_margin": True, "dpo_loss": False, "answer_tokens": None}
+METRICS = {**SFT_METRICS, **PREFERENCE_METRICS}
+#: a preference metric -> the per-pair record field it is the mean of (else its own name)
+RECORD_FIELDS = {"preference_accuracy": "correct",
+                 "reference_free_accuracy": "reference_free_correct"}
 #: the verdict when the paired 95% interval holds zero
 NO_DIFFERENCE = "no difference at 95%"

@@ -106,6 +106,7 @@ class RoundLoop:
         else:
             self.log(f"base model held-out loss {loss:.4f} on {self.model.held_out_rows} rows")
         line = {"round": 0, "clients": [], "eval_loss": loss, "eval_loss_by_category": by_cat,
+                **(self.model.eval_metrics() if loss is not None else {}),
                 **self.pipe.round_metrics(state)}
         self._commit(0, global_arrays, state, line)
         return global_arrays, state
@@ -146,6 +147,7 @@ class RoundLoop:
             "train_loss": _mean_train_loss(replies),
             "eval_loss": loss,
             "eval_loss_by_category": by_cat,
+            **(self.model.eval_metrics() if loss is not None else {}),
             "seconds": time.perf_counter() - t0,
             "bytes_up": result.bytes_up,
             "bytes_down": result.bytes_down,
@@ -280,5 +282,7 @@ def round_message(m: dict[str, Any], rounds: int) -> str:
     ev = f"{m['eval_loss']:.4f}" if m["eval_loss"] is not None else "-"
     tl = f"{m['train_loss']:.4f}" if m["train_loss"] is not None else "-"
     dropped = f", dropped {[d['client'] for d in m['dropped']]}" if m.get("dropped") else ""
+    pref = (f", preference accuracy {m['preference_accuracy']:.3f}"
+            if m.get("preference_accuracy") is not None else "")
     return (f"round {m['round']}/{rounds}: clients {m['clients']}{dropped} train loss "
-            f"{tl}, held-out loss {ev} ({m['seconds']:.0f} s)")
+            f"{tl}, held-out loss {ev}{pref} ({m['seconds']:.0f} s)")

@@ -28,13 +28,16 @@ Evaluate = Callable[[Arrays], tuple[float | None, dict[str, float] | None]]
 class ModelSide:
     """What the round loop needs of the model, handed in by the runtime.
 
-    ``initial``: the adapter before round 1 (LoRA B = 0: the base model);
+    ``initial``: the adapter before round 1 (LoRA B = 0: the base model; or
+    ``lora.init_from``'s arrays);
     ``adapter_names``: its tensors' names in wire order (mixed ranks, FFA-LoRA);
     ``evaluate``: the objective's held-out evaluation of an adapter;
     ``save_adapter(arrays, folder)``: a PEFT adapter folder, returning its weights file;
     ``held_out_rows``: how many held-out rows ``evaluate`` scores;
     ``objective``: the training objective's name and what its ``train_loss`` is (for the
-    run summary)."""
+    run summary);
+    ``eval_metrics()``: more numbers of the last ``evaluate`` for the metrics line (DPO:
+    ``preference_accuracy``, ``reward_margin``)."""
 
     initial: Arrays
     adapter_names: list[str]
@@ -42,6 +45,7 @@ class ModelSide:
     save_adapter: Callable[[Arrays, Path], Path]
     held_out_rows: int = 0
     objective: dict[str, str] = field(default_factory=dict)
+    eval_metrics: Callable[[], dict[str, float]] = dict
 
 
 @dataclass

@@ -24,15 +24,16 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _ORDER_KEY = "fedit.tensor_order"  # safetensors metadata: the adapter's key order (JSON list)
 
 
-def adapter_params(model: Any) -> dict[str, torch.nn.Parameter]:
+def adapter_params(model: Any, adapter: str | None = None) -> dict[str, torch.nn.Parameter]:
     """Return the adapter's parameters themselves, under PEFT's state-dict keys, in its
-    order (the tensors, not copies: writing to them changes the model)."""
+    order (the tensors, not copies: writing to them changes the model). ``adapter``: the
+    PEFT adapter name (default: the active one)."""
     from peft import get_peft_model_state_dict
 
     # keep_vars: the values are the Parameters, not detached copies; no embedding layers
     # (PEFT's "auto" would look the base model up on the hub).
     state = model.state_dict(keep_vars=True)
-    adapter = model.active_adapter
+    adapter = adapter or model.active_adapter
     return dict(get_peft_model_state_dict(model, state, adapter, save_embedding_layers=False))
 
 
@@ -46,8 +47,10 @@ def get_adapter_arrays(model: Any) -> list[np.ndarray]:
     return [p.detach().float().cpu().numpy().copy() for p in adapter_params(model).values()]
 
 
-def set_adapter_arrays(model: Any, arrays: Sequence[np.ndarray]) -> None:
-    """Copy arrays into the adapter in place (cast to its dtype, no autograd history).
+def set_adapter_arrays(model: Any, arrays: Sequence[np.ndarray], adapter: str | None = None
+                       ) -> None:
+    """Copy arrays into the adapter in place (cast to its dtype, no autograd history);
+    ``adapter``: the PEFT adapter name (default: the active one).
 
     Raises
     ------
@@ -55,7 +58,7 @@ def set_adapter_arrays(model: Any, arrays: Sequence[np.ndarray]) -> None:
         Wrong number of arrays, or an array whose shape differs from its tensor (named);
         nothing is written then.
     """
-    params = adapter_params(model)
+    params = adapter_params(model, adapter)
     if len(arrays) != len(params):
         raise ModelError(f"expected {len(params)} adapter arrays, got {len(arrays)}")
     for (name, param), array in zip(params.items(), arrays, strict=True):

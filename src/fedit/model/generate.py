@@ -11,7 +11,7 @@ the template is scored on its answer only.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fedit.data.conversations import chat_template_of
@@ -22,10 +22,12 @@ from fedit.model.engine import Engine, Event, Job, Sampling
 
 @dataclass
 class Generations:
-    """Answers in the order of the rows given, and the new tokens generated in all."""
+    """Answers in the order of the rows given, the new tokens generated in all and for
+    each answer (a stop marker's tokens included)."""
 
     answers: list[str]
     new_tokens: int
+    tokens: list[int] = field(default_factory=list)
 
 
 def generate_answers(
@@ -77,7 +79,7 @@ def generate_answers(
         Engine(model, tokenizer, max_batch=batch_size).run(jobs, max_batch_tokens)
     finally:
         model.train(was_training)
-    return Generations(["".join(p).strip() for p in pieces], sum(counts))
+    return Generations(["".join(p).strip() for p in pieces], sum(counts), counts)
 
 
 def cut_at_stops(text: str, stops: Sequence[str]) -> str:

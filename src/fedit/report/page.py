@@ -17,11 +17,14 @@ from fedit.report.plots import (
     plot_loss_curve,
     plot_paired_differences,
     plot_per_client,
+    plot_preference_curve,
 )
 from fedit.report.source import Source, duration, load_source
 
 METRIC_COLUMNS = [("loss", "loss"), ("perplexity", "perplexity"), ("rouge_l", "ROUGE-L"),
-                   ("similarity", "similarity"), ("exact_match", "exact match")]
+                   ("similarity", "similarity"), ("exact_match", "exact match"),
+                   ("preference_accuracy", "preference accuracy"),
+                   ("reward_margin", "reward margin")]
 
 
 CSS = """
@@ -188,7 +191,9 @@ def render_html(src: Source, images: dict[str, bytes]) -> str:
     if src.evals:
         body += ["<h2>Overall metrics</h2>", metrics_table(src)]
     titles = {"paired": "Paired differences: fedit - other arm, 95% intervals",
-              "loss": "Held-out loss per round", "categories": "Per category",
+              "loss": "Held-out loss per round",
+              "preference": "Held-out preference accuracy and reward margin per round",
+              "categories": "Per category",
               "category_curves": "Per category per round",
               "per_client": "Per client: global vs personal adapter",
               "clients": "Clients' data (rows per category and client)"}
@@ -220,7 +225,8 @@ def build_page(folder: Path, out: Path | None = None) -> Path:
     and its PNGs beside it."""
     src = load_source(Path(folder))
     out = Path(out) if out is not None else src.folder / "report.html"
-    makers = {"loss": plot_loss_curve, "categories": plot_category_bars,
+    makers = {"loss": plot_loss_curve, "preference": plot_preference_curve,
+              "categories": plot_category_bars,
               "category_curves": plot_category_curves, "per_client": plot_per_client,
               "clients": client_heatmap, "paired": plot_paired_differences}
     images = {}

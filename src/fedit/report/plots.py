@@ -55,6 +55,30 @@ def plot_loss_curve(src: Source) -> bytes | None:
     return _png(fig)
 
 
+def plot_preference_curve(src: Source) -> bytes | None:
+    """A DPO run's held-out preference accuracy and reward margin per round (the metrics
+    line's ``preference_accuracy`` / ``reward_margin``), or None when no round has them."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    panels = [(key, title, [(m["round"], m[key]) for m in src.metrics
+                            if m.get(key) is not None])
+              for key, title in (("preference_accuracy", "preference accuracy"),
+                                 ("reward_margin", "mean implicit reward margin"))]
+    if not any(pts for _, _, pts in panels):
+        return None
+    fig = Figure(figsize=(8, 5.6), layout="constrained")
+    for ax, (_, title, pts) in zip(fig.subplots(2, 1, sharex=True), panels, strict=True):
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", color=ARM_COLORS["fedit"])
+        ax.set_ylabel(title)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round (0 = the reference: accuracy 0, margin 0)")
+    fig.suptitle("Held-out preference pairs per round (higher is better)")
+    return _png(fig)
+
+
 def categories(src: Source) -> list[str]:
     cats: list[str] = []
     for ev in src.evals.values():
