@@ -296,3 +296,17 @@ def test_data_inspect_reports_pairs(tmp_path, tiny_model_dir):
     assert "preference pairs: pairs 7, identical 1, truncated 0, skipped 0" in result.output
     for name in ("prompt", "chosen", "rejected"):
         assert f"{name} (tokens)" in result.output
+
+
+def test_the_train_summary_names_the_dpo_loss_and_the_start():
+    from fedit.cli.train import format_train_summary
+
+    summary = {"base_eval_loss": 0.6931, "final_eval_loss": 0.6, "test_rows": 4, "rounds": 2,
+               "clients": 2, "seconds": 3.0, "run_dir": "runs/x", "final_adapter": "a",
+               "objective": {"name": "dpo"}, "init_from": "runs/sft"}
+    text = format_train_summary(summary)
+    assert text.splitlines()[0] == ("held-out DPO loss (per pair) on 4 pairs: starting "
+                                    "adapter 0.6931 -> global adapter 0.6000 (-13.4%)")
+    summary |= {"objective": {"name": "sft"}, "init_from": None}
+    assert format_train_summary(summary).startswith(
+        "held-out response loss on 4 rows: base model 0.6931 ->")

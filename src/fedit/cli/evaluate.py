@@ -49,7 +49,9 @@ def eval_cmd(
 ) -> None:
     """Evaluate TARGET (a run folder, a PEFT adapter folder, or base / base:MODEL) on
     held-out rows: loss and perplexity per category, and ROUGE-L, embedding similarity and
-    exact match of batched greedy answers; writes eval.json and answers.jsonl.
+    exact match of batched greedy answers; on preference pairs (prompt, chosen, rejected):
+    preference accuracy, reward margin, their reference-free versions, the DPO loss and
+    the greedy answers' length; writes eval.json and answers.jsonl.
     --compare A B compares two evaluations of the same rows instead."""
     from fedit.evaluate.evaluation import format_table
     from fedit.evaluate.runner import format_per_client, run_eval

@@ -60,8 +60,11 @@ def format_train_summary(summary: dict[str, Any]) -> str:
         held_out = "no held-out rows (data.test_per_label = 0): no held-out loss"
     else:
         change = 100 * (final - base) / base if base else 0.0
-        held_out = (f"held-out response loss on {summary['test_rows']} rows: base model "
-                    f"{base:.4f} -> global adapter {final:.4f} ({change:+.1f}%)")
+        dpo = summary.get("objective", {}).get("name") == "dpo"
+        what = "DPO loss (per pair)" if dpo else "response loss"
+        start = "starting adapter" if summary.get("init_from") else "base model"
+        held_out = (f"held-out {what} on {summary['test_rows']} {'pairs' if dpo else 'rows'}: "
+                    f"{start} {base:.4f} -> global adapter {final:.4f} ({change:+.1f}%)")
     dropped = f"; {summary['dropped']} client replies dropped" if summary.get("dropped") else ""
     if summary.get("epsilon") is not None:
         held_out += (f"\nprivacy: (epsilon, delta) = ({summary['epsilon']:.3g}, "

@@ -98,13 +98,15 @@ class RoundLoop:
         return self._finish(global_arrays, time.perf_counter() - start)
 
     def _round_zero(self) -> tuple[Arrays, ServerState]:
-        global_arrays = list(self.model.initial)  # LoRA B = 0: exactly the base model
+        # LoRA B = 0 (exactly the base model), or the lora.init_from adapter
+        global_arrays = list(self.model.initial)
         state = self.pipe.init_state(global_arrays)
         loss, by_cat = self.evaluate(global_arrays)
         if loss is None:
             self.log("no held-out rows (data.test_per_label = 0): rounds report no eval loss")
         else:
-            self.log(f"base model held-out loss {loss:.4f} on {self.model.held_out_rows} rows")
+            start = "starting adapter" if self.cfg.lora.init_from else "base model"
+            self.log(f"{start} held-out loss {loss:.4f} on {self.model.held_out_rows} rows")
         line = {"round": 0, "clients": [], "eval_loss": loss, "eval_loss_by_category": by_cat,
                 **(self.model.eval_metrics() if loss is not None else {}),
                 **self.pipe.round_metrics(state)}
@@ -235,6 +237,7 @@ class RoundLoop:
             "rounds": self.cfg.rounds,
             "strategy": self.pipe.describe(),
             "objective": self.model.objective,
+            "init_from": self.cfg.lora.init_from or None,  # round 0: this adapter, not the base
             "base_eval_loss": lines[0]["eval_loss"],
             "final_eval_loss": lines[-1]["eval_loss"],
             "test_rows": self.model.held_out_rows,
