@@ -27,6 +27,7 @@ from fedit.config import RunConfig
 from fedit.errors import DataError
 from fedit.evaluate.metrics import SIMILARITY_MODEL, exact_match, perplexity, rouge_l, similarity
 from fedit.evaluate.preference import KIND, format_preference_table
+from fedit.evaluate.table import fmt, metric_lines
 from fedit.io import atomic_write_json, atomic_write_jsonl
 from fedit.model.generate import generate_answers
 
@@ -230,22 +231,13 @@ def load_eval(out_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return result, answers
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def format_table(result: dict[str, Any]) -> str:
     """A short text table: one line per category, then the overall line (a preference
     evaluation's: :func:`fedit.evaluate.preference.format_preference_table`)."""
     if result["settings"].get("kind") == KIND:
         return format_preference_table(result)
     head = f"{'category':<24}{'rows':>6}{'loss':>8}{'ppl':>9}{'rougeL':>8}{'sim':>7}{'EM':>7}"
-    lines = [head, "-" * len(head)]
-    items = [*result["by_category"].items(), ("overall", result["overall"])]
-    for i, (name, m) in enumerate(items):
-        if i == len(items) - 1:
-            lines.append("-" * len(head))
-        lines.append(f"{name[:23]:<24}{m['rows']:>6}{_fmt(m['loss']):>8}"
-                     f"{_fmt(m['perplexity'], 2):>9}{_fmt(m['rouge_l']):>8}"
-                     f"{_fmt(m['similarity']):>7}{_fmt(m['exact_match']):>7}")
+    lines = metric_lines(head, result, lambda name, m: (
+        f"{name[:23]:<24}{m['rows']:>6}{fmt(m['loss']):>8}{fmt(m['perplexity'], 2):>9}"
+        f"{fmt(m['rouge_l']):>8}{fmt(m['similarity']):>7}{fmt(m['exact_match']):>7}"))
     return "\n".join(lines)

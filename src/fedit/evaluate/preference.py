@@ -37,6 +37,7 @@ from fedit.config import RunConfig
 from fedit.data.preference_tokens import tokenize_pairs
 from fedit.data.preferences import CHOSEN, PROMPT, REJECTED, is_preference
 from fedit.errors import DataError
+from fedit.evaluate.table import fmt, metric_lines
 from fedit.evaluate.verdicts import PREFERENCE_METRICS, RECORD_FIELDS
 from fedit.model.generate import generate_answers
 from fedit.model.init_from import init_adapter_arrays, set_reference_adapter
@@ -179,20 +180,13 @@ def _settings(cfg: RunConfig, rows: Sequence[dict[str, Any]], counts: dict[str, 
 
 def format_preference_table(result: dict[str, Any]) -> str:
     """A short text table: one line per label, then the overall line."""
-    def fmt(v: float | None, digits: int = 3) -> str:
-        return "-" if v is None else f"{v:.{digits}f}"
-
     head = (f"{'category':<22}{'pairs':>6}{'acc':>7}{'margin':>9}{'rf acc':>8}"
             f"{'rf margin':>10}{'dpo loss':>9}{'tokens':>8}")
-    lines = [head, "-" * len(head)]
-    items = [*result["by_category"].items(), ("overall", result["overall"])]
-    for i, (name, m) in enumerate(items):
-        if i == len(items) - 1:
-            lines.append("-" * len(head))
-        lines.append(f"{name[:21]:<22}{m['rows']:>6}{fmt(m['preference_accuracy']):>7}"
-                     f"{fmt(m['reward_margin'], 4):>9}{fmt(m['reference_free_accuracy']):>8}"
-                     f"{fmt(m['reference_free_margin'], 4):>10}{fmt(m['dpo_loss']):>9}"
-                     f"{fmt(m['answer_tokens'], 1):>8}")
+    lines = metric_lines(head, result, lambda name, m: (
+        f"{name[:21]:<22}{m['rows']:>6}{fmt(m['preference_accuracy']):>7}"
+        f"{fmt(m['reward_margin'], 4):>9}{fmt(m['reference_free_accuracy']):>8}"
+        f"{fmt(m['reference_free_margin'], 4):>10}{fmt(m['dpo_loss']):>9}"
+        f"{fmt(m['answer_tokens'], 1):>8}"))
     s = result["settings"]
     lines.append(f"acc / margin: DPO implicit reward (beta {s['beta']}, reference: "
                  f"{s['reference']}); rf: reference-free, mean log-probability per token; "
