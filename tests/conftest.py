@@ -334,3 +334,19 @@ def loud(tmp_path_factory, tiny_model_dir) -> Path:
     set_adapter_arrays(lm, [rng.normal(0, 0.5, a.shape) for a in get_adapter_arrays(lm)])
     return save_adapter(lm, tmp_path_factory.mktemp("adapters") / "loud",
                         base_model=str(tiny_model_dir))
+
+
+@pytest.fixture
+def reference_calls(monkeypatch) -> list[int]:
+    """The size of every reference computation in this process (clients and held-out)."""
+    calls: list[int] = []
+    from fedit.client import dpo as dpo_module
+
+    real = dpo_module.reference_logps
+
+    def counted(model, pairs, *args, **kwargs):
+        calls.append(len(pairs))
+        return real(model, pairs, *args, **kwargs)
+
+    monkeypatch.setattr(dpo_module, "reference_logps", counted)
+    return calls

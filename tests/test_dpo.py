@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 
 from fedit.algorithms.contract import ClientState
 from fedit.cli import app
-from fedit.client import dpo as dpo_module
 from fedit.client.dpo import DPO, dpo_losses, pair_batch, reference_logps, reference_table
 from fedit.client.fused import fused_training
 from fedit.client.objective import SFT, objective_for
@@ -132,20 +131,13 @@ def test_sigmoid_loss_with_label_smoothing_by_hand():
 
 # -- the reference: once per client, kept in its state, in a 2-round run ----------------------
 def test_two_round_dpo_run_computes_each_clients_reference_once(
-        tmp_path, tiny_model_dir, monkeypatch):
+        tmp_path, tiny_model_dir, reference_calls):
     data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(40, seed=2))
     cfg = load_config(write_config(
         tmp_path / "dpo.toml", tiny_model_dir, data, name="dpo", rounds=2,
         train={"objective": "dpo", "batch_size": 4, "micro_batch_size": 2, "lr": 3e-3},
         dpo={"beta": 0.2}, data={"test_per_label": 1, "cutoff_len": 128}))
-    calls: list[int] = []
-    real = dpo_module.reference_logps
-
-    def counted(model, pairs, pad_id):
-        calls.append(len(pairs))
-        return real(model, pairs, pad_id)
-
-    monkeypatch.setattr(dpo_module, "reference_logps", counted)
+    calls = reference_calls
     sim = Simulation(cfg, make_run_dir(cfg))
     summary = sim.run()
     # Assert: the run went through both rounds with finite DPO losses
@@ -162,7 +154,7 @@ def test_two_round_dpo_run_computes_each_clients_reference_once(
     for c in (0, 1):
         examples = sim.runtime.client_examples(c)
         table = reference_table(sim.runtime.client_state(c))
-        fresh_c, fresh_r = real(sim.model, examples, tok_pad(sim))
+        fresh_c, fresh_r = reference_logps(sim.model, examples, tok_pad(sim))
         np.testing.assert_allclose([table[e.key][0] for e in examples], fresh_c, rtol=1e-6)
         np.testing.assert_allclose([table[e.key][1] for e in examples], fresh_r, rtol=1e-6)
     stats = json.loads((sim.run_dir / "partitions" / "stats.json").read_text())

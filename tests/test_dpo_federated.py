@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedit.client import dpo as dpo_module
 from fedit.client.dpo import DPO, REFERENCE
 from fedit.config import load_config
 from fedit.data.federated import split_data
@@ -65,20 +64,6 @@ def _client_pairs(cfg, tiny_model_dir) -> list[int]:
 def _lines(run_dir: Path) -> list[dict]:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in m.items() if k != "seconds"} for m in rows]
-
-
-@pytest.fixture
-def reference_calls(monkeypatch) -> list[int]:
-    """The size of every reference computation in this process (clients and held-out)."""
-    calls: list[int] = []
-    real = dpo_module.reference_logps
-
-    def counted(model, pairs, *args, **kwargs):
-        calls.append(len(pairs))
-        return real(model, pairs, *args, **kwargs)
-
-    monkeypatch.setattr(dpo_module, "reference_logps", counted)
-    return calls
 
 
 # -- resume: SIGKILL inside a client's round 2, then `fedit train --resume` -------------------

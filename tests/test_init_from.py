@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 
 from fedit.algorithms.contract import ClientState
 from fedit.cli import app
-from fedit.client import dpo as dpo_module
 from fedit.client.dpo import DPO, pair_batch, reference_logps, reference_table
 from fedit.client.fused import fused_training
 from fedit.client.load import load_model
@@ -152,18 +151,12 @@ def dpo_config(tmp_path, tiny_model_dir, init_from):
         dpo={"beta": 0.2}, data={"test_per_label": 1, "cutoff_len": 128}))
 
 
-def test_dpo_reference_is_the_starting_adapter(tmp_path, tiny_model_dir, adapter, monkeypatch):
+def test_dpo_reference_is_the_starting_adapter(tmp_path, tiny_model_dir, adapter,
+                                                reference_calls):
     from peft import PeftModel
 
     cfg = dpo_config(tmp_path, tiny_model_dir, str(adapter))
-    calls: list[int] = []
-    real = dpo_module.reference_logps
-
-    def counted(model, pairs, pad_id):
-        calls.append(len(pairs))
-        return real(model, pairs, pad_id)
-
-    monkeypatch.setattr(dpo_module, "reference_logps", counted)
+    calls = reference_calls
     sim = Simulation(cfg, make_run_dir(cfg))
     sim.run()
     line0 = json.loads((sim.run_dir / "metrics.jsonl").read_text().splitlines()[0])
