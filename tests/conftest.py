@@ -139,6 +139,27 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def talking_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model, but its greedy answers are visible text: the embedding (tied to the
+    output) rows of special and whitespace-only tokens are zeroed, so the random model's
+    argmax is some other token (the plain tiny model answers ``"\\n"`` over and over,
+    which an answer's strip() leaves empty)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("talking-llama")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for i in range(len(tok)):
+            if not tok.decode([i]).strip():
+                model.model.embed_tokens.weight[i] = 0
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 @pytest.fixture
 def tiny_rows() -> list[dict[str, str]]:
     return make_rows(64)

@@ -24,7 +24,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-data_app = typer.Typer(help="Look at instruction data files.", no_args_is_help=True)
+data_app = typer.Typer(help="Look at data files; build a preference set offline.",
+                       no_args_is_help=True)
 flower_app = typer.Typer(
     help="Run fedit on Flower: a local SuperLink + SuperNodes, a long-lived ClientApp worker.",
     no_args_is_help=True,
@@ -52,6 +53,7 @@ _add(app, "experiment", experiment.experiment_cmd)
 _add(app, "report", experiment.report_cmd)
 app.add_typer(data_app, name="data")
 _add(data_app, "inspect", data.data_inspect)
+_add(data_app, "self-play", data.self_play_cmd)
 app.add_typer(flower_app, name="flower")
 _add(flower_app, "local", flower.flower_local)
 _add(flower_app, "worker", flower.flower_worker)

@@ -105,3 +105,44 @@ def data_inspect(
     if not report["rows"]:
         raise DataError(f"{file}: no rows (the file is empty); give a file with at least one row")
     typer.echo("\n".join([format_inspect(report), *format_counts(counts)]))
+
+
+@one_line_errors
+def self_play_cmd(
+    source: Annotated[str, typer.Argument(
+        help="instruction rows: dolly-15k (shipped with fedit) or a data file")] = "dolly-15k",
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="also write the pairs here (they are cached either way)")] = None,
+    model: Annotated[str, typer.Option(help="the model whose greedy answers are rejected")] = (
+        "smollm2-135m"),
+    template: Annotated[str, typer.Option(help="alpaca | chat | chatml")] = "chatml",
+    label_field: Annotated[str, typer.Option(help="rows are drawn per value of it")] = (
+        "category"),
+    per_label: Annotated[int, typer.Option(help="pairs drawn per label")] = 40,
+    max_prompt_tokens: Annotated[int, typer.Option(help="longest prompt kept")] = 128,
+    max_new_tokens: Annotated[int, typer.Option(
+        help="the model's answers stop here; references longer are not drawn")] = 96,
+    dtype: Annotated[str, typer.Option(
+        help="fp32 (the same pairs on every CPU) | bf16 | auto")] = "fp32",
+    seed: Annotated[int, typer.Option(help="the draw of rows")] = 42,
+    batch_size: Annotated[int, typer.Option(help="answers decoded at once")] = 32,
+    rebuild: Annotated[bool, typer.Option(help="build again even if cached")] = False,
+) -> None:
+    """Build preference pairs offline: the human reference answer chosen, the model's own
+    greedy answer rejected (self-play, SPIN: Chen et al. 2024, arXiv 2401.01335); built
+    once, then read from fedit's cache (README "Preference optimisation (DPO)")."""
+    from fedit.model.self_play import SelfPlaySettings, build_self_play
+
+    settings = SelfPlaySettings(source=source, model=model, template=template,
+                                label_field=label_field, per_label=per_label,
+                                max_prompt_tokens=max_prompt_tokens,
+                                max_new_tokens=max_new_tokens, dtype=dtype, seed=seed,
+                                batch_size=batch_size)
+    built = build_self_play(settings, out=out, rebuild=rebuild,
+                            log=lambda m: typer.echo(m, err=True))
+    m = built.manifest
+    labels = ", ".join(f"{k} {v}" for k, v in m["per_label"].items())
+    typer.echo(f"{m['pairs']} pairs ({labels}); {m['rejected_cut']} rejected answers reached "
+               f"{max_new_tokens} tokens; dropped: {m['dropped']['same_as_reference']} same "
+               f"as the reference, {m['dropped']['empty_answer']} empty\n"
+               f"pairs: {built.path}" + (f"\ncopy: {out}" if out else ""))

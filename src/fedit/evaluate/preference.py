@@ -40,7 +40,11 @@ from fedit.errors import DataError
 from fedit.evaluate.table import fmt, metric_lines
 from fedit.evaluate.verdicts import PREFERENCE_METRICS, RECORD_FIELDS
 from fedit.model.generate import generate_answers
-from fedit.model.init_from import init_adapter_arrays, set_reference_adapter
+from fedit.model.init_from import (
+    has_reference_adapter,
+    init_adapter_arrays,
+    set_reference_adapter,
+)
 
 Log = Callable[[str], None]
 
@@ -115,7 +119,7 @@ def evaluate_preferences(
             f" {counts['identical']} have the same chosen and rejected answer")
     pad_id = int(tokenizer.pad_token_id or 0)
     policy = pair_logps(model, examples, pad_id, batch_size=cfg.eval.batch_size)
-    reference, which = _reference(model, examples, pad_id, cfg, policy)
+    reference, which = _reference(model, examples, pad_id, cfg, policy)  # batched alike
     records = _records(rows, labels, kept, preference_scores(policy, reference, cfg.dpo))
     new_tokens = 0
     if generate and rows:
@@ -149,10 +153,14 @@ def _reference(model: Any, examples: Sequence[Any], pad_id: int, cfg: RunConfig,
         return policy[:2], "the model itself (no adapter: implicit rewards are 0)"
     init_from = cfg.lora.init_from
     if not init_from:
-        return reference_logps(model, examples, pad_id), "the base model (adapter disabled)"
+        return (reference_logps(model, examples, pad_id, cfg.eval.batch_size),
+                "the base model (adapter disabled)")
+    if has_reference_adapter(model):  # a DPO run's model holds it already: keep it there
+        return (reference_logps(model, examples, pad_id, cfg.eval.batch_size),
+                f"the starting adapter (lora.init_from = {init_from})")
     set_reference_adapter(model, init_adapter_arrays(model, init_from))
     try:
-        return (reference_logps(model, examples, pad_id),
+        return (reference_logps(model, examples, pad_id, cfg.eval.batch_size),
                 f"the starting adapter (lora.init_from = {init_from})")
     finally:
         set_reference_adapter(model, None)

@@ -46,14 +46,16 @@ from typing import Any
 
 import numpy as np
 
+from fedit.algorithms.contract import ClientState
 from fedit.client.load import load_model
+from fedit.client.objective import objective_for
 from fedit.client.round import client_seed
 from fedit.client.trainer import train_adapter
 from fedit.config import RunConfig, to_toml
-from fedit.data.batching import tokenize_for_run
 from fedit.data.federated import FederatedData, split_data, write_split
 from fedit.errors import ConfigError
 from fedit.evaluate.evaluation import evaluate_model, load_eval, write_eval
+from fedit.evaluate.preference import evaluate_preferences
 from fedit.experiment.paired import format_paired, paired_section
 from fedit.experiment.scales import (
     ExperimentSettings,
@@ -84,9 +86,10 @@ class Experiment:
     """The four arms on one base model and one data split. ``run()`` -> experiment.json."""
 
     def __init__(self, cfg: RunConfig, settings: ExperimentSettings, out: Path,
-                 scale: str = "", log: Log = print) -> None:
+                 scale: str = "", log: Log = print, name: str = "fedit-paper") -> None:
         self.start = time.perf_counter()  # wall time from here: data, model load, arms
         self.cfg, self.settings, self.out, self.scale, self.log = cfg, settings, out, scale, log
+        self.name = name
         self.budget = plan_budget(cfg)
         self.local_clients = local_only_clients(cfg, settings.local_clients)
         self._check_folder()
@@ -100,7 +103,7 @@ class Experiment:
         """A new folder, or one made by the same config (then finished arms are kept)."""
         text = to_toml(self.cfg) + "\n[experiment]\n" + "\n".join(
             f"{k} = {str(v).lower() if isinstance(v, bool) else v}"
-            for k, v in dataclasses.asdict(self.settings).items()) + "\n"
+            for k, v in self.settings.recorded(self.name).items()) + "\n"
         saved = self.out / "config.toml"
         if saved.is_file() and saved.read_text(encoding="utf-8") != text:
             raise ConfigError(f"{self.out} holds an experiment with another config "
@@ -137,20 +140,29 @@ class Experiment:
 
     def _evaluate(self, folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
         t0 = time.perf_counter()
-        result, answers = evaluate_model(self.model, self.tokenizer, self.data.test_rows,
-                                         self.cfg, generate=self.settings.generate,
-                                         log=self.log)
+        dpo = self.cfg.train.objective == "dpo"
+        evaluate = evaluate_preferences if dpo else evaluate_model
+        result, answers = evaluate(self.model, self.tokenizer, self.data.test_rows,
+                                   self.cfg, generate=self.settings.generate, log=self.log)
         result["settings"] = {**result.get("settings", {}), "experiment_arm": folder.name}
         write_eval(folder, result, answers)
         seconds = time.perf_counter() - t0
-        self.log(f"[{folder.name}] held-out loss {result['overall']['loss']:.4f} "
-                 f"(eval {seconds:.0f} s)")
+        o = result["overall"]
+        what = (f"preference accuracy {o['preference_accuracy']:.4f}, reference-free "
+                f"{o['reference_free_accuracy']:.4f}" if dpo else
+                f"held-out loss {o['loss']:.4f}")
+        self.log(f"[{folder.name}] {what} (eval {seconds:.0f} s)")
         return result, answers, seconds
 
     def _train(self, rows: list[dict[str, Any]], steps: int, seed: int, who: str) -> dict[str, Any]:
-        examples = tokenize_for_run(self.tokenizer, rows, self.cfg.data, who, self.log)[0]
+        """Train the model's adapter (loaded with the arm's start) on ``rows`` with the run's
+        objective; DPO's reference log-probabilities are computed first, as a client's."""
+        objective = objective_for(self.cfg)
+        examples = objective.examples(self.tokenizer, rows, self.cfg.data, who, self.log)[0]
+        state = ClientState()
+        objective.precompute(self.model, examples, state)
         result = train_adapter(self.model, examples, _train_cfg(self.cfg, steps),
-                               pad_id=self.pad_id, seed=seed)
+                               pad_id=self.pad_id, seed=seed, objective=objective, state=state)
         self.log(f"{who}: {result.steps} steps on {len(examples)} rows, train loss "
                  f"{result.train_loss:.4f} ({result.seconds:.0f} s)")
         return {"rows": len(examples), "steps": result.steps, "train_loss": result.train_loss,
@@ -243,7 +255,7 @@ class Experiment:
             str(c): _read_json(self.out / "local-only" / f"client_{c:04d}" / "eval.json")[
                 "overall"] for c in self.local_clients}
         return {
-            "experiment": "fedit-paper",
+            "experiment": self.name,
             "scale": self.scale,
             "out": str(self.out),
             "model": self.cfg.model.name,
@@ -257,15 +269,19 @@ class Experiment:
         }
 
 
-OVERALL_METRICS = ("loss", "perplexity", "rouge_l", "similarity", "exact_match")
-
-
 def _mean_metric(ms: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each metric's mean over the models (the count fields taken from the first)."""
     out: dict[str, Any] = {"rows": ms[0].get("rows")}
-    for key in OVERALL_METRICS:
+    for key, first in ms[0].items():
+        if key in out or key == "pairs_scored" or isinstance(first, bool):
+            out.setdefault(key, first)
+            continue
         values = [m.get(key) for m in ms]
-        out[key] = None if any(v is None for v in values) else \
-            float(np.mean([float(v) for v in values if v is not None]))
+        numbers = [float(v) for v in values if isinstance(v, int | float)]
+        if len(numbers) == len(values):
+            out[key] = float(np.mean(numbers))
+        elif all(v is None or isinstance(v, int | float) for v in values):
+            out[key] = None
     return out
 
 
@@ -292,29 +308,60 @@ def _json_line(line: str) -> Any:
     return json.loads(line)
 
 
+def preference_pairs(cfg: RunConfig, settings: ExperimentSettings, log: Log) -> RunConfig:
+    """fedit-dpo's config with ``data.path`` at its preference pairs: ``experiment.pairs``,
+    else the self-play pairs built (once, then cached) from ``data.path``'s rows."""
+    if settings.pairs:
+        path = settings.pairs
+    else:
+        from fedit.model.self_play import SelfPlaySettings, build_self_play
+
+        s = SelfPlaySettings(source=cfg.data.path, model=cfg.model.name,
+                             template=cfg.data.template, label_field=cfg.data.label_field,
+                             per_label=settings.pairs_per_label,
+                             max_new_tokens=settings.pairs_max_new_tokens, seed=cfg.seed)
+        path = str(build_self_play(s, log=log).path)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=path))
+
+
 def run_experiment(name: str, scale: str, out: Path | None = None,
                    overrides: list[str] | None = None, log: Log = print) -> dict[str, Any]:
     """Build the config, run every arm not done yet, return experiment.json's content."""
     cfg, settings = experiment_config(name, scale, overrides)
     out = Path(out) if out is not None else Path(cfg.output_dir) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
+    if name == "fedit-dpo":
+        cfg = preference_pairs(cfg, settings, log)
     log(f"experiment folder {out}; budget {plan_budget(cfg).as_dict()}")
-    return Experiment(cfg, settings, out, scale, log).run()
+    return Experiment(cfg, settings, out, scale, log, name).run()
+
+
+#: the columns of the summary table: (header, overall key, digits) by evaluation kind
+SUMMARY_COLUMNS = {
+    "instruction": [("loss", "loss", 4), ("ppl", "perplexity", 4), ("rouge_l", "rouge_l", 4),
+                    ("sim", "similarity", 4)],
+    "preference": [("acc", "preference_accuracy", 4), ("margin", "reward_margin", 4),
+                   ("rf_acc", "reference_free_accuracy", 4),
+                   ("rf_margin", "reference_free_margin", 4), ("dpo_loss", "dpo_loss", 4),
+                   ("tokens", "answer_tokens", 1)],
+}
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The arms' overall metrics as a plain-text table."""
-    def f(v: Any) -> str:
-        return "-" if v is None else f"{v:.4f}"
+    first = next(iter(summary["arms"].values()))["overall"]
+    kind = "preference" if "preference_accuracy" in first else "instruction"
+    columns = SUMMARY_COLUMNS[kind]
 
-    lines = [f"{'arm':<12} {'steps':>6} {'loss':>8} {'ppl':>8} {'rouge_l':>8} {'sim':>8}"]
+    def row(label: str, steps: str, o: dict[str, Any]) -> str:
+        cells = ["-" if o.get(key) is None else f"{o[key]:.{d}f}" for _, key, d in columns]
+        return f"{label:<12} {steps:>6} " + " ".join(f"{c:>9}" for c in cells)
+
+    lines = [f"{'arm':<12} {'steps':>6} " + " ".join(f"{h:>9}" for h, _, _ in columns)]
     for name, arm in summary["arms"].items():
-        o = arm["overall"]
-        lines.append(f"{name:<12} {arm['steps']:>6} {f(o['loss']):>8} {f(o['perplexity']):>8} "
-                     f"{f(o.get('rouge_l')):>8} {f(o.get('similarity')):>8}")
+        lines.append(row(name, str(arm["steps"]), arm["overall"]))
     for c, o in summary["arms"]["local-only"].get("per_client", {}).items():
-        lines.append(f"  client {c:<3} {'':>6} {f(o['loss']):>8} {f(o['perplexity']):>8} "
-                     f"{f(o.get('rouge_l')):>8} {f(o.get('similarity')):>8}")
+        lines.append(row(f"  client {c}", "", o))
     if "paired" in summary:
         lines += ["", *format_paired(summary["paired"])]
     return "\n".join(lines)

@@ -80,7 +80,7 @@ from fedit.config.toml import apply_overrides
 from fedit.data.clients import with_client_count
 from fedit.errors import ConfigError
 
-EXPERIMENTS = ("fedit-paper",)
+EXPERIMENTS = ("fedit-paper", "fedit-dpo")
 
 SCALES: dict[str, dict[str, Any]] = {
     "test": {
@@ -130,22 +130,72 @@ SCALES: dict[str, dict[str, Any]] = {
 }
 
 
+#: fedit-dpo's scales: federated DPO on self-play pairs (:mod:`fedit.model.self_play`)
+DPO_SCALES: dict[str, dict[str, Any]] = {
+    "test": {
+        "rounds": 2,
+        "data": {"path": "dolly-15k", "template": "chatml", "test_per_label": 1,
+                 "cutoff_len": 192, "min_response_tokens": 4},
+        "partition": {"method": "iid", "clients": 4},
+        "train": {"objective": "dpo", "batch_size": 2, "micro_batch_size": 2,
+                  "max_steps": 1, "lr": 5e-4},
+        "strategy": {"fraction": 0.5},
+        "eval": {"every": 1, "batch_size": 8, "max_new_tokens": 4, "similarity": False},
+        "experiment": {"local_clients": 2, "pairs_per_label": 3, "pairs_max_new_tokens": 40},
+    },
+    "small": {  # the arithmetic and the measured time: the module docstring of run.py
+        "rounds": 4,
+        "model": {"name": "smollm2-135m"},
+        "data": {"path": "dolly-15k", "template": "chatml", "test_per_label": 6,
+                 "cutoff_len": 256, "min_response_tokens": 16},
+        "partition": {"method": "dirichlet", "clients": 8, "alpha": 0.5, "min_size": 10},
+        "train": {"objective": "dpo", "batch_size": 4, "micro_batch_size": 4,
+                  "max_steps": 6, "lr": 2e-4},
+        "dpo": {"beta": 0.1, "loss": "sigmoid"},
+        "strategy": {"fraction": 0.25},
+        "eval": {"every": 1, "batch_size": 16, "max_new_tokens": 96,
+                 "generate_batch_size": 48},
+        "experiment": {"local_clients": 2, "pairs_per_label": 40, "pairs_max_new_tokens": 96},
+    },
+}
+
+
+def scales_of(name: str) -> dict[str, dict[str, Any]]:
+    """The scale presets of an experiment."""
+    return DPO_SCALES if name == "fedit-dpo" else SCALES
+
+
 @dataclass
 class ExperimentSettings:
     """What the experiment adds to a run config (``--set experiment.KEY=VALUE``)."""
 
     local_clients: int = 2  # clients trained alone in the local-only arm
     generate: bool = True  # answers for ROUGE-L / similarity (False: loss only, faster)
+    # fedit-dpo only: a preference file to use, else self-play pairs built from data.path
+    pairs: str = ""
+    pairs_per_label: int = 40  # self-play pairs drawn per label
+    pairs_max_new_tokens: int = 96  # the model's rejected answers stop here
 
     def __post_init__(self) -> None:
-        if type(self.local_clients) is not int:
-            raise ConfigError(f"experiment.local_clients: expected int, got "
-                              f"{self.local_clients!r}")
-        if self.local_clients < 1:
-            raise ConfigError("experiment.local_clients: must be >= 1")
+        for name in ("local_clients", "pairs_per_label", "pairs_max_new_tokens"):
+            value = getattr(self, name)
+            if type(value) is not int:
+                raise ConfigError(f"experiment.{name}: expected int, got {value!r}")
+            if value < 1:
+                raise ConfigError(f"experiment.{name}: must be >= 1")
         if type(self.generate) is not bool:
             raise ConfigError(f"experiment.generate: expected true or false, got "
                               f"{self.generate!r}")
+        if type(self.pairs) is not str:
+            raise ConfigError(f"experiment.pairs: expected a file path, got {self.pairs!r}")
+
+    def recorded(self, experiment: str) -> dict[str, Any]:
+        """The settings an experiment uses (config.toml's ``[experiment]``)."""
+        out = dataclasses.asdict(self)
+        if experiment != "fedit-dpo":
+            for key in ("pairs", "pairs_per_label", "pairs_max_new_tokens"):
+                out.pop(key)
+        return out
 
 
 @dataclass(frozen=True)
@@ -177,10 +227,11 @@ def experiment_config(
     """The checked run config and experiment settings of a scale preset plus ``--set``s."""
     if name not in EXPERIMENTS:
         raise ConfigError(f"unknown experiment {name!r}; use one of {', '.join(EXPERIMENTS)}")
-    if scale not in SCALES:
-        raise ConfigError(f"--scale {scale!r}: use one of {', '.join(SCALES)}")
+    scales = scales_of(name)
+    if scale not in scales:
+        raise ConfigError(f"--scale {scale!r}: {name} has {', '.join(scales)}")
     try:
-        raw = apply_overrides(SCALES[scale], overrides or [])
+        raw = apply_overrides(scales[scale], overrides or [])
         extra = raw.pop("experiment", {})
         known = {f.name for f in dataclasses.fields(ExperimentSettings)}
         for key in extra:
@@ -214,5 +265,5 @@ def local_only_clients(cfg: RunConfig, k: int) -> list[int]:
     return sorted(int(c) for c in rng.choice(n, size=k, replace=False))
 
 
-__all__ = ["EXPERIMENTS", "SCALES", "Budget", "ExperimentSettings", "experiment_config",
-           "local_only_clients", "plan_budget"]
+__all__ = ["DPO_SCALES", "EXPERIMENTS", "SCALES", "Budget", "ExperimentSettings",
+           "experiment_config", "local_only_clients", "plan_budget", "scales_of"]

@@ -21,7 +21,7 @@ from typing import Any
 from fedit.errors import ConfigError
 from fedit.evaluate.verdicts import METRICS, NO_DIFFERENCE
 from fedit.experiment.paired import VERDICTS
-from fedit.experiment.run import ARMS, OVERALL_METRICS, Experiment
+from fedit.experiment.run import ARMS, SUMMARY_COLUMNS, Experiment, preference_pairs
 from fedit.experiment.scales import experiment_config, plan_budget
 from fedit.federation.loop import Log
 from fedit.io import atomic_write_json
@@ -43,8 +43,10 @@ def mean_sd(values: list[float]) -> dict[str, Any]:
 def _metric_table(overalls: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean ± sd of each metric every overall has a number for."""
     table = {}
-    for key in OVERALL_METRICS:
+    for key, first in overalls[0].items():
         values = [o.get(key) for o in overalls]
+        if key in ("rows", "pairs_scored") or isinstance(first, bool):
+            continue
         if all(isinstance(v, (int, float)) for v in values):
             table[key] = mean_sd([float(v) for v in values])  # type: ignore[arg-type]
     return table
@@ -109,13 +111,16 @@ def run_seeds(name: str, scale: str, seeds: int, out: Path | None = None,
     if (out / "config.toml").is_file():
         raise ConfigError(f"{out} holds a one-seed experiment; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    if name == "fedit-dpo":
+        cfg = preference_pairs(cfg, settings, log)  # the same pairs for every seed
     log(f"experiment folder {out}; seeds {cfg.seed}..{cfg.seed + seeds - 1}; "
         f"budget {plan_budget(cfg).as_dict()}")
     summaries = {}
     for seed in range(cfg.seed, cfg.seed + seeds):
         log(f"== seed {seed}")
         one = dataclasses.replace(cfg, seed=seed)
-        summaries[seed] = Experiment(one, settings, seed_folder(out, seed), scale, log).run()
+        summaries[seed] = Experiment(one, settings, seed_folder(out, seed), scale, log,
+                                     name).run()
     result = aggregate_seeds(summaries)
     atomic_write_json(out / "experiment.json", result)
     return result
@@ -129,15 +134,19 @@ def format_seeds(summary: dict[str, Any]) -> str:
         return f"{m['mean']:.4f}" + ("" if m["sd"] is None else f" ± {m['sd']:.4f}")
 
     seeds = ", ".join(str(s) for s in summary["seeds"])
+    first = next(iter(summary["arms"].values()))["overall"]
+    kind = "preference" if "preference_accuracy" in first else "instruction"
+    columns = [(h, key) for h, key, _ in SUMMARY_COLUMNS[kind]
+               if key not in ("perplexity", "dpo_loss")]
     lines = [f"{len(summary['seeds'])} seeds ({seeds}): mean ± sd",
-             f"{'arm':<12} {'loss':>17} {'rouge_l':>17} {'sim':>17}"]
+             f"{'arm':<12} " + " ".join(f"{h:>17}" for h, _ in columns)]
     for arm, info in summary["arms"].items():
         o = info["overall"]
-        lines.append(f"{arm:<12} {f(o.get('loss')):>17} {f(o.get('rouge_l')):>17} "
-                     f"{f(o.get('similarity')):>17}")
+        lines.append(f"{arm:<12} " + " ".join(f"{f(o.get(key)):>17}" for _, key in columns))
+    head, key = columns[0]
     for seed, clients in summary["arms"]["local-only"]["per_client"].items():
         for c, o in clients.items():
-            lines.append(f"  seed {seed} local-only client {c}: loss {o['loss']:.4f}")
+            lines.append(f"  seed {seed} local-only client {c}: {head} {o[key]:.4f}")
     return "\n".join(lines + format_paired_seeds(summary.get("paired", {})))
 
 
