@@ -178,6 +178,60 @@ def test_precompute_fills_only_missing_pairs(tiny_model_dir, tok):
     np.testing.assert_allclose([table[p.key][0] for p in pairs], chosen, rtol=1e-6)
 
 
+def _one_sequence_logp(model, prompt, answer):
+    """An answer's summed log-probability from the model's logits on its own sequence."""
+    ids = torch.tensor([prompt + answer])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float()
+    logp = torch.log_softmax(logits, -1)
+    return sum(float(logp[len(prompt) + j - 1, t]) for j, t in enumerate(answer))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_packed_pairs_give_each_answers_own_sequence_log_probabilities(tiny_model_dir, tok,
+                                                                       fused):
+    """prompt + chosen + rejected in one row: each answer's log-probability is that of its
+    own prompt + answer sequence (the rejected one never sees the chosen one), in a batch of
+    pairs of different lengths (padding), on the evaluation path and the fused training
+    path (its attention takes the mask)."""
+    from fedit.client.dpo import packed_length, sequence_logps
+
+    rows = make_pairs(5, seed=2)
+    rows[1]["rejected"] = rows[1]["chosen"] + " and much more than that, more and more."
+    rows[3]["prompt"] = rows[3]["prompt"] + " Say it at length, please, in words."
+    pairs, _, _ = tokenize_pairs(tok, rows, DataConfig(cutoff_len=256), "t")
+    model = _policy(tiny_model_dir, seed=4)
+    want = [[_one_sequence_logp(model, p.prompt_ids, getattr(p, name)) for p in pairs]
+            for name in ("chosen_ids", "rejected_ids")]
+    micro = pair_batch(pairs, tok.pad_token_id)
+    assert micro.input_ids.shape == (5, max(packed_length(p) for p in pairs))
+    assert micro.num_tokens == sum(packed_length(p) for p in pairs)
+    import fedit.client.fused as fu
+
+    calls = []
+    real = fu.CausalAttentionFunction.apply
+
+    def counted(*args):
+        calls.append(args[-1] is not None)  # the mask reached the fused attention
+        return real(*args)
+
+    with fused_training(model, enabled=fused), torch.set_grad_enabled(fused), \
+            pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fu.CausalAttentionFunction, "apply", counted)
+        logps, counts = sequence_logps(model, micro)
+    assert calls == ([True] * 2 if fused else [])  # one a layer on the fused path
+    np.testing.assert_allclose(logps[:5].detach().numpy(), want[0], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(logps[5:].detach().numpy(), want[1], rtol=1e-5, atol=1e-4)
+    assert counts.tolist() == [len(p.chosen_ids) for p in pairs] + [
+        len(p.rejected_ids) for p in pairs]
+    # the chosen answer is really invisible to the rejected one: change it, same rejected
+    other = [type(p)(p.prompt_ids, list(reversed(p.chosen_ids)), p.rejected_ids) for p in pairs]
+    with torch.no_grad():
+        again, _ = sequence_logps(model, pair_batch(other, tok.pad_token_id))
+    np.testing.assert_allclose(again[5:].numpy(), logps[5:].detach().numpy(), rtol=1e-5,
+                               atol=1e-5)
+
+
 # -- preference rows: shapes, bad rows, lengths ----------------------------------------------
 def test_standard_and_conversational_rows_and_mapped_columns(tmp_path):
     f = write_jsonl(tmp_path / "p.jsonl", [

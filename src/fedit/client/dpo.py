@@ -1,9 +1,17 @@
 """Direct preference optimisation (Rafailov et al. 2023, arXiv 2305.18290) on the objective
 seam: ``train.objective = "dpo"``, configured by ``[dpo]``.
 
-A step's pairs run chosen and rejected in one forward pass (the batch is the chosen
-sequences, then the rejected ones); a sequence's log-probability is the sum over its
-answer tokens of the fused labelled cross-entropy (:func:`fedit.client.losses.token_losses`).
+A pair is one packed sequence, ``prompt + chosen + rejected``: the prompt is computed once
+for both answers (the shared-prefix packing of, e.g., Wang et al. 2024, "Accelerating
+Direct Preference Optimization with Prefix Sharing", arXiv 2410.20305). The rejected
+answer takes the positions the chosen one has (its rotary positions start where the
+prompt ends) and attends to the prompt and to itself, never to the chosen answer
+(:class:`PairBatch`'s mask), so each answer's log-probabilities are those of its own
+``prompt + answer`` sequence; its first token is predicted by the prompt's last position.
+A micro-batch of pairs is one forward pass of one row a pair, and a pair costs
+``prompt + chosen + rejected`` tokens where two sequences cost twice the prompt. A
+sequence's log-probability is the sum over its answer tokens of the fused labelled
+cross-entropy (:func:`fedit.client.fused.labelled_cross_entropy`).
 With ``z = beta * ((pi_c - pi_r) - (ref_c - ref_r))`` the ``sigmoid`` loss of a pair is
 ``-(1 - ls) * logsigmoid(z) - ls * logsigmoid(-z)`` (``ls``: ``label_smoothing``, the
 conservative DPO of Mitchell 2023); ``ipo`` (Azar et al. 2023, arXiv 2310.12036) is
@@ -33,10 +41,11 @@ import torch
 import torch.nn.functional as F
 
 from fedit.algorithms.contract import ClientState
-from fedit.client.losses import EVAL_BATCH_TOKENS, token_losses
+from fedit.client.fused import labelled_cross_entropy
+from fedit.client.losses import EVAL_BATCH_TOKENS, decoder_and_head
 from fedit.client.objective_base import HeldOut, Log, Objective, loss_by_category, row_label
 from fedit.config import DataConfig, DPOConfig, RunConfig
-from fedit.data.batching import Batch, batch_order, capped_batches, collate
+from fedit.data.batching import batch_order, capped_batches
 from fedit.data.preference_tokens import PairExample, tokenize_pairs_for_run
 from fedit.model.adapter import set_adapter_arrays
 from fedit.model.init_from import reference_weights
@@ -46,27 +55,84 @@ REFERENCE = "dpo-reference"  # ClientState.arrays key: [pair keys, ref chosen, r
 
 @dataclass
 class PairBatch:
-    """A micro-batch of pairs: the chosen sequences, then the rejected ones, padded."""
+    """A micro-batch of pairs, one packed row a pair (``prompt + chosen + rejected``),
+    right-padded to ``L``.
 
-    batch: Batch
+    ``mask`` (B, 1, L, L) is True where a query position may attend a key: causal, except
+    that the rejected answer's positions do not see the chosen answer's (pads see what is
+    before them, and carry no label). ``positions``: the rotary positions (the rejected
+    answer's restart where the prompt ends). ``source`` indexes the flattened (B x L)
+    positions whose output predicts each answer token ``targets``; ``rows`` says whose it
+    is: pair ``i``'s chosen answer ``i``, its rejected answer ``B + i``."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor
+    source: torch.Tensor
+    targets: torch.Tensor
+    rows: torch.Tensor
     keys: list[int]
+    num_tokens: int  # real (non-pad) tokens of the packed rows
 
     @property
     def pairs(self) -> int:
         return len(self.keys)
 
 
+def packed_length(pair: PairExample) -> int:
+    """Tokens of a pair's packed row: its prompt once, then both answers."""
+    return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+
+
 def pair_batch(pairs: Sequence[PairExample], pad_id: int) -> PairBatch:
-    """Collate pairs into one forward pass (chosen rows first)."""
-    rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    return PairBatch(collate(rows, pad_id), [p.key for p in pairs])
+    """Pack pairs into one forward pass (see :class:`PairBatch`)."""
+    b, width = len(pairs), max(packed_length(p) for p in pairs)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    positions = torch.zeros((b, width), dtype=torch.long)
+    mask = torch.ones((b, width, width), dtype=torch.bool).tril_()
+    source: list[int] = []
+    targets: list[int] = []
+    rows: list[int] = []
+    for i, p in enumerate(pairs):
+        n_p, n_c, n_r = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+        end = n_p + n_c + n_r
+        ids[i, :end] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids)
+        positions[i, : n_p + n_c] = torch.arange(n_p + n_c)
+        positions[i, n_p + n_c : end] = torch.arange(n_p, n_p + n_r)
+        positions[i, end:] = torch.arange(n_p + max(n_c, n_r), n_p + max(n_c, n_r) + width - end)
+        mask[i, n_p + n_c : end, n_p : n_p + n_c] = False
+        base = i * width
+        # an answer token is predicted by the position before it in its own sequence: the
+        # prompt's last for the first token (none when the prompt is empty, as unpacked)
+        first = 0 if n_p else 1
+        for j in range(first, n_c):
+            source.append(base + (n_p - 1 if j == 0 else n_p + j - 1))
+            targets.append(p.chosen_ids[j])
+            rows.append(i)
+        for j in range(first, n_r):
+            source.append(base + (n_p - 1 if j == 0 else n_p + n_c + j - 1))
+            targets.append(p.rejected_ids[j])
+            rows.append(b + i)
+    return PairBatch(ids, positions, mask.unsqueeze(1), torch.tensor(source),
+                     torch.tensor(targets), torch.tensor(rows), [p.key for p in pairs],
+                     sum(packed_length(p) for p in pairs))
 
 
-def sequence_logps(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: the summed log-probability of its labelled tokens and their count."""
-    losses, rows = token_losses(model, batch)  # -log p of each labelled token
-    n = batch.num_examples
-    logps = -torch.zeros(n, device=losses.device, dtype=losses.dtype).index_add(0, rows, losses)
+def sequence_logps(model: torch.nn.Module, micro: PairBatch
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per answer (the chosen ones, then the rejected ones): the summed log-probability of
+    its tokens and their count."""
+    decoder, head = decoder_and_head(model)
+    device = next(head.parameters()).device
+    hidden = decoder(input_ids=micro.input_ids.to(device),
+                     position_ids=micro.positions.to(device),
+                     attention_mask=micro.mask.to(device)).last_hidden_state
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    losses = labelled_cross_entropy(flat[micro.source.to(device)], head,
+                                    micro.targets.to(device))  # -log p of each answer token
+    rows = micro.rows.to(device)
+    n = 2 * micro.pairs
+    logps = -torch.zeros(n, device=device, dtype=losses.dtype).index_add(0, rows, losses)
     counts = torch.bincount(rows, minlength=n).to(losses.dtype)
     return logps, counts
 
@@ -116,11 +182,11 @@ def pair_logps(model: torch.nn.Module, pairs: Sequence[PairExample], pad_id: int
     was_training = model.training
     model.eval()
     out = np.zeros((4, len(pairs)))
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]))
-    lengths = [2 * len(p) for p in pairs]  # a pair is two rows of about its length
+    lengths = [packed_length(p) for p in pairs]
+    order = sorted(range(len(pairs)), key=lambda i: lengths[i])
     for idx in map(np.asarray, capped_batches(order, lengths, batch_size, max_tokens)):
         micro = pair_batch([pairs[i] for i in idx], pad_id)
-        logps, counts = sequence_logps(model, micro.batch)
+        logps, counts = sequence_logps(model, micro)
         n = len(idx)
         out[0, idx], out[1, idx] = logps[:n].double().cpu(), logps[n:].double().cpu()
         out[2, idx], out[3, idx] = counts[:n].double().cpu(), counts[n:].double().cpu()
@@ -128,16 +194,18 @@ def pair_logps(model: torch.nn.Module, pairs: Sequence[PairExample], pad_id: int
     return tuple(out)
 
 
-def reference_logps(model: Any, pairs: Sequence[PairExample], pad_id: int
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def reference_logps(model: Any, pairs: Sequence[PairExample], pad_id: int,
+                    batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """The reference's chosen and rejected log-probabilities: the starting adapter of
     ``lora.init_from`` (the model's frozen reference adapter) when there is one, else the
-    base model, the adapter disabled (no second copy of the model either way)."""
+    base model, the adapter disabled (no second copy of the model either way). Batched as
+    :func:`pair_logps` with the same ``batch_size`` batches them, so a policy equal to its
+    reference (a fresh adapter, B = 0) gets exactly its log-probabilities."""
     if not hasattr(model, "disable_adapter"):
         raise TypeError("DPO's reference is the base model with the LoRA adapter disabled; "
                         "the model has no adapter (attach one first)")
     with reference_weights(model):
-        chosen, rejected, _, _ = pair_logps(model, pairs, pad_id)
+        chosen, rejected, _, _ = pair_logps(model, pairs, pad_id, batch_size=batch_size)
     return chosen, rejected
 
 
@@ -180,9 +248,9 @@ class DPO(Objective):
     def steps(self, examples: Sequence[Any], batch_size: int, micro_batch_size: int,
               pad_id: int, rng: np.random.Generator, group_by_length: bool
               ) -> Iterator[list[PairBatch]]:
-        """``batch_size`` pairs a step, ``micro_batch_size`` pairs a forward pass (each
-        pass holds twice as many sequences)."""
-        lengths = [len(e) for e in examples]
+        """``batch_size`` pairs a step, ``micro_batch_size`` pairs a forward pass (one
+        packed row a pair)."""
+        lengths = [packed_length(e) for e in examples]
         for idx in batch_order(lengths, batch_size, rng, group_by_length):
             pairs = [examples[i] for i in idx]
             yield [pair_batch(pairs[i : i + micro_batch_size], pad_id)
@@ -193,7 +261,7 @@ class DPO(Objective):
 
     def micro_loss(self, model: torch.nn.Module, micro: PairBatch, state: ClientState
                    ) -> tuple[torch.Tensor, int]:
-        logps, counts = sequence_logps(model, micro.batch)
+        logps, counts = sequence_logps(model, micro)
         n = micro.pairs
         table = self._reference(state)
         try:
@@ -204,7 +272,7 @@ class DPO(Objective):
                                "run on this client's examples") from None
         losses = dpo_losses(logps[:n], logps[n:], ref[:, 0], ref[:, 1], counts[:n],
                             counts[n:], self.cfg)
-        return losses.sum(), micro.batch.num_tokens
+        return losses.sum(), micro.num_tokens
 
     def _reference(self, state: ClientState) -> dict[int, tuple[float, float]]:
         """The state's table, read once per state object (a round reads it every step)."""

@@ -285,11 +285,14 @@ class CausalAttentionFunction(torch.autograd.Function):
     Returns (B, L, H, D), as transformers' attention functions do. Queries are processed in
     blocks of ``ATTN_BLOCK`` rows once ``L`` exceeds two blocks; each block only meets the
     keys up to its last row. The G query heads of a KV head form one matrix, so each
-    product is one GEMM of G x block rows."""
+    product is one GEMM of G x block rows. ``allowed`` (B, 1, L, L) bool, optional: where
+    a query may attend a key, on top of causality (DPO's packed pairs); it must leave each
+    query at least one key. A masked score's probability is 0, so the backward needs no
+    mask."""
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                scaling: float) -> torch.Tensor:
+                scaling: float, allowed: torch.Tensor | None = None) -> torch.Tensor:
         batch, heads, length, dim = q.shape
         kv = k.shape[1]
         groups = heads // kv
@@ -303,6 +306,9 @@ class CausalAttentionFunction(torch.autograd.Function):
             # only the block's own (diagonal) columns hold keys after some of its queries
             above = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1)
             scores.view(batch, kv, groups, n, end)[..., start:].masked_fill_(above, float("-inf"))
+            if allowed is not None:
+                block = allowed[:, :, start:end, :end].unsqueeze(2)  # (B, 1, 1, n, end)
+                scores.view(batch, kv, groups, n, end).masked_fill_(~block, float("-inf"))
             probs = torch.softmax(scores, dim=-1)
             ob = probs @ v[:, :, :end]  # (B, KV, G n, D)
             out[:, start:end] = ob.view(batch, heads, n, dim).transpose(1, 2)
@@ -330,7 +336,7 @@ class CausalAttentionFunction(torch.autograd.Function):
             grad_q[:, :, start:end] = (grad_scores @ k[:, :, :end]).mul_(ctx.scaling).view(
                 batch, heads, n, dim)
             grad_k[:, :, :end] += grad_scores.transpose(-1, -2) @ qb
-        return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), None
+        return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), None, None
 
 
 def _blocks(length: int) -> list[tuple[int, int]]:
@@ -341,13 +347,17 @@ def _blocks(length: int) -> list[tuple[int, int]]:
 
 def _fused_attention(sdpa: Any) -> Any:
     """An attention function for transformers' registry: ``CausalAttentionFunction`` for a
-    causal training forward with no mask, no dropout and no cache; ``sdpa`` otherwise."""
+    causal training forward with no mask (or a boolean (B, 1, L, L) one: DPO's packed
+    pairs), no dropout and no cache; ``sdpa`` otherwise."""
 
     def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                   value: torch.Tensor, attention_mask: torch.Tensor | None,
                   dropout: float = 0.0, scaling: float | None = None,
                   **kwargs: Any) -> tuple[torch.Tensor, None]:
-        plain = (attention_mask is None and dropout == 0.0 and query.shape[2] > 1
+        mask = attention_mask
+        square = (mask is not None and mask.dtype == torch.bool and mask.dim() == 4
+                  and mask.shape[1] == 1 and mask.shape[2] == mask.shape[3] == query.shape[2])
+        plain = ((mask is None or square) and dropout == 0.0 and query.shape[2] > 1
                  and query.shape[2] == key.shape[2] and getattr(module, "is_causal", True)
                  and query.shape[1] % key.shape[1] == 0 and torch.is_grad_enabled()
                  and not kwargs.get("output_attentions") and kwargs.get("softcap") is None
@@ -356,7 +366,7 @@ def _fused_attention(sdpa: Any) -> Any:
             return sdpa(module, query, key, value, attention_mask, dropout=dropout,
                         scaling=scaling, **kwargs)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return CausalAttentionFunction.apply(query, key, value, scale), None
+        return CausalAttentionFunction.apply(query, key, value, scale, mask), None
 
     return attention
 
