@@ -11,9 +11,10 @@ response, rejected = the response of another row of the same category.
 
 Arms, on the same pairs, model (SmolLM2-135M), LoRA (r=8, alpha 16, dropout 0.05 on
 q/k/v/o), cutoff, pairs per optimizer step (``--batch``), learning rate, beta 0.1, one epoch:
-  fedit_dpo    fedit's trainer (``train_adapter``) with the ``DPO`` objective; timed:
-               ``DPO.precompute`` (the reference log-probabilities, the adapter disabled)
-               + the epoch
+  fedit_dpo    fedit's trainer (``train_adapter``) with the ``DPO`` objective (a pair is
+               one packed row, prompt + chosen + rejected: the prompt is computed once);
+               timed: ``DPO.precompute`` (the reference log-probabilities, the adapter
+               disabled) + the epoch
   fedit_sft    fedit's SFT on the chosen sequences only, ``--batch`` of them a step (its
                peak RSS is the yardstick of fedit_dpo's: goal <= 1.3x)
   trl_best     TRL's DPOTrainer on a PEFT model at its best settings for this CPU:
@@ -26,10 +27,12 @@ q/k/v/o), cutoff, pairs per optimizer step (``--batch``), learning rate, beta 0.
                ``trainer.train()``
 
 TRL is given the text of fedit's tokenised pairs (prompt rendered with fedit's alpaca
-template, answers as fedit fitted them to the cutoff) and ``max_length = --cutoff``; each
-arm counts its own real (non-pad) tokens, chosen + rejected sequences (prompt included in
-each). Before its timed run every arm takes one untimed step on its longest batch and then
-restores its LoRA weights (``--no-warmup`` skips it; see bench/train_throughput.py).
+template, answers as fedit fitted them to the cutoff) and ``max_length = --cutoff``. Every
+DPO arm is credited with the same work: the real (non-pad) tokens of the chosen and the
+rejected sequences, the prompt counted in each (fedit_dpo computes fewer, the prompt once
+a pair; its tokens/s is the rate at which it gets through the same pairs). Before its
+timed run every arm takes one untimed step on its longest batch and then restores its
+LoRA weights (``--no-warmup`` skips it; see bench/train_throughput.py).
 
 Each arm prints one JSON line (tokens/s, seconds, final loss, peak RSS); then a summary line
 with the ratios against the goals: fedit_dpo/trl_best >= 2x, fedit_dpo/trl_default >= 5x
@@ -111,7 +114,7 @@ def fedit_model(model_dir: str, args: argparse.Namespace) -> tuple[Any, Any]:
 
 def run_fedit_dpo(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
     from fedit.algorithms.contract import ClientState
-    from fedit.client.dpo import DPO
+    from fedit.client.dpo import DPO, packed_length
     from fedit.client.trainer import train_adapter
     from fedit.config import DPOConfig, TrainConfig
 
@@ -122,7 +125,7 @@ def run_fedit_dpo(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
     objective.pad_id = int(tok.pad_token_id or 0)
     last: list[float] = []
     if args.warmup:  # the reference and one step on the longest pairs, weights restored
-        warm, warm_state = longest(pairs, args.batch, len), ClientState()
+        warm, warm_state = longest(pairs, args.batch, packed_length), ClientState()
         with untouched_trainables(model):
             objective.precompute(model, warm, warm_state)
             train_adapter(model, warm, replace(cfg, max_steps=1), pad_id=objective.pad_id,

@@ -300,6 +300,13 @@ def test_identical_answers_and_unfittable_prompts_are_counted(tmp_path, tok):
     short = DataConfig(cutoff_len=40, min_response_tokens=4)
     assert tokenize_pair(tok, rows[2], cutoff_len=40, min_response_tokens=4) is None
     assert tokenize_pairs(tok, rows[1:], short, "t")[2]["skipped"] == 2
+    # a client left with no pair at all is an error, not a round of no steps
+    from fedit.data.preference_tokens import tokenize_pairs_for_run
+
+    with pytest.raises(DataError, match=r"client 3: none of its 2 pairs is left to train on "
+                                        r"\(2 cannot fit data.cutoff_len = 40 .*raise "
+                                        r"data.cutoff_len"):
+        tokenize_pairs_for_run(tok, rows[1:], short, "client 3", log=None)
 
 
 def test_conversational_prompt_is_shortened_in_its_longest_turn(tok):

@@ -129,7 +129,8 @@ def test_dpo_scales_and_settings_errors():
     cfg, settings = experiment_config("fedit-dpo", "small")
     assert cfg.train.objective == "dpo" and cfg.data.template == "chatml"
     assert settings.pairs_per_label == 40 and settings.pairs_max_new_tokens == 96
-    with pytest.raises(ConfigError, match="--scale 'medium': fedit-dpo has test, small"):
+    with pytest.raises(ConfigError,
+                       match=r"--scale 'medium': use one of test, small \(fedit-dpo's scales\)"):
         experiment_config("fedit-dpo", "medium")
     with pytest.raises(ConfigError, match="experiment.pairs_per_label: must be >= 1"):
         experiment_config("fedit-dpo", "small", ["experiment.pairs_per_label=0"])

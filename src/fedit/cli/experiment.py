@@ -20,11 +20,14 @@ def _log(message: str) -> None:
 
 @one_line_errors
 def experiment_cmd(
-    name: Annotated[str, typer.Argument(help="the experiment: fedit-paper")],
+    name: Annotated[str, typer.Argument(
+        help="fedit-paper (instruction tuning) | fedit-dpo (federated DPO on self-play "
+             "preference pairs)")],
     scale: Annotated[
-        str, typer.Option(help="test (tiny, for tests) | small (~25 min bf16, ~90 fp32 CPU) | "
-                               "medium (~75 min measured, bf16 CPU path) | "
-                               "full (the reference setting, for a GPU)")
+        str, typer.Option(help="fedit-paper: test (tiny, for tests) | small (~25 min bf16, "
+                               "~90 fp32 CPU) | medium (~75 min measured, bf16 CPU path) | "
+                               "full (the reference setting, for a GPU); fedit-dpo: test | "
+                               "small (~1 h on 2 fp32 CPU cores)")
     ] = "small",
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="folder (default runs/<name>-<scale>)")
@@ -39,7 +42,8 @@ def experiment_cmd(
              "experiment.json: mean ± sd across seeds")] = 1,
 ) -> None:
     """The FedIT paper's comparison: base, local-only, FedIT and centralized on one held-out
-    set with the same compute budget; an arm already evaluated in --out is skipped."""
+    set with the same compute budget (fedit-dpo: the same arms trained with DPO, scored on
+    held-out preference pairs); an arm already evaluated in --out is skipped."""
     from fedit.experiment.run import format_summary, run_experiment
     from fedit.experiment.seeds import format_seeds, run_seeds
 

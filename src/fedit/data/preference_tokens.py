@@ -218,6 +218,13 @@ def tokenize_pairs_for_run(
     recording the counts under ``who`` in ``stats_file`` (as SFT's rows are)."""
     examples, kept, counts = tokenize_pairs(tokenizer, rows, data, who)
     n = len(rows)
+    if n and not examples:
+        raise DataError(
+            f"{who}: none of its {n} pairs is left to train on ({counts['skipped']} cannot "
+            f"fit data.cutoff_len = {data.cutoff_len} with data.min_response_tokens = "
+            f"{data.min_response_tokens} answer tokens each, {counts['identical']} have the "
+            "same chosen and rejected answer); raise data.cutoff_len or lower "
+            "data.min_response_tokens")
     if log is not None and counts["truncated"]:
         log(f"{who}: {counts['truncated']} of {n} pairs shortened to fit data.cutoff_len = "
             f"{data.cutoff_len} (a prompt lost its middle, or an answer its end)")

@@ -35,6 +35,17 @@ of them.
 
 Scales (``SCALES``: test, small, medium, full) and the budget arithmetic of each live in
 :mod:`fedit.experiment.scales`.
+
+``fedit experiment fedit-dpo`` runs the same four arms with ``train.objective = "dpo"`` on
+preference pairs (``DPO_SCALES``: test, small): ``experiment.pairs`` names a preference
+file, else the self-play pairs of :mod:`fedit.model.self_play` are built from
+``data.path``'s rows (dolly-15k) with the run's model and template, once, then read from
+fedit's cache (``experiment.pairs_per_label`` a label, rejected answers of at most
+``experiment.pairs_max_new_tokens``). ``base`` is then the starting adapter (the base
+model with a fresh adapter, or ``lora.init_from``'s adapter, which is also the reference);
+every arm is scored by :func:`fedit.evaluate.preference.evaluate_preferences` on the
+held-out pairs (preference accuracy, reward margin, their reference-free forms, DPO loss,
+greedy answer length), and the paired section compares those per pair.
 """
 
 from __future__ import annotations

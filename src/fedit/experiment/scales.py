@@ -146,7 +146,7 @@ DPO_SCALES: dict[str, dict[str, Any]] = {
     "small": {  # the arithmetic and the measured time: the module docstring of run.py
         "rounds": 4,
         "model": {"name": "smollm2-135m"},
-        "data": {"path": "dolly-15k", "template": "chatml", "test_per_label": 6,
+        "data": {"path": "dolly-15k", "template": "chatml", "test_per_label": 10,
                  "cutoff_len": 256, "min_response_tokens": 16},
         "partition": {"method": "dirichlet", "clients": 8, "alpha": 0.5, "min_size": 10},
         "train": {"objective": "dpo", "batch_size": 4, "micro_batch_size": 4,
@@ -229,7 +229,8 @@ def experiment_config(
         raise ConfigError(f"unknown experiment {name!r}; use one of {', '.join(EXPERIMENTS)}")
     scales = scales_of(name)
     if scale not in scales:
-        raise ConfigError(f"--scale {scale!r}: {name} has {', '.join(scales)}")
+        mine = "" if scales is SCALES else f" ({name}'s scales)"
+        raise ConfigError(f"--scale {scale!r}: use one of {', '.join(scales)}{mine}")
     try:
         raw = apply_overrides(scales[scale], overrides or [])
         extra = raw.pop("experiment", {})
