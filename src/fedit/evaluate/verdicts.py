@@ -14,3 +14,17 @@ RECORD_FIELDS = {"preference_accuracy": "correct",
                  "reference_free_accuracy": "reference_free_correct"}
 #: the verdict when the paired 95% interval holds zero
 NO_DIFFERENCE = "no difference at 95%"
+#: the verdicts of a metric with a better side, and of one without (a length)
+VERDICTS = ("better", NO_DIFFERENCE, "worse")
+DIRECTIONS = ("higher", NO_DIFFERENCE, "lower")
+
+
+def verdicts_of(metric: str) -> tuple[str, str, str]:
+    """The verdicts a metric's paired difference can get: (up, none, down)."""
+    return DIRECTIONS if METRICS.get(metric, True) is None else VERDICTS
+
+
+def better_side(metric: str) -> str:
+    """``higher`` / ``lower`` (which side is better), ``n/a`` for a length."""
+    side = METRICS.get(metric, True)
+    return "n/a" if side is None else "higher" if side else "lower"

@@ -16,8 +16,7 @@ from typing import Any
 
 from fedit.errors import DataError
 from fedit.evaluate.compare import NO_DIFFERENCE, compare_evals
-
-VERDICTS = ("better", NO_DIFFERENCE, "worse")  # fedit against the other arm
+from fedit.evaluate.verdicts import VERDICTS, verdicts_of
 
 
 def paired_folders(local_clients: list[int]) -> list[tuple[str, str]]:
@@ -51,7 +50,7 @@ def paired_section(out: Path, local_clients: list[int], seed: int,
                       "interval": "percentile", "paired_over": "rows", "difference": "B - A"},
         "pairs": pairs,
         "fedit_vs_local_only_clients": {
-            metric: {v: c[v] for v in VERDICTS} for metric, c in counts.items()},
+            metric: {v: c[v] for v in verdicts_of(metric)} for metric, c in counts.items()},
     }
 
 
@@ -74,9 +73,10 @@ def format_paired(paired: dict[str, Any]) -> list[str]:
                 lines.append(f"{name}: {metric} {_num(m['diff'])} [{_num(m['low'])}, "
                              f"{_num(m['high'])}] {m['verdict']} ({m['rows']} rows)")
     for metric, c in paired["fedit_vs_local_only_clients"].items():
-        lines.append(f"fedit vs the {sum(c.values())} local-only clients on {metric}: better "
-                     f"than {c['better']}, tied with {c[NO_DIFFERENCE]}, worse than {c['worse']}")
+        up, _, down = verdicts_of(metric)
+        lines.append(f"fedit vs the {sum(c.values())} local-only clients on {metric}: {up} "
+                     f"than {c[up]}, tied with {c[NO_DIFFERENCE]}, {down} than {c[down]}")
     return lines
 
 
-__all__ = ["format_paired", "paired_folders", "paired_section"]
+__all__ = ["VERDICTS", "format_paired", "paired_folders", "paired_section"]

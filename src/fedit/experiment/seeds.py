@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fedit.errors import ConfigError
-from fedit.evaluate.verdicts import METRICS, NO_DIFFERENCE
-from fedit.experiment.paired import VERDICTS
+from fedit.evaluate.verdicts import NO_DIFFERENCE, better_side, verdicts_of
 from fedit.experiment.run import ARMS, SUMMARY_COLUMNS, Experiment, preference_pairs
 from fedit.experiment.scales import experiment_config, plan_budget
 from fedit.federation.loop import Log
@@ -68,9 +67,9 @@ def aggregate_paired(summaries: dict[int, dict[str, Any]]) -> dict[str, Any]:
                         {"seed": s, "a": pair["a"], "rows": m["rows"], "diff": m["diff"],
                          "low": m["low"], "high": m["high"], "verdict": m["verdict"]})
     return {kind: {metric: {"diff": mean_sd([e["diff"] for e in entries]),
-                            "better": "higher" if METRICS[metric] else "lower",
+                            "better": better_side(metric),
                             "verdicts": {v: sum(e["verdict"] == v for e in entries)
-                                         for v in VERDICTS},
+                                         for v in verdicts_of(metric)},
                             "per_seed": entries}
                    for metric, entries in metrics.items()}
             for kind, metrics in found.items()}
@@ -158,8 +157,8 @@ def format_paired_seeds(paired: dict[str, Any]) -> list[str]:
     for kind, metrics in paired.items():
         for metric, m in metrics.items():
             d, v = m["diff"], m["verdicts"]
+            up, _, down = verdicts_of(metric)
             sd = "" if d["sd"] is None else f" ± {d['sd']:.4f}"
             lines.append(f"{kind}: {metric} {d['mean']:+.4f}{sd} over {len(d['values'])}: "
-                         f"better {v['better']}, no difference {v[NO_DIFFERENCE]}, "
-                         f"worse {v['worse']}")
+                         f"{up} {v[up]}, no difference {v[NO_DIFFERENCE]}, {down} {v[down]}")
     return lines

@@ -8,6 +8,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from fedit.evaluate.verdicts import verdicts_of
 from fedit.io import atomic_write_bytes, atomic_write_text
 from fedit.report.plots import (
     categories,
@@ -171,11 +172,13 @@ def paired_note(src: Source) -> str:
     """Under the forest plot: how the intervals were drawn, FedIT's record against the
     local-only clients."""
     b = src.paired.get("bootstrap", {})
-    counts = "".join(
-        f"<li>{esc(metric)}: better than {c.get('better', 0)}, tied with "
-        f"{c.get('no difference at 95%', 0)}, worse than {c.get('worse', 0)} of "
-        f"{sum(c.values())} local-only clients</li>"
-        for metric, c in src.paired.get("fedit_vs_local_only_clients", {}).items())
+    def line(metric: str, c: dict[str, int]) -> str:
+        up, tie, down = verdicts_of(metric)
+        return (f"<li>{esc(metric)}: {up} than {c.get(up, 0)}, tied with {c.get(tie, 0)}, "
+                f"{down} than {c.get(down, 0)} of {sum(c.values())} local-only clients</li>")
+
+    counts = "".join(line(metric, c) for metric, c in
+                     src.paired.get("fedit_vs_local_only_clients", {}).items())
     return (f'<p class="muted">paired bootstrap over the held-out rows, '
             f"{esc(b.get('resamples', '?'))} resamples, seed {esc(b.get('seed', '?'))}; "
             "the verdict comes from the interval (better / worse when it excludes 0).</p>"

@@ -22,8 +22,23 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
+def _dpo(src: Source) -> bool:
+    """A DPO run or experiment: its rounds (or arms) were scored on preference pairs."""
+    return any("preference_accuracy" in m for m in src.metrics) or any(
+        "preference_accuracy" in ev.get("overall", {}) for ev in src.evals.values())
+
+
+def _arm_lines(ax: Any, src: Source, key: str) -> None:
+    """The experiment's other arms' ``key`` as horizontal lines (not in a plain run)."""
+    for arm in ("base", "local-only", "centralized") if src.kind == "experiment" else ():
+        value = src.evals.get(arm, {}).get("overall", {}).get(key)
+        if value is not None:
+            ax.axhline(value, color=ARM_COLORS[arm], ls=":", lw=2, label=f"{arm} ({value:.3f})")
+
+
 def plot_loss_curve(src: Source) -> bytes | None:
-    """Held-out (and train) loss per round; other arms as horizontal lines."""
+    """Held-out (and train) loss per round (a DPO run's: the DPO loss per pair); other arms
+    as horizontal lines."""
     from matplotlib.figure import Figure
 
     evals = [(m["round"], m["eval_loss"]) for m in src.metrics
@@ -40,16 +55,14 @@ def plot_loss_curve(src: Source) -> bytes | None:
     if trains:
         ax.plot(*zip(*trains, strict=True), marker=".", ls="--", color="#c44e52", alpha=0.7,
                 label="train (clients of the round)")
-    for arm in ("base", "local-only", "centralized") if src.kind == "experiment" else ():
-        loss = src.evals.get(arm, {}).get("overall", {}).get("loss")
-        if loss is not None:
-            ax.axhline(loss, color=ARM_COLORS[arm], ls=":", lw=2, label=f"{arm} ({loss:.3f})")
+    dpo = _dpo(src)
+    _arm_lines(ax, src, "dpo_loss" if dpo else "loss")
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("round (0 = base model)")
-    ax.set_ylabel("response-token loss")
-    ax.set_title("Held-out loss per round")
+    ax.set_xlabel("round (0 = the starting adapter)" if dpo else "round (0 = base model)")
+    ax.set_ylabel("DPO loss per pair" if dpo else "response-token loss")
+    ax.set_title("Held-out DPO loss per round" if dpo else "Held-out loss per round")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _png(fig)
@@ -68,9 +81,13 @@ def plot_preference_curve(src: Source) -> bytes | None:
     if not any(pts for _, _, pts in panels):
         return None
     fig = Figure(figsize=(8, 5.6), layout="constrained")
-    for ax, (_, title, pts) in zip(fig.subplots(2, 1, sharex=True), panels, strict=True):
+    label = "FedIT" if src.kind == "experiment" else "held-out"
+    for ax, (key, title, pts) in zip(fig.subplots(2, 1, sharex=True), panels, strict=True):
         if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", color=ARM_COLORS["fedit"])
+            ax.plot(*zip(*pts, strict=True), marker="o", color=ARM_COLORS["fedit"], label=label)
+        _arm_lines(ax, src, key)
+        if src.kind == "experiment":
+            ax.legend(fontsize=8)
         ax.set_ylabel(title)
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

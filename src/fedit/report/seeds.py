@@ -15,7 +15,7 @@ from typing import Any
 
 from fedit.errors import DataError
 from fedit.evaluate.forest import plot_forest
-from fedit.evaluate.verdicts import NO_DIFFERENCE
+from fedit.evaluate.verdicts import verdicts_of
 from fedit.io import atomic_write_bytes, atomic_write_text
 from fedit.report.page import METRIC_COLUMNS, build_page, esc, html_page, img, num
 from fedit.report.source import duration, read_json
@@ -110,13 +110,13 @@ def local_clients_table(exp: dict[str, Any]) -> str:
 def paired_table(paired: dict[str, Any]) -> str:
     """Compared arm x metric: the seeds' mean difference ± sd and their verdict counts."""
     head = ("<tr><th>pair</th><th>metric</th><th>fedit - other, mean ± sd</th><th>n</th>"
-            "<th>better</th><th>no difference</th><th>worse</th></tr>")
+            "<th>better (higher)</th><th>no difference</th><th>worse (lower)</th></tr>")
     rows = "".join(
         f"<tr><td>{esc(kind)}</td><td>{esc(metric)} ({esc(m['better'])} is better)</td>"
         f'<td class="num">{_mean_sd(m["diff"])}</td>'
         f'<td class="num">{len(m["per_seed"])}</td>'
-        + "".join(f'<td class="num">{m["verdicts"][v]}</td>'
-                  for v in ("better", NO_DIFFERENCE, "worse")) + "</tr>"
+        + "".join(f'<td class="num">{m["verdicts"].get(v, 0)}</td>'
+                  for v in verdicts_of(metric)) + "</tr>"
         for kind, metrics in paired.items() for metric, m in metrics.items())
     return (f"<table>{head}{rows}</table><p class=\"muted\">Each seed's verdict comes from its "
             "own paired bootstrap 95% interval over rows; n counts seeds (for the local-only "
