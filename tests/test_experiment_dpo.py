@@ -136,3 +136,45 @@ def test_dpo_scales_and_settings_errors():
         experiment_config("fedit-dpo", "small", ["experiment.pairs_per_label=0"])
     paper, s = experiment_config("fedit-paper", "small")
     assert "pairs" not in s.recorded("fedit-paper") and "pairs" in s.recorded("fedit-dpo")
+
+
+def test_answer_length_verdicts_are_counted_as_higher_or_lower(dpo_experiment):
+    out, _, output, _ = dpo_experiment
+    paired = _read(out / "experiment.json")["paired"]
+    counts = paired["fedit_vs_local_only_clients"]["answer_tokens"]
+    assert set(counts) == {"higher", "no difference at 95%", "lower"}
+    assert sum(counts.values()) == 2  # each local-only client counted once
+    assert (f"fedit vs the 2 local-only clients on answer_tokens: higher than "
+            f"{counts['higher']}, tied with {counts['no difference at 95%']}, lower than "
+            f"{counts['lower']}") in output
+
+
+def test_seeds_aggregate_the_preference_metrics(talking_model_dir, tmp_path, monkeypatch):
+    import torch
+
+    rows = write_jsonl(tmp_path / "rows.jsonl", make_rows(80))
+    monkeypatch.setenv("FEDIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "seeds"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = CliRunner().invoke(app, [
+            "experiment", "fedit-dpo", "--scale", "test", "--seeds", "2", "--out", str(out),
+            "--set", f"model.name={talking_model_dir}", "--set", f"data.path={rows}"])
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    summary = _read(out / "experiment.json")
+    assert summary["experiment"] == "fedit-dpo" and summary["seeds"] == [42, 43]
+    for arm in ARMS:
+        table = summary["arms"][arm]["overall"]
+        per_seed = [_read(out / f"seed-{s}" / arm / "eval.json")["overall"] for s in (42, 43)]
+        for key in ("preference_accuracy", "reward_margin", "reference_free_margin",
+                    "answer_tokens"):
+            assert table[key]["values"] == [o[key] for o in per_seed]
+            assert table[key]["mean"] == pytest.approx(np.mean(table[key]["values"]))
+    tokens = summary["paired"]["fedit vs base"]["answer_tokens"]
+    assert tokens["better"] == "n/a" and set(tokens["verdicts"]) == {
+        "higher", "no difference at 95%", "lower"}
+    assert "rf_margin" in result.output and "answer_tokens" in result.output
+    assert (out / "report.html").is_file()
