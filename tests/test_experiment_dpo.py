@@ -3,9 +3,6 @@ arms trained with DPO and scored on held-out pairs, with paired differences."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -15,16 +12,7 @@ from fedit.errors import ConfigError
 from fedit.evaluate.compare import compare_evals
 from fedit.experiment.scales import experiment_config
 from tests.conftest import make_rows, write_jsonl
-
-ARMS = ["base", "local-only", "fedit", "centralized"]
-
-
-def _read(path: Path):
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def _lines(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+from tests.test_experiment import ARMS, _lines, _read
 
 
 @pytest.fixture(scope="module")
