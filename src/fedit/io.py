@@ -1,8 +1,9 @@
 """Atomic file writes: everything is written to a temporary name and renamed into place,
-so a reader (or a killed run) never sees a half-written file."""
+so a reader (or a killed run) never sees a half-written file. And a file's sha256."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -91,3 +92,12 @@ def canonical_safetensors(data: bytes) -> bytes:
     if len(text) > n:  # never expected: the same content, only reordered
         return data
     return data[:8] + text + b" " * (n - len(text)) + data[8 + n :]
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 hex digest of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

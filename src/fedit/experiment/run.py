@@ -358,11 +358,15 @@ SUMMARY_COLUMNS = {
 }
 
 
+def summary_columns(summary: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """The table columns of an experiment summary's kind (one seed's or across seeds)."""
+    first = next(iter(summary["arms"].values()))["overall"]
+    return SUMMARY_COLUMNS["preference" if "preference_accuracy" in first else "instruction"]
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The arms' overall metrics as a plain-text table."""
-    first = next(iter(summary["arms"].values()))["overall"]
-    kind = "preference" if "preference_accuracy" in first else "instruction"
-    columns = SUMMARY_COLUMNS[kind]
+    columns = summary_columns(summary)
 
     def row(label: str, steps: str, o: dict[str, Any]) -> str:
         cells = ["-" if o.get(key) is None else f"{o[key]:.{d}f}" for _, key, d in columns]
@@ -378,4 +382,5 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ARMS", "Experiment", "format_summary", "mean_results", "run_experiment"]
+__all__ = ["ARMS", "Experiment", "format_summary", "mean_results", "run_experiment",
+           "summary_columns"]

@@ -20,7 +20,7 @@ from typing import Any
 
 from fedit.errors import ConfigError
 from fedit.evaluate.verdicts import NO_DIFFERENCE, better_side, verdicts_of
-from fedit.experiment.run import ARMS, SUMMARY_COLUMNS, Experiment, preference_pairs
+from fedit.experiment.run import ARMS, Experiment, preference_pairs, summary_columns
 from fedit.experiment.scales import experiment_config, plan_budget
 from fedit.federation.loop import Log
 from fedit.io import atomic_write_json
@@ -133,9 +133,7 @@ def format_seeds(summary: dict[str, Any]) -> str:
         return f"{m['mean']:.4f}" + ("" if m["sd"] is None else f" ± {m['sd']:.4f}")
 
     seeds = ", ".join(str(s) for s in summary["seeds"])
-    first = next(iter(summary["arms"].values()))["overall"]
-    kind = "preference" if "preference_accuracy" in first else "instruction"
-    columns = [(h, key) for h, key, _ in SUMMARY_COLUMNS[kind]
+    columns = [(h, key) for h, key, _ in summary_columns(summary)
                if key not in ("perplexity", "dpo_loss")]
     lines = [f"{len(summary['seeds'])} seeds ({seeds}): mean ± sd",
              f"{'arm':<12} " + " ".join(f"{h:>17}" for h, _ in columns)]

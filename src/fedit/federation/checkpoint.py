@@ -31,7 +31,12 @@ import numpy as np
 
 from fedit.algorithms.contract import Arrays, ClientState, ServerState
 from fedit.errors import FeditError
-from fedit.io import atomic_write_bytes, atomic_write_jsonl, canonical_safetensors
+from fedit.io import (
+    atomic_write_bytes,
+    atomic_write_jsonl,
+    canonical_safetensors,
+    file_sha256,
+)
 
 MANIFEST = "manifest.json"
 BLOBS = Path("checkpoint") / "blobs"
@@ -48,14 +53,6 @@ class CheckpointError(FeditError):
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # -- blobs: named arrays + scalars as one safetensors file ---------------------------------

@@ -45,7 +45,7 @@ from fedit.data.dedup import normalise, prompt_key
 from fedit.data.load import dolly_path, load_rows
 from fedit.data.prompts import TEMPLATES
 from fedit.errors import ConfigError, DataError
-from fedit.io import atomic_write_json, atomic_write_jsonl
+from fedit.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, file_sha256
 from fedit.model.base import load_base_model, load_tokenizer
 from fedit.model.convert import cache_dir, resolve_model
 from fedit.model.generate import generate_answers
@@ -102,13 +102,7 @@ class SelfPlaySet:
 def _source_digest(source: str) -> str:
     """sha256 of the source file's bytes (dolly-15k: the shipped file); a hub id: its name."""
     path = dolly_path() if source == "dolly-15k" else Path(source).expanduser()
-    if not path.is_file():
-        return source
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(path) if path.is_file() else source
 
 
 def pair_prompt(row: Mapping[str, Any]) -> str:
@@ -224,8 +218,6 @@ def build_self_play(s: SelfPlaySettings, *, out: Path | None = None, rebuild: bo
 
 def _copy(path: Path, out: Path | None) -> None:
     if out is not None:
-        from fedit.io import atomic_write_bytes
-
         atomic_write_bytes(out, path.read_bytes())
 
 
