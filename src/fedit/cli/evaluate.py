@@ -46,15 +46,37 @@ def eval_cmd(
                           "compare.json in B (or --out)")] = None,
     seed: Annotated[int, typer.Option(help="--compare: the bootstrap's seed")] = 0,
     resamples: Annotated[int, typer.Option(help="--compare: bootstrap resamples")] = 2000,
+    tasks: Annotated[str | None, typer.Option(
+        "--tasks", help="lm-evaluation-harness tasks or groups, comma-separated "
+                        "(mmlu,arc_easy); needs their data sets (hub or cache)")] = None,
+    task_file: Annotated[list[Path] | None, typer.Option(
+        "--task-file", help="a harness task YAML (or a folder of them); its data files "
+                            "are read relative to it. Repeatable")] = None,
+    suite: Annotated[str | None, typer.Option(
+        "--suite", help="the harness tasks closest to a FlowerTune domain: "
+                        "flowertune-general | -medical | -finance | -code")] = None,
+    num_fewshot: Annotated[int | None, typer.Option(
+        "--num-fewshot", help="tasks: few-shot examples (default: each task's own)")] = None,
+    task_limit: Annotated[int | None, typer.Option(
+        "--task-limit", help="tasks: only the first N documents of each (a quick look)")
+    ] = None,
+    heldout: Annotated[bool, typer.Option(
+        help="with tasks: also score the held-out rows when there are some (--on, the "
+             "run's test.jsonl); --no-heldout: the tasks alone")] = True,
+    allow_code_execution: Annotated[bool, typer.Option(
+        "--allow-code-execution", help="tasks: run model-written code (HumanEval, MBPP); "
+                                       "do it in a sandbox")] = False,
 ) -> None:
     """Evaluate TARGET (a run folder, a PEFT adapter folder, or base / base:MODEL) on
     held-out rows: loss and perplexity per category, and ROUGE-L, embedding similarity and
     exact match of batched greedy answers; on preference pairs (prompt, chosen, rejected):
     preference accuracy, reward margin, their reference-free versions, the DPO loss and
-    the greedy answers' length; writes eval.json and answers.jsonl.
+    the greedy answers' length; writes eval.json and answers.jsonl. --tasks / --task-file /
+    --suite also score lm-evaluation-harness tasks on the same model (tasks.jsonl).
     --compare A B compares two evaluations of the same rows instead."""
     from fedit.evaluate.evaluation import format_table
     from fedit.evaluate.runner import format_per_client, run_eval
+    from fedit.evaluate.tasks import format_tasks, task_spec
 
     if compare is not None:
         _compare(target, compare, out, seed, resamples)
@@ -62,14 +84,21 @@ def eval_cmd(
     if target is None:
         raise FeditError("give a TARGET to evaluate (run folder, adapter folder, base) "
                          "or --compare A B")
+    spec = task_spec(tasks, task_file or [], suite, num_fewshot=num_fewshot, limit=task_limit,
+                     allow_code=allow_code_execution)
     result, _, out_dir = run_eval(target, on=on, out=out, max_rows=max_rows, model=model,
-                                  overrides=set_ or [], generate=generate, like=like, log=_log)
-    if result["overall"]["rows"] or not result.get("per_client"):  # no global rows: skip it
-        typer.echo(format_table(result))
+                                  overrides=set_ or [], generate=generate, like=like, log=_log,
+                                  tasks=spec, heldout=heldout)
+    tasks_only = result["settings"].get("kind") == "tasks"
+    if not tasks_only and (result["overall"]["rows"] or not result.get("per_client")):
+        typer.echo(format_table(result))  # (no global rows but per-client ones: skip it)
     if result.get("per_client"):
         typer.echo("\nper client, on its own held-out rows (loss):")
         typer.echo(format_per_client(result["per_client"]))
-    typer.echo(f"wrote {out_dir / 'eval.json'} and {out_dir / 'answers.jsonl'}")
+    if result.get("tasks"):
+        typer.echo(("" if tasks_only else "\n") + format_tasks(result["tasks"]))
+    written = ["eval.json", "answers.jsonl", *(["tasks.jsonl"] if spec else [])]
+    typer.echo(f"wrote {', '.join(str(out_dir / w) for w in written)}")
 
 
 def _compare(target: str | None, folders: tuple[Path, Path], out: Path | None, seed: int,

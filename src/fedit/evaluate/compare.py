@@ -26,6 +26,7 @@ from fedit.errors import DataError
 from fedit.evaluate.evaluation import load_eval
 from fedit.evaluate.forest import plot_forest as draw
 from fedit.evaluate.preference import KIND as PREFERENCE
+from fedit.evaluate.tasks import load_task_samples
 from fedit.evaluate.verdicts import (
     NO_DIFFERENCE,
     PREFERENCE_METRICS,
@@ -220,16 +221,83 @@ def compare_evals(folder_a: Path, folder_b: Path, *, resamples: int = 2000, seed
     vb = metric_values(ans_b, judge_b, list(known))[[j for _, j in pairs]]
     stats = paired_bootstrap(va, vb, resamples=resamples, seed=seed)
     metrics = {}
+    tasks_only = not pairs and "tasks" in res_a and "tasks" in res_b
     for (name, higher), s in zip(known.items(), stats, strict=True):
-        if name == "judge" and not both_judged:
+        if (name == "judge" and not both_judged) or tasks_only:
             continue
         better = "n/a" if higher is None else "higher" if higher else "lower"
         metrics[name] = {**s, "better": better,
                          "verdict": verdict(s["low"], s["high"], higher)}
-    return {"a": str(folder_a), "b": str(folder_b), "rows": len(pairs),
-            "bootstrap": {"resamples": resamples, "seed": seed, "level": 0.95,
-                          "interval": "percentile", "paired_over": "rows"},
-            "metrics": metrics}
+    result: dict[str, Any] = {"a": str(folder_a), "b": str(folder_b), "rows": len(pairs),
+                              "bootstrap": {"resamples": resamples, "seed": seed,
+                                            "level": 0.95, "interval": "percentile",
+                                            "paired_over": "rows"},
+                              "metrics": metrics}
+    if "tasks" in res_a and "tasks" in res_b:  # (one without: the held-out rows alone)
+        result["tasks"] = compare_tasks(folder_a, folder_b, res_a, res_b,
+                                        resamples=resamples, seed=seed)
+        metrics.update(result["tasks"]["metrics"])
+    return result
+
+
+def compare_tasks(folder_a: Path, folder_b: Path, res_a: dict[str, Any], res_b: dict[str, Any],
+                  *, resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """The benchmark tasks of two evaluations (eval.json ``"tasks"`` + tasks.jsonl) paired
+    document by document: each task's (and group's, its tasks' documents pooled) metrics
+    whose value is a mean over documents, named ``task/metric``, B - A with the paired
+    bootstrap. Documents match by task, document id, filter and the document's digest."""
+    if "tasks" not in res_a or "tasks" not in res_b:
+        side = "A" if "tasks" not in res_a else "B"
+        raise DataError(f"cannot compare: {side} was evaluated without benchmark tasks; "
+                        "run fedit eval --tasks on both")
+    ta, tb = res_a["tasks"], res_b["tasks"]
+    for key in ("num_fewshot", "limit"):
+        if ta["settings"].get(key) != tb["settings"].get(key):
+            raise DataError(f"cannot compare: tasks' {key} {ta['settings'].get(key)} (A) vs "
+                            f"{tb['settings'].get(key)} (B); evaluate both the same way")
+    for task in sorted(set(ta["results"]) & set(tb["results"])):
+        for key in ("n_shot", "version"):
+            if ta["results"][task].get(key) != tb["results"][task].get(key):
+                raise DataError(f"cannot compare: task {task} {key} "
+                                f"{ta['results'][task].get(key)} (A) vs "
+                                f"{tb['results'][task].get(key)} (B)")
+    sa, sb = load_task_samples(folder_a), load_task_samples(folder_b)
+    docs_a = {_doc_key(r): r for r in sa}
+    docs_b = {_doc_key(r): r for r in sb}
+    if set(docs_a) != set(docs_b):
+        only_a, only_b = len(set(docs_a) - set(docs_b)), len(set(docs_b) - set(docs_a))
+        raise DataError(f"cannot compare: the task documents differ ({only_a} only in A, "
+                        f"{only_b} only in B); evaluate both with the same tasks")
+    units = {t: [t] for t in ta["results"]}
+    units |= {g: ts for g, ts in ta.get("groups", {}).items()
+              if g not in units and all(t in ta["results"] for t in ts)}
+    metrics: dict[str, Any] = {}
+    for unit, tasks in units.items():
+        names = [n for n in ta["results"][tasks[0]]["metrics"]
+                 if all(ta["results"][t]["metrics"].get(n, {}).get("paired") and
+                        tb["results"][t]["metrics"].get(n, {}).get("paired") for t in tasks)]
+        keys = [k for k in docs_a if k[0] in tasks]
+        if not names or not keys:
+            continue
+        va = np.array([[_value(docs_a[k], n) for n in names] for k in keys])
+        vb = np.array([[_value(docs_b[k], n) for n in names] for k in keys])
+        stats = paired_bootstrap(va, vb, resamples=resamples, seed=seed)
+        for name, st in zip(names, stats, strict=True):
+            higher = ta["results"][tasks[0]]["metrics"][name].get("higher_is_better")
+            better = "n/a" if higher is None else "higher" if higher else "lower"
+            metrics[f"{unit}/{name}"] = {**st, "better": better,
+                                         "verdict": verdict(st["low"], st["high"], higher)}
+    return {"documents": len(docs_a), "metrics": metrics}
+
+
+def _doc_key(record: dict[str, Any]) -> tuple[str, int, str, str]:
+    return (str(record["task"]), int(record["doc_id"]), str(record.get("filter", "none")),
+            str(record.get("doc_hash", "")))
+
+
+def _value(record: dict[str, Any], metric: str) -> float:
+    v = record.get("metrics", {}).get(metric)
+    return float("nan") if v is None else float(v)
 
 
 def write_compare(out_dir: Path, result: dict[str, Any]) -> list[Path]:
@@ -266,6 +334,10 @@ def format_compare(result: dict[str, Any]) -> str:
         lines.append(f"{label:<{w}}{_fmt(m['mean_a']):>9}{_fmt(m['mean_b']):>9}"
                      f"{_fmt(m['diff'], True):>10}  {ci:<21}{m['rows']:>6}  {m['verdict']}")
     b = result["bootstrap"]
-    lines.append(f"paired bootstrap over {result['rows']} rows, {b['resamples']} resamples, "
-                 f"seed {b['seed']}; a row missing a metric in either arm is left out of it")
+    over = f"{result['rows']} rows"
+    if "tasks" in result:
+        docs = f"{result['tasks']['documents']} task documents"
+        over = f"{over} and {docs}" if result["rows"] else docs
+    lines.append(f"paired bootstrap over {over}, {b['resamples']} resamples, seed {b['seed']}; "
+                 "a row missing a metric in either arm is left out of it")
     return "\n".join(lines)

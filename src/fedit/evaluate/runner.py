@@ -34,6 +34,7 @@ from fedit.data.load import load_rows
 from fedit.errors import ConfigError, DataError, ModelError
 from fedit.evaluate.evaluation import evaluate_model, write_eval
 from fedit.evaluate.preference import evaluate_preferences, preference_rows
+from fedit.evaluate.tasks import TaskSpec, prepare_tasks, run_tasks, write_task_samples
 from fedit.io import atomic_write_text
 from fedit.model.adapter import (
     adapter_names,
@@ -225,27 +226,51 @@ def load_eval_model(target: EvalTarget) -> tuple[Any, Any]:
 def run_eval(
     target: str, *, on: str | None = None, out: Path | None = None, max_rows: int = 0,
     model: str | None = None, overrides: list[str] | None = None, generate: bool = True,
-    like: Path | None = None, log: Log = print,
+    like: Path | None = None, log: Log = print, tasks: TaskSpec | None = None,
+    heldout: bool = True,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], Path]:
     """``fedit eval``: resolve, load, evaluate, write eval.json + answers.jsonl (and
     per_client.txt for a run with per-client held-out rows); returns (result, answers,
-    the folder written)."""
+    the folder written).
+
+    ``tasks``: benchmark tasks (:mod:`fedit.evaluate.tasks`) scored on the same model,
+    their results in eval.json's ``"tasks"`` and their documents in tasks.jsonl. With
+    tasks, the held-out rows are scored too when there are some (``--on``, the run's
+    test.jsonl) unless ``heldout`` is False."""
     t = resolve_target(target, model=model, overrides=overrides, like=like)
     out_dir = out if out is not None else t.default_out
     if out_dir is None:
         raise ConfigError("evaluating the base model: pass --out DIR for eval.json")
-    rows, source = load_eval_rows(on, t, max_rows, log)
-    log(f"evaluating {t.cfg.model.name}" + (f" + {t.adapter}" if t.adapter else "")
-        + f" on {len(rows)} rows of {source}")
+    if not heldout and not tasks:
+        raise ConfigError("--no-heldout leaves nothing to evaluate: give --tasks, "
+                          "--task-file or --suite")
+    rows: list[dict[str, Any]] | None = None
+    source = ""
+    answers: list[dict[str, Any]] = []
+    if heldout and (on is not None or t.default_test is not None or not tasks):
+        rows, source = load_eval_rows(on, t, max_rows, log)
+    prepared = None
+    if tasks:  # built (data read) before the model is loaded: a missing data set stops now
+        spec = dataclasses.replace(tasks, batch_size=t.cfg.eval.batch_size)
+        prepared = prepare_tasks(spec)
+    what = f" on {len(rows)} rows of {source}" if rows is not None else " (tasks only)"
+    log(f"evaluating {t.cfg.model.name}" + (f" + {t.adapter}" if t.adapter else "") + what)
     tokenizer, lm = load_eval_model(t)
-    pairs = preference_rows(rows, source)  # pairs: preference metrics (DPO)
-    evaluate = evaluate_preferences if pairs else evaluate_model
-    result, answers = evaluate(lm, tokenizer, rows, t.cfg, generate=generate, log=log)
+    if rows is None:
+        result = tasks_only_result(t.cfg)
+        pairs = False
+    else:
+        pairs = bool(preference_rows(rows, source))  # pairs: preference metrics (DPO)
+        evaluate = evaluate_preferences if pairs else evaluate_model
+        result, answers = evaluate(lm, tokenizer, rows, t.cfg, generate=generate, log=log)
     result["settings"] |= {"adapter": str(t.adapter) if t.adapter else None,
                            "run": str(t.run_dir) if t.run_dir else None,
-                           "test_file": source, "max_rows": max_rows,
+                           "test_file": source or None, "max_rows": max_rows,
                            "like": str(t.like) if t.like else None}
-    if t.kind == "run" and t.run_dir is not None and not pairs:
+    if prepared is not None:
+        result["tasks"], samples = run_tasks(lm, tokenizer, prepared, log)
+        write_task_samples(out_dir, samples)
+    if t.kind == "run" and t.run_dir is not None and rows is not None and not pairs:
         per_client = per_client_losses(lm, tokenizer, t.run_dir, t.cfg)
         if per_client:
             result["per_client"] = per_client
@@ -260,6 +285,13 @@ def run_eval(
         atomic_write_text(out_dir / PER_CLIENT_FILE, format_per_client(result["per_client"])
                           + "\n")
     return result, answers, out_dir
+
+
+def tasks_only_result(cfg: RunConfig) -> dict[str, Any]:
+    """The eval.json of an evaluation on benchmark tasks alone (no held-out rows)."""
+    return {"overall": {"rows": 0}, "by_category": {},
+            "settings": {"kind": "tasks", "rows": 0, "model": cfg.model.name,
+                         "dtype": cfg.model.dtype}}
 
 
 def per_client_losses(model: Any, tokenizer: Any, run_dir: Path, cfg: RunConfig
