@@ -241,8 +241,8 @@ def length_controlled(a: np.ndarray, b: np.ndarray, len_a: np.ndarray, len_b: np
 
     For the rows with a score and a length in both arms, d = b - a is fitted by ordinary
     least squares as ``d = diff + slope * x``, x = log(len_b) - log(len_a): ``diff`` (the
-    intercept) is the difference where both answers are equally long, ``slope`` how much
-    of d goes with a doubling of B's length over A's (per unit of log ratio). A row with a
+    intercept) is the difference where both answers are equally long, ``slope`` the change
+    of d per unit of log length ratio (``slope * log 2``: B's answer twice A's). A row with a
     0-token answer in either arm has no log length: it is left out and counted
     (``zero_length``). Without any spread in x the intercept is the mean difference and
     the slope None (``note`` says so). The interval draws the same resamples as
