@@ -26,9 +26,10 @@ from fedit.model.base import LoraSpec, attach_lora, load_base_model, load_tokeni
 from fedit.runtimes.inprocess import Simulation
 from tests.conftest import make_rows, make_run_dir, write_jsonl
 
-M_KEYS = {"rows", "loss", "perplexity", "rouge_l", "similarity", "exact_match"}
+M_KEYS = {"rows", "loss", "perplexity", "rouge_l", "similarity", "exact_match",
+          "answer_tokens"}
 ANSWER_KEYS = {"id", "category", "instruction", "context", "reference", "answer", "rouge_l",
-               "similarity", "exact_match", "loss"}
+               "similarity", "exact_match", "answer_tokens", "loss"}
 LONG = "open_qa"  # the category of the row whose prompt fills the cutoff
 
 
@@ -94,6 +95,7 @@ def test_per_category_loss_equals_a_direct_computation(tmp_path, tiny_model_dir,
         assert m["loss"] == pytest.approx(s / n, rel=1e-5)
         assert m["perplexity"] == pytest.approx(math.exp(s / n), rel=1e-5)
         assert m["rouge_l"] is m["similarity"] is m["exact_match"] is None  # not generated
+        assert m["answer_tokens"] is None
     assert result["overall"]["loss"] == pytest.approx(total_s / total_n, rel=1e-5)
     assert result["overall"]["rows"] == len(rows)
     for a, d in zip(answers, direct, strict=True):
@@ -129,11 +131,17 @@ def test_answers_are_generated_and_scored(tmp_path, tiny_model_dir, lm, rows):
         assert m["rouge_l"] == pytest.approx(np.mean([a["rouge_l"] for a in mine]))
         assert m["similarity"] == pytest.approx(np.mean([a["similarity"] for a in mine]))
         assert (m["exact_match"] is None) == (cat not in ("classification", "closed_qa"))
+        assert m["answer_tokens"] == pytest.approx(np.mean([a["answer_tokens"] for a in mine]))
     short = [a["exact_match"] for a in answers if a["exact_match"] is not None]
     assert result["overall"]["exact_match"] == pytest.approx(np.mean(short))
     s = result["settings"]
     assert s["generated"] and s["max_new_tokens"] == 6 and s["decoding"] == {"do_sample": False}
     assert 0 < s["new_tokens"] <= 6 * len(rows)
+    # each answer's length: its new tokens, at most max_new_tokens, adding up to them all
+    assert all(isinstance(a["answer_tokens"], int) and 1 <= a["answer_tokens"] <= 6
+               for a in answers)
+    assert sum(a["answer_tokens"] for a in answers) == s["new_tokens"]
+    assert result["overall"]["answer_tokens"] == pytest.approx(s["new_tokens"] / len(rows))
     assert s["similarity_model"] == "sentence-transformers/all-MiniLM-L6-v2"
 
 

@@ -82,6 +82,12 @@ def test_every_arm_writes_its_eval_and_the_summary(experiment):
     for arm in ARMS:
         answers = _lines(out / arm / "answers.jsonl")
         assert [a["instruction"] for a in answers] == [r["instruction"] for r in test_rows]
+        # each answer's length, and its mean in the arm's eval.json (a local-only mean aside)
+        assert all(isinstance(a["answer_tokens"], int) and a["answer_tokens"] >= 1
+                   for a in answers)
+        if arm != "local-only":
+            assert summary["arms"][arm]["overall"]["answer_tokens"] == pytest.approx(
+                np.mean([a["answer_tokens"] for a in answers]))
     assert (out / "partitions" / "stats.json").is_file()
     assert "report:" in output
     report = (out / "report.html").read_text(encoding="utf-8")
@@ -110,6 +116,21 @@ def test_every_arm_writes_its_eval_and_the_summary(experiment):
                 for c in clients]
     assert counts == {v: verdicts.count(v) for v in ["better", "no difference at 95%", "worse"]}
     assert "fedit vs the 2 local-only clients on loss: better than " in output
+    # the summary table shows the mean answer length; the answer scores at equal length
+    head = next(line for line in output.splitlines() if line.startswith("arm "))
+    assert head.split()[-1] == "tokens"
+    fedit_row = next(line for line in output.splitlines() if line.startswith("fedit "))
+    assert fedit_row.split()[-1] == f"{summary['arms']['fedit']['overall']['answer_tokens']:.1f}"
+    for name, pair in paired["pairs"].items():
+        lc = pair["metrics"]["rouge_l"]["length_controlled"]
+        assert lc["rows"] == len(test_rows) and lc["low"] is not None
+        assert (f"{name}: rouge_l at equal length {lc['diff']:+.4f} [{lc['low']:+.4f}, "
+                f"{lc['high']:+.4f}] {lc['verdict']} (slope on the log length ratio ") in output
+    equal = paired["fedit_vs_local_only_clients_at_equal_length"]["rouge_l"]
+    verdicts = [paired["pairs"][f"fedit vs {c.replace('/', ' ')}"]["metrics"]["rouge_l"][
+        "length_controlled"]["verdict"] for c in clients]
+    assert equal == {v: verdicts.count(v) for v in ["better", "no difference at 95%", "worse"]}
+    assert "fedit vs the 2 local-only clients on rouge_l at equal length: better than " in output
 
 
 def test_the_report_shows_the_paired_differences_as_a_forest_plot(experiment):
@@ -125,7 +146,18 @@ def test_the_report_shows_the_paired_differences_as_a_forest_plot(experiment):
     image = imread(io.BytesIO(png), format="png")
     assert image.shape[0] > 200 and image.shape[1] > 500
     assert image[..., :3].std() > 0.05  # not blank: points, bars, labels
-    assert report.count(" of 2 local-only clients</li>") == 3  # loss, rouge_l, exact_match
+    summary = _read(out / "experiment.json")["paired"]
+    records = [*summary["fedit_vs_local_only_clients"],
+               *summary["fedit_vs_local_only_clients_at_equal_length"]]
+    assert {"loss", "rouge_l", "exact_match", "answer_tokens"} <= set(records)
+    assert report.count(" of 2 local-only clients</li>") == len(records)
+    # the table of the answer scores at equal length: a row a pair and score
+    assert "<h3>At equal answer length</h3>" in report
+    for name, pair in summary["pairs"].items():
+        lc = pair["metrics"]["rouge_l"]["length_controlled"]
+        cell = f"{lc['diff']:+.4f} [{lc['low']:+.4f}, {lc['high']:+.4f}] {lc['verdict']}"
+        assert (f"<th>{name.removeprefix('fedit vs ')}</th><td>rouge_l</td>" in report
+                and cell in report), name
 
 
 def test_compute_budgets_from_what_each_arm_recorded(experiment):

@@ -117,6 +117,20 @@ def test_experiment_report_tables(exp_dir):
     assert "2 rounds x 2 clients x 2 steps" in text
 
 
+def test_answer_length_column_is_shown_and_never_the_best(exp_dir):
+    tokens = {"base": 40.0, "local-only": 31.5, "fedit": 22.25, "centralized": 18.0}
+    for arm, n in tokens.items():  # each arm's mean answer length, as fedit eval writes it
+        path = exp_dir / arm / "eval.json"
+        ev = json.loads(path.read_text(encoding="utf-8"))
+        ev["overall"]["answer_tokens"] = n
+        _write(path, ev)
+    text = build_report(exp_dir).read_text(encoding="utf-8")
+    assert "<th>answer tokens</th>" in text
+    for n in tokens.values():  # a length has no better side: none of them in bold
+        assert f'<td class="num">{n:.4f}</td>' in text
+    assert "answer tokens: mean length of the generated answers" in text
+
+
 def test_answers_are_escaped(exp_dir):
     text = build_report(exp_dir).read_text(encoding="utf-8")
     assert "<script>" not in text and "<b>bold</b>" not in text

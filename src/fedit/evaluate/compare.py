@@ -9,6 +9,14 @@ is missing in either arm (no loss: the prompt fills the cutoff; exact match outs
 short-answer categories) is left out of that metric only, and counted. The verdict comes
 from the interval, never from the point estimate: "better" or "worse" when the interval
 excludes 0, else "no difference at 95%".
+
+A per-row score of a generated answer (ROUGE-L, similarity, exact match, the judge's
+score: ``LENGTH_CONTROLLED``) is also compared at equal answer length, in the manner of
+length-controlled AlpacaEval (Dubois et al. 2024, arXiv:2404.04475): over the matched
+rows, d = score_B - score_A is regressed by ordinary least squares on
+x = log(answer_tokens_B) - log(answer_tokens_A), d = a + b x, and the intercept a is the
+difference when both answers have the same length; the same bootstrap resamples (same
+seed) give its interval. See :func:`length_controlled`.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +36,8 @@ from fedit.evaluate.forest import plot_forest as draw
 from fedit.evaluate.preference import KIND as PREFERENCE
 from fedit.evaluate.tasks import load_task_samples
 from fedit.evaluate.verdicts import (
+    LENGTH_CONTROLLED,
+    METRICS,
     NO_DIFFERENCE,
     PREFERENCE_METRICS,
     RECORD_FIELDS,
@@ -128,6 +138,16 @@ def _centred_mean(d: np.ndarray, axis: int) -> np.ndarray:
         return np.asarray(centre + np.nanmean(d - centre, axis=axis))
 
 
+def resample_indices(n: int, resamples: int, seed: int, chunk: int = 250
+                     ) -> Iterator[np.ndarray]:
+    """The bootstrap's resampled row indices, ``chunk`` resamples at a time (shape
+    ``(k, n)``); the same draws for the same seed, so the plain and the length-controlled
+    differences are computed on the same resamples; none without rows."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, resamples if n else 0, chunk):
+        yield rng.integers(0, n, size=(min(chunk, resamples - start), n))
+
+
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, resamples: int = 2000, seed: int = 0,
                      level: float = 0.95, chunk: int = 250) -> list[dict[str, Any]]:
     """Mean difference B - A of each column and its paired bootstrap percentile interval.
@@ -153,11 +173,9 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, resamples: int = 2000, see
     """
     d = b - a
     valid = np.isfinite(d)
-    rng = np.random.default_rng(seed)
     n = len(d)
     means = []
-    for start in range(0, resamples if n else 0, chunk):
-        idx = rng.integers(0, n, size=(min(chunk, resamples - start), n))
+    for idx in resample_indices(n, resamples, seed, chunk):
         means.append(np.stack([_centred_mean(d[idx, j], axis=1) for j in range(d.shape[1])],
                               axis=1))
     boot = np.concatenate(means) if means else np.empty((0, d.shape[1]))
@@ -188,6 +206,117 @@ def verdict(low: float | None, high: float | None, higher_is_better: bool | None
     if low > 0 or high < 0:
         return "better" if (low > 0) == higher_is_better else "worse"
     return NO_DIFFERENCE
+
+
+LENGTH = "answer_tokens"  # an answer's length: the new tokens generated for it
+TOO_FEW = "fewer than 3 rows: no interval"
+NO_SPREAD = "no length variation: the intercept is the mean difference"
+FLAT = 1e-18  # a spread of x (sum of squares) below this is none: rounding, not lengths
+
+
+def ols_line(d: np.ndarray, x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Intercept and slope of ``d = a + b x`` by ordinary least squares, each point
+    counted ``w`` times (0: left out), along the last axis (one fit per leading index).
+
+    A fit whose x do not vary has slope NaN and the weighted mean of d as intercept; one
+    with no point has both NaN. Centred sums, so a constant d gives that constant exactly.
+    """
+    with np.errstate(invalid="ignore", divide="ignore"):
+        count = w.sum(axis=-1)
+        x_mean = (w * x).sum(axis=-1) / count
+        d_mean = (w * d).sum(axis=-1) / count
+        xc = x - x_mean[..., None]
+        sxx = (w * xc * xc).sum(axis=-1)
+        sxd = (w * xc * (d - d_mean[..., None])).sum(axis=-1)
+        spread = sxx > FLAT
+        slope = np.where(spread, sxd / np.where(spread, sxx, 1.0), np.nan)
+        return d_mean - np.where(spread, slope, 0.0) * x_mean, slope
+
+
+def length_controlled(a: np.ndarray, b: np.ndarray, len_a: np.ndarray, len_b: np.ndarray,
+                      higher_is_better: bool | None = True, *, resamples: int = 2000,
+                      seed: int = 0, level: float = 0.95, chunk: int = 250
+                      ) -> dict[str, Any] | None:
+    """The difference B - A of a per-row score at equal answer length, with its paired
+    bootstrap percentile interval.
+
+    For the rows with a score and a length in both arms, d = b - a is fitted by ordinary
+    least squares as ``d = diff + slope * x``, x = log(len_b) - log(len_a): ``diff`` (the
+    intercept) is the difference where both answers are equally long, ``slope`` the change
+    of d per unit of log length ratio (``slope * log 2``: B's answer twice A's). A row with a
+    0-token answer in either arm has no log length: it is left out and counted
+    (``zero_length``). Without any spread in x the intercept is the mean difference and
+    the slope None (``note`` says so). The interval draws the same resamples as
+    :func:`paired_bootstrap` with the same ``seed`` and ``chunk``; fewer than 3 rows
+    (a line through 2 points has no error to resample) have none.
+
+    Parameters
+    ----------
+    a, b : ndarray, shape (rows,)
+        The two arms' per-row scores, rows matched; NaN = missing.
+    len_a, len_b : ndarray, shape (rows,)
+        Their answers' lengths in tokens; NaN = not recorded.
+    higher_is_better : bool or None
+        Which way the verdict reads (:func:`verdict`).
+
+    Returns
+    -------
+    dict or None
+        ``diff``, ``low``, ``high``, ``slope``, ``rows`` (fitted), ``dropped``,
+        ``zero_length``, ``verdict`` (and ``note`` without length variation); None when
+        neither arm recorded answer lengths.
+    """
+    has_len = np.isfinite(len_a) & np.isfinite(len_b)
+    if not has_len.any():
+        return None
+    zero = has_len & ((len_a <= 0) | (len_b <= 0))
+    valid = np.isfinite(a) & np.isfinite(b) & has_len & ~zero
+    n, rows = len(a), int(valid.sum())
+    out: dict[str, Any] = {"diff": None, "low": None, "high": None, "slope": None,
+                           "rows": rows, "dropped": n - rows, "zero_length": int(zero.sum()),
+                           "verdict": "no rows"}
+    if not rows:
+        return out
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x = np.log(len_b) - np.log(len_a)
+    # about the first row, so that a constant x has no spread and a constant d stays exact
+    x0, d0 = x[valid][0], (b - a)[valid][0]
+    xs, ds = np.where(valid, x - x0, 0.0), np.where(valid, b - a - d0, 0.0)
+    w = valid.astype(float)
+
+    def at_zero(icpt: np.ndarray, slope: np.ndarray) -> np.ndarray:  # back to x = 0
+        return d0 + icpt - np.where(np.isfinite(slope), slope, 0.0) * x0
+
+    icpt, slope = ols_line(ds, xs, w)
+    out |= {"diff": float(at_zero(icpt, slope)),
+            "slope": float(slope) if np.isfinite(slope) else None}
+    if out["slope"] is None:
+        out["note"] = NO_SPREAD
+    if rows < 3:
+        return out | {"verdict": TOO_FEW}
+    draws = [at_zero(*ols_line(ds[idx], xs[idx], w[idx]))
+             for idx in resample_indices(n, resamples, seed, chunk)]
+    boot = np.concatenate(draws)
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(boot[np.isfinite(boot)], [tail, 100 - tail])
+    return out | {"low": float(low), "high": float(high),
+                  "verdict": verdict(float(low), float(high), higher_is_better)}
+
+
+def add_length_controlled(metrics: dict[str, Any], names: Sequence[str], va: np.ndarray,
+                          vb: np.ndarray, *, resamples: int = 2000, seed: int = 0) -> None:
+    """Give each per-row answer score of ``metrics`` (``LENGTH_CONTROLLED``) its
+    ``length_controlled`` entry, in place; ``va``/``vb``: rows x ``names``, the answer
+    lengths among them (nothing without them: a preference or an older evaluation)."""
+    if LENGTH not in names:
+        return
+    k = list(names).index(LENGTH)
+    for j, name in enumerate(names):
+        if name in LENGTH_CONTROLLED and metrics.get(name, {}).get("rows"):
+            lc = length_controlled(va[:, j], vb[:, j], va[:, k], vb[:, k], METRICS[name],
+                                   resamples=resamples, seed=seed)
+            if lc is not None:
+                metrics[name]["length_controlled"] = lc
 
 
 def load_judge_scores(folder: Path) -> dict[int, float | None] | None:
@@ -223,11 +352,13 @@ def compare_evals(folder_a: Path, folder_b: Path, *, resamples: int = 2000, seed
     metrics = {}
     tasks_only = not pairs and "tasks" in res_a and "tasks" in res_b
     for (name, higher), s in zip(known.items(), stats, strict=True):
-        if (name == "judge" and not both_judged) or tasks_only:
+        if ((name == "judge" and not both_judged) or (name == LENGTH and not s["rows"])
+                or tasks_only):
             continue
         better = "n/a" if higher is None else "higher" if higher else "lower"
         metrics[name] = {**s, "better": better,
                          "verdict": verdict(s["low"], s["high"], higher)}
+    add_length_controlled(metrics, list(known), va, vb, resamples=resamples, seed=seed)
     result: dict[str, Any] = {"a": str(folder_a), "b": str(folder_b), "rows": len(pairs),
                               "bootstrap": {"resamples": resamples, "seed": seed,
                                             "level": 0.95, "interval": "percentile",
@@ -340,4 +471,28 @@ def format_compare(result: dict[str, Any]) -> str:
         over = f"{over} and {docs}" if result["rows"] else docs
     lines.append(f"paired bootstrap over {over}, {b['resamples']} resamples, seed {b['seed']}; "
                  "a row missing a metric in either arm is left out of it")
-    return "\n".join(lines)
+    return "\n".join([*lines, *format_length_controlled(result, w)])
+
+
+def format_length_controlled(result: dict[str, Any], w: int = 20) -> list[str]:
+    """The block "at equal length": metric | B-A at equal length | 95% CI | slope | rows
+    | verdict; nothing when no metric has one."""
+    lcs = {k: m["length_controlled"] for k, m in result["metrics"].items()
+           if "length_controlled" in m}
+    if not lcs:
+        return []
+    head = f"{'at equal length':<{w}}{'B-A':>10}  {'95% CI':<21}{'slope':>9}{'rows':>6}  verdict"
+    lines = ["", head, "-" * len(head)]
+    for name, lc in lcs.items():
+        label = f"{name} ({result['metrics'][name]['better']})"
+        ci = (f"[{_fmt(lc['low'], True)}, {_fmt(lc['high'], True)}]" if lc["low"] is not None
+              else "-")
+        lines.append(f"{label:<{w}}{_fmt(lc['diff'], True):>10}  {ci:<21}"
+                     f"{_fmt(lc['slope'], True):>9}{lc['rows']:>6}  {lc['verdict']}")
+    zero = max(lc["zero_length"] for lc in lcs.values())
+    lines += ["B-A at equal length: the intercept a of d = a + b x, least squares over the "
+              "rows, d = B - A,",
+              "x = log(answer tokens B) - log(answer tokens A); slope = b; the same resamples; "
+              f"{zero} rows with a 0-token answer left out"]
+    lines += [f"{name}: {lc['note']}" for name, lc in lcs.items() if "note" in lc]
+    return lines

@@ -3,9 +3,11 @@
 Per category and overall: the response-token loss (token-weighted: every label token of
 the category counts once, as ``fedit.client.losses.evaluate_loss`` does) and its perplexity; then,
 on answers generated with the KV cache (greedy unless ``[eval] do_sample``), ROUGE-L,
-embedding similarity and exact match (short-answer categories only). A row whose prompt
-fills ``data.cutoff_len`` has no response token left: it gets no loss (counted in the
-settings) but is still answered and scored.
+embedding similarity and exact match (short-answer categories only), and each answer's
+length, ``answer_tokens``: the new tokens generated for it (a template stop marker's
+included), so that ``fedit eval --compare`` can compare the scores at equal length. A row
+whose prompt fills ``data.cutoff_len`` has no response token left: it gets no loss
+(counted in the settings) but is still answered and scored.
 
 ``eval.json`` holds the result, ``answers.jsonl`` one line a row; the LLM judge and the
 report read both (see ``write_eval``/``load_eval``).
@@ -35,7 +37,8 @@ Log = Callable[[str], None]
 
 EVAL_FILE = "eval.json"
 ANSWERS_FILE = "answers.jsonl"
-METRIC_KEYS = ("rows", "loss", "perplexity", "rouge_l", "similarity", "exact_match")
+METRIC_KEYS = ("rows", "loss", "perplexity", "rouge_l", "similarity", "exact_match",
+               "answer_tokens")
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -54,6 +57,7 @@ def _metrics(answers: list[dict[str, Any]], sums: list[float], counts: list[int]
         "rouge_l": _mean([a["rouge_l"] for a in answers]),
         "similarity": _mean([a["similarity"] for a in answers]),
         "exact_match": _mean([a["exact_match"] for a in answers]),
+        "answer_tokens": _mean([a.get("answer_tokens") for a in answers]),
     }
 
 
@@ -72,6 +76,7 @@ def _answer_rows(
             "rouge_l": None,
             "similarity": None,
             "exact_match": None,
+            "answer_tokens": None,
             "loss": losses[i][0] / losses[i][1] if i in losses else None,
         }
         for i, row in enumerate(rows)
@@ -79,12 +84,15 @@ def _answer_rows(
 
 
 def _score_answers(
-    answers: list[dict[str, Any]], texts: list[str], cfg: RunConfig, device: str
+    answers: list[dict[str, Any]], texts: list[str], cfg: RunConfig, device: str,
+    tokens: Sequence[int] | None = None,
 ) -> None:
-    """Fill in each answer and its ROUGE-L, exact match and similarity, in place."""
+    """Fill in each answer, its length in new tokens and its ROUGE-L, exact match and
+    similarity, in place."""
     short = set(cfg.eval.exact_match_categories)
-    for a, text in zip(answers, texts, strict=True):
+    for i, (a, text) in enumerate(zip(answers, texts, strict=True)):
         a["answer"] = text
+        a["answer_tokens"] = int(tokens[i]) if tokens else None
         a["rouge_l"] = rouge_l(text, a["reference"])
         a["exact_match"] = exact_match(text, a["reference"]) if a["category"] in short else None
     if cfg.eval.similarity:
@@ -154,7 +162,8 @@ def evaluate_model(
         log(f"generated {len(rows)} answers, {new_tokens} tokens in "
             f"{time.perf_counter() - t0:.0f} s")
         device = next(model.parameters()).device.type
-        _score_answers(answers, gen.answers, cfg, "cuda" if device == "cuda" else "cpu")
+        _score_answers(answers, gen.answers, cfg, "cuda" if device == "cuda" else "cpu",
+                       gen.tokens)
     result = {
         "overall": _metrics(answers, [float(s) for s in sums], [int(c) for c in counts]),
         "by_category": {
@@ -236,8 +245,10 @@ def format_table(result: dict[str, Any]) -> str:
     evaluation's: :func:`fedit.evaluate.preference.format_preference_table`)."""
     if result["settings"].get("kind") == KIND:
         return format_preference_table(result)
-    head = f"{'category':<24}{'rows':>6}{'loss':>8}{'ppl':>9}{'rougeL':>8}{'sim':>7}{'EM':>7}"
+    head = (f"{'category':<24}{'rows':>6}{'loss':>8}{'ppl':>9}{'rougeL':>8}{'sim':>7}{'EM':>7}"
+            f"{'tokens':>8}")
     lines = metric_lines(head, result, lambda name, m: (
         f"{name[:23]:<24}{m['rows']:>6}{fmt(m['loss']):>8}{fmt(m['perplexity'], 2):>9}"
-        f"{fmt(m['rouge_l']):>8}{fmt(m['similarity']):>7}{fmt(m['exact_match']):>7}"))
-    return "\n".join(lines)
+        f"{fmt(m['rouge_l']):>8}{fmt(m['similarity']):>7}{fmt(m['exact_match']):>7}"
+        f"{fmt(m.get('answer_tokens'), 1):>8}"))
+    return "\n".join([*lines, "tokens: mean answer length (new tokens generated)"])

@@ -3,7 +3,11 @@
 
 #: metric -> True when higher is better (None: neither, a length)
 SFT_METRICS: dict[str, bool | None] = {"loss": False, "rouge_l": True, "similarity": True,
-                                       "exact_match": True, "judge": True}
+                                       "exact_match": True, "judge": True,
+                                       "answer_tokens": None}
+#: the per-row scores of a generated answer, also compared at equal answer length
+#: (``compare.length_controlled``); a benchmark task's per-row score can join them
+LENGTH_CONTROLLED = ("rouge_l", "similarity", "exact_match", "judge")
 #: those of preference pairs (fedit.evaluate.preference), a record field each
 PREFERENCE_METRICS: dict[str, bool | None] = {
     "preference_accuracy": True, "reward_margin": True, "reference_free_accuracy": True,

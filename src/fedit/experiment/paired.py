@@ -5,7 +5,8 @@ Every arm answers the same held-out rows, so each pair is compared row by row wi
 config's seed). B is always ``fedit``; A is ``base``, each local-only client's own folder
 (``local-only/client_NNNN``: the ``local-only`` folder itself holds a mean, not answers of
 one model) and ``centralized``. Against the local-only clients the section also counts, per
-metric, how many of them FedIT beats, ties or loses to at 95%.
+metric, how many of them FedIT beats, ties or loses to at 95%, and the same at equal answer
+length for the answer scores (``length_controlled``: ROUGE-L, similarity, ...).
 """
 
 from __future__ import annotations
@@ -39,18 +40,23 @@ def paired_section(out: Path, local_clients: list[int], seed: int,
             continue
         pairs[name] = {"a": a, "b": b, "rows": result["rows"], "metrics": result["metrics"]}
     counts: dict[str, Counter[str]] = {}
+    equal: dict[str, Counter[str]] = {}  # the same at equal answer length
     for a, _ in paired_folders(local_clients):
         pair = pairs[f"fedit vs {a.replace('/', ' ')}"]
         if a.startswith("local-only/"):
             for metric, m in pair.get("metrics", {}).items():
                 if m["diff"] is not None:  # a metric without rows (not generated) is no tie
                         counts.setdefault(metric, Counter())[m["verdict"]] += 1
+                if (m.get("length_controlled") or {}).get("low") is not None:
+                    equal.setdefault(metric, Counter())[m["length_controlled"]["verdict"]] += 1
     return {
         "bootstrap": {"resamples": resamples, "seed": seed, "level": 0.95,
                       "interval": "percentile", "paired_over": "rows", "difference": "B - A"},
         "pairs": pairs,
         "fedit_vs_local_only_clients": {
             metric: {v: c[v] for v in verdicts_of(metric)} for metric, c in counts.items()},
+        "fedit_vs_local_only_clients_at_equal_length": {
+            metric: {v: c[v] for v in verdicts_of(metric)} for metric, c in equal.items()},
     }
 
 
@@ -72,11 +78,23 @@ def format_paired(paired: dict[str, Any]) -> list[str]:
             if m["diff"] is not None:
                 lines.append(f"{name}: {metric} {_num(m['diff'])} [{_num(m['low'])}, "
                              f"{_num(m['high'])}] {m['verdict']} ({m['rows']} rows)")
+            lc = m.get("length_controlled") or {}
+            if lc.get("low") is not None:
+                slope = "none" if lc["slope"] is None else _num(lc["slope"])
+                lines.append(f"{name}: {metric} at equal length {_num(lc['diff'])} "
+                             f"[{_num(lc['low'])}, {_num(lc['high'])}] {lc['verdict']} "
+                             f"(slope on the log length ratio {slope}, {lc['rows']} rows)")
     for metric, c in paired["fedit_vs_local_only_clients"].items():
-        up, _, down = verdicts_of(metric)
-        lines.append(f"fedit vs the {sum(c.values())} local-only clients on {metric}: {up} "
-                     f"than {c[up]}, tied with {c[NO_DIFFERENCE]}, {down} than {c[down]}")
+        lines.append(_record(metric, c, ""))
+    for metric, c in paired.get("fedit_vs_local_only_clients_at_equal_length", {}).items():
+        lines.append(_record(metric, c, " at equal length"))
     return lines
+
+
+def _record(metric: str, c: dict[str, int], what: str) -> str:
+    up, _, down = verdicts_of(metric)
+    return (f"fedit vs the {sum(c.values())} local-only clients on {metric}{what}: {up} "
+            f"than {c[up]}, tied with {c[NO_DIFFERENCE]}, {down} than {c[down]}")
 
 
 __all__ = ["VERDICTS", "format_paired", "paired_folders", "paired_section"]

@@ -350,7 +350,7 @@ def run_experiment(name: str, scale: str, out: Path | None = None,
 #: the columns of the summary table: (header, overall key, digits) by evaluation kind
 SUMMARY_COLUMNS = {
     "instruction": [("loss", "loss", 4), ("ppl", "perplexity", 4), ("rouge_l", "rouge_l", 4),
-                    ("sim", "similarity", 4)],
+                    ("sim", "similarity", 4), ("tokens", "answer_tokens", 1)],
     "preference": [("acc", "preference_accuracy", 4), ("margin", "reward_margin", 4),
                    ("rf_acc", "reference_free_accuracy", 4),
                    ("rf_margin", "reference_free_margin", 4), ("dpo_loss", "dpo_loss", 4),

@@ -25,7 +25,8 @@ from fedit.report.source import Source, duration, load_source
 METRIC_COLUMNS = [("loss", "loss"), ("perplexity", "perplexity"), ("rouge_l", "ROUGE-L"),
                    ("similarity", "similarity"), ("exact_match", "exact match"),
                    ("preference_accuracy", "preference accuracy"),
-                   ("reward_margin", "reward margin")]
+                   ("reward_margin", "reward margin"), ("answer_tokens", "answer tokens")]
+NO_BEST = ("answer_tokens",)  # a length: neither side is better
 
 
 CSS = """
@@ -63,7 +64,7 @@ def metrics_table(src: Source) -> str:
     for k, _ in cols:
         vals = [ev["overall"][k] for ev in src.evals.values()
                 if ev.get("overall", {}).get(k) is not None]
-        if len(vals) > 1 and max(vals) > min(vals):  # no "best" when all tie
+        if len(vals) > 1 and max(vals) > min(vals) and k not in NO_BEST:  # none when all tie
             best[k] = min(vals) if k in ("loss", "perplexity") else max(vals)
     head = "".join(f"<th>{esc(t)}</th>" for _, t in cols)
     extra = src.kind == "experiment"
@@ -81,8 +82,11 @@ def metrics_table(src: Source) -> str:
                       f'<td class="num">{duration(info.get("eval_seconds"))}</td>')
         rows.append(f"<tr><th>{esc(arm)}</th>{cells}</tr>")
     rows_n = next(iter(src.evals.values()), {}).get("overall", {}).get("rows", "?")
+    tokens = ("; answer tokens: mean length of the generated answers"
+              if any(k == "answer_tokens" for k, _ in cols) else "")
     return (f"<table><tr><th>model</th>{head}</tr>{''.join(rows)}</table>"
-            f'<p class="muted">{esc(rows_n)} held-out rows; bold: best of the column.</p>')
+            f'<p class="muted">{esc(rows_n)} held-out rows; bold: best of the column'
+            f"{tokens}.</p>")
 
 
 def category_table(src: Source, key: str = "loss") -> str:
@@ -179,10 +183,44 @@ def paired_note(src: Source) -> str:
 
     counts = "".join(line(metric, c) for metric, c in
                      src.paired.get("fedit_vs_local_only_clients", {}).items())
+    counts += "".join(line(f"{metric} at equal length", c) for metric, c in
+                      src.paired.get("fedit_vs_local_only_clients_at_equal_length", {}).items())
     return (f'<p class="muted">paired bootstrap over the held-out rows, '
             f"{esc(b.get('resamples', '?'))} resamples, seed {esc(b.get('seed', '?'))}; "
             "the verdict comes from the interval (better / worse when it excludes 0).</p>"
             + (f"<ul>{counts}</ul>" if counts else ""))
+
+
+def _interval(m: dict[str, Any]) -> str:
+    if m.get("low") is None:
+        return "–"
+    return f"{m['diff']:+.4f} [{m['low']:+.4f}, {m['high']:+.4f}] {esc(m['verdict'])}"
+
+
+def equal_length_table(src: Source) -> str:
+    """Each pair's answer scores as they differ and at equal answer length (the intercept of
+    the score difference regressed on the log ratio of the answers' lengths), with the
+    slope; empty when no pair has one."""
+    rows = []
+    for name, pair in src.paired.get("pairs", {}).items():
+        for metric, m in pair.get("metrics", {}).items():
+            lc = m.get("length_controlled")
+            if lc and lc.get("diff") is not None:
+                rows.append(f"<tr><th>{esc(name.removeprefix('fedit vs '))}</th>"
+                            f"<td>{esc(metric)}</td><td class=\"num\">{_interval(m)}</td>"
+                            f'<td class="num">{_interval(lc)}</td>'
+                            f'<td class="num">{num(lc.get("slope"))}</td>'
+                            f'<td class="num">{esc(lc["rows"])}</td></tr>')
+    if not rows:
+        return ""
+    return ("<h3>At equal answer length</h3><table><tr><th>fedit vs</th><th>metric</th>"
+            "<th>difference, 95% interval</th><th>at equal length, 95% interval</th>"
+            f"<th>slope</th><th>rows</th></tr>{''.join(rows)}</table>"
+            '<p class="muted">at equal length: the intercept a of d = a + b·x fitted by '
+            "least squares over the rows, d = fedit - other arm, x = log(fedit's answer "
+            "tokens) - log(the other's) (rows with a 0-token answer left out); slope = b; "
+            "the interval from the same bootstrap resamples. The hollow diamonds of the "
+            "plot.</p>")
 
 
 def render_html(src: Source, images: dict[str, bytes]) -> str:
@@ -206,7 +244,7 @@ def render_html(src: Source, images: dict[str, bytes]) -> str:
         if key == "categories" and src.evals:
             body += ["<h3>Loss per category</h3>", category_table(src, "loss")]
         if key == "paired" and key in images:
-            body.append(paired_note(src))
+            body += [paired_note(src), equal_length_table(src)]
         if key == "per_client" and key in images:
             body.append(per_client_table(src))
     if src.judges:
