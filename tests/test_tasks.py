@@ -276,3 +276,50 @@ def test_task_options_fail_cleanly(tiny_model_dir, tmp_path):
     result = CliRunner().invoke(app, ["eval", f"base:{tiny_model_dir}", "--out",
                                       str(tmp_path / "o"), "--task-file", str(bad)])
     assert result.exit_code == 2 and "names no task" in result.output
+
+
+def test_experiment_scores_every_arm_on_the_tasks(tiny_model_dir, tmp_path):
+    """``fedit experiment --task-file``: every arm (each local-only client too) is scored on
+    the task with the one base model in memory, the pairs get the task metric, and an arm's
+    task results equal ``fedit eval`` on the adapter it kept."""
+    import fedit.experiment.run as fe
+    from tests.conftest import make_rows, write_jsonl
+
+    task = write_mc_task(tmp_path / "tasks", mc_rows(12, seed=7), "exp_mc")
+    data = write_jsonl(tmp_path / "rows.jsonl", make_rows(80))
+    out = tmp_path / "exp"
+    loads = []
+    real = fe.load_model
+
+    def counting_load(cfg):
+        loads.append(cfg.model.name)
+        return real(cfg)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fe, "load_model", counting_load)
+        result = CliRunner().invoke(app, [
+            "experiment", "fedit-paper", "--scale", "test", "--out", str(out),
+            "--set", f"model.name={tiny_model_dir}", "--set", f"data.path={data}",
+            "--set", "experiment.generate=false", "--task-file", str(task)])
+    assert result.exit_code == 0, result.output
+    assert loads == [str(tiny_model_dir)]  # one base model for every arm and the tasks
+    summary = json.loads((out / "experiment.json").read_text())
+    for arm in ("base", "local-only", "fedit", "centralized"):
+        assert 0 <= summary["arms"][arm]["tasks"]["exp_mc/acc"] <= 1
+        assert len((out / arm / TASKS_FILE).read_text().splitlines()) == 12
+    clients = summary["arms"]["local-only"]["per_client_tasks"]
+    assert summary["arms"]["local-only"]["tasks"]["exp_mc/acc"] == pytest.approx(
+        np.mean([c["exp_mc/acc"] for c in clients.values()]))
+    for pair in summary["paired"]["pairs"].values():
+        m = pair["metrics"]["exp_mc/acc"]
+        assert m["rows"] == 12 and m["low"] <= m["diff"] <= m["high"]
+    assert "exp_mc/acc" in result.output  # the task table under the summary
+    # the fedit arm's task documents, scored again by fedit eval on its kept adapter
+    again = tmp_path / "again"
+    _fedit_eval(str(out / "fedit" / "final" / "adapter"), "--task-file", str(task),
+                "--no-heldout", "--out", str(again))
+    ours = [json.loads(x) for x in (out / "fedit" / TASKS_FILE).read_text().splitlines()]
+    theirs = [json.loads(x) for x in (again / TASKS_FILE).read_text().splitlines()]
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(a["loglikelihoods"], b["loglikelihoods"], atol=1e-4)
+        assert a["metrics"] == b["metrics"]

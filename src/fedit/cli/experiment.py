@@ -40,19 +40,33 @@ def experiment_cmd(
     seeds: Annotated[int, typer.Option(
         help="repeat the arms with seeds seed..seed+N-1, each in <out>/seed-<s>/; "
              "experiment.json: mean ± sd across seeds")] = 1,
+    tasks: Annotated[str | None, typer.Option(
+        "--tasks", help="also score every arm on these lm-evaluation-harness tasks "
+                        "(comma-separated), paired like the other metrics")] = None,
+    task_file: Annotated[list[Path] | None, typer.Option(
+        "--task-file", help="a harness task YAML (or folder of them) to score every arm "
+                            "on. Repeatable")] = None,
+    suite: Annotated[str | None, typer.Option(
+        "--suite", help="flowertune-general | -medical | -finance | -code")] = None,
+    num_fewshot: Annotated[int | None, typer.Option(
+        "--num-fewshot", help="tasks: few-shot examples (default: each task's own)")] = None,
+    task_limit: Annotated[int | None, typer.Option(
+        "--task-limit", help="tasks: only the first N documents of each")] = None,
 ) -> None:
     """The FedIT paper's comparison: base, local-only, FedIT and centralized on one held-out
     set with the same compute budget (fedit-dpo: the same arms trained with DPO, scored on
     held-out preference pairs); an arm already evaluated in --out is skipped."""
+    from fedit.evaluate.tasks import task_spec
     from fedit.experiment.run import format_summary, run_experiment
     from fedit.experiment.seeds import format_seeds, run_seeds
 
+    spec = task_spec(tasks, task_file or [], suite, num_fewshot=num_fewshot, limit=task_limit)
     if seeds == 1:  # a plain experiment, in <out> itself
-        summary = run_experiment(name, scale, out, set_ or [], log=_log)
+        summary = run_experiment(name, scale, out, set_ or [], log=_log, tasks=spec)
         reports = [build_report(Path(summary["out"]))]
         table = format_summary(summary)
     else:
-        summary = run_seeds(name, scale, seeds, out, set_ or [], log=_log)
+        summary = run_seeds(name, scale, seeds, out, set_ or [], log=_log, tasks=spec)
         reports = [build_report(Path(summary["out"]) / f) for f in summary["folders"].values()]
         reports.append(build_report(Path(summary["out"])))  # the page across seeds
         table = format_seeds(summary)

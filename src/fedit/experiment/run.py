@@ -51,6 +51,7 @@ greedy answer length), and the paired section compares those per pair.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,15 @@ from fedit.data.federated import FederatedData, split_data, write_split
 from fedit.errors import ConfigError
 from fedit.evaluate.evaluation import evaluate_model, load_eval, write_eval
 from fedit.evaluate.preference import evaluate_preferences
+from fedit.evaluate.tasks import (
+    TASKS_FILE,
+    PreparedTasks,
+    TaskSpec,
+    load_task_samples,
+    prepare_tasks,
+    run_tasks,
+    write_task_samples,
+)
 from fedit.experiment.paired import format_paired, paired_section
 from fedit.experiment.scales import (
     ExperimentSettings,
@@ -97,10 +107,12 @@ class Experiment:
     """The four arms on one base model and one data split. ``run()`` -> experiment.json."""
 
     def __init__(self, cfg: RunConfig, settings: ExperimentSettings, out: Path,
-                 scale: str = "", log: Log = print, name: str = "fedit-paper") -> None:
+                 scale: str = "", log: Log = print, name: str = "fedit-paper",
+                 tasks: PreparedTasks | None = None) -> None:
         self.start = time.perf_counter()  # wall time from here: data, model load, arms
         self.cfg, self.settings, self.out, self.scale, self.log = cfg, settings, out, scale, log
         self.name = name
+        self.tasks = tasks  # benchmark tasks every arm is also scored on (--tasks)
         self.budget = plan_budget(cfg)
         self.local_clients = local_only_clients(cfg, settings.local_clients)
         self._check_folder()
@@ -115,6 +127,8 @@ class Experiment:
         text = to_toml(self.cfg) + "\n[experiment]\n" + "\n".join(
             f"{k} = {str(v).lower() if isinstance(v, bool) else v}"
             for k, v in self.settings.recorded(self.name).items()) + "\n"
+        if self.tasks is not None:  # (an experiment without tasks keeps its old config.toml)
+            text += f"tasks = {json.dumps(json.dumps(self.tasks.spec.recorded()))}\n"
         saved = self.out / "config.toml"
         if saved.is_file() and saved.read_text(encoding="utf-8") != text:
             raise ConfigError(f"{self.out} holds an experiment with another config "
@@ -156,6 +170,10 @@ class Experiment:
         result, answers = evaluate(self.model, self.tokenizer, self.data.test_rows,
                                    self.cfg, generate=self.settings.generate, log=self.log)
         result["settings"] = {**result.get("settings", {}), "experiment_arm": folder.name}
+        if self.tasks is not None:
+            result["tasks"], samples = run_tasks(self.model, self.tokenizer, self.tasks,
+                                                 self.log)
+            write_task_samples(folder, samples)  # before eval.json, which marks it done
         write_eval(folder, result, answers)
         seconds = time.perf_counter() - t0
         o = result["overall"]
@@ -205,6 +223,9 @@ class Experiment:
         mean = mean_results(results)
         mean["settings"] = {**results[0].get("settings", {}), "local_clients": self.local_clients,
                             "answers_from_client": self.local_clients[0]}
+        if self.tasks is not None:  # tasks.jsonl of the first client, like its answers
+            first = folder / f"client_{self.local_clients[0]:04d}" / TASKS_FILE
+            write_task_samples(folder, load_task_samples(first.parent))
         write_eval(folder, mean, first_answers or [])
         return {
             "arm": "local-only",
@@ -262,9 +283,14 @@ class Experiment:
             result = _read_json(folder / "eval.json")
             arms[name] = {**_read_json(folder / "arm.json"), "overall": result["overall"],
                           "by_category": result["by_category"]}
-        arms["local-only"]["per_client"] = {  # every client trained, not only their mean
-            str(c): _read_json(self.out / "local-only" / f"client_{c:04d}" / "eval.json")[
-                "overall"] for c in self.local_clients}
+            if "tasks" in result:
+                arms[name]["tasks"] = task_values(result["tasks"])
+        clients = {c: _read_json(self.out / "local-only" / f"client_{c:04d}" / "eval.json")
+                   for c in self.local_clients}  # every client trained, not only their mean
+        arms["local-only"]["per_client"] = {str(c): r["overall"] for c, r in clients.items()}
+        if all("tasks" in r for r in clients.values()):
+            arms["local-only"]["per_client_tasks"] = {
+                str(c): task_values(r["tasks"]) for c, r in clients.items()}
         return {
             "experiment": self.name,
             "scale": self.scale,
@@ -297,14 +323,37 @@ def _mean_metric(ms: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def mean_results(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """The mean eval result of several models on the same rows (per category, overall).
+    """The mean eval result of several models on the same rows (per category, overall),
+    and of their benchmark tasks' metrics when every model has them.
 
     A metric missing (None) for one model is None in the mean."""
     cats = [c for c in results[0]["by_category"] if all(c in r["by_category"] for r in results)]
-    return {
+    out = {
         "overall": _mean_metric([r["overall"] for r in results]),
         "by_category": {c: _mean_metric([r["by_category"][c] for r in results]) for c in cats},
     }
+    if all("tasks" in r for r in results):
+        out["tasks"] = mean_tasks([r["tasks"] for r in results])
+    return out
+
+
+def mean_tasks(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first model's task summary with each metric's value the mean over the models
+    (its stderr dropped: that of one model's mean is not the mean's)."""
+    out = json.loads(json.dumps(summaries[0]))
+    for task, res in out["results"].items():
+        for name, m in res["metrics"].items():
+            m["value"] = float(np.mean([s["results"][task]["metrics"][name]["value"]
+                                        for s in summaries]))
+            m["stderr"] = None
+    out["mean_of"] = len(summaries)
+    return out
+
+
+def task_values(summary: dict[str, Any]) -> dict[str, float]:
+    """``task/metric`` -> value of an evaluation's benchmark tasks (eval.json ``tasks``)."""
+    return {f"{task}/{name}": m["value"] for task, res in summary["results"].items()
+            for name, m in res["metrics"].items()}
 
 
 def _read_json(path: Path) -> Any:
@@ -336,15 +385,25 @@ def preference_pairs(cfg: RunConfig, settings: ExperimentSettings, log: Log) -> 
 
 
 def run_experiment(name: str, scale: str, out: Path | None = None,
-                   overrides: list[str] | None = None, log: Log = print) -> dict[str, Any]:
-    """Build the config, run every arm not done yet, return experiment.json's content."""
+                   overrides: list[str] | None = None, log: Log = print,
+                   tasks: TaskSpec | None = None) -> dict[str, Any]:
+    """Build the config, run every arm not done yet, return experiment.json's content.
+    ``tasks``: benchmark tasks every arm is also scored on (and paired on)."""
     cfg, settings = experiment_config(name, scale, overrides)
+    prepared = prepare_experiment_tasks(cfg, tasks)
     out = Path(out) if out is not None else Path(cfg.output_dir) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     if name == "fedit-dpo":
         cfg = preference_pairs(cfg, settings, log)
     log(f"experiment folder {out}; budget {plan_budget(cfg).as_dict()}")
-    return Experiment(cfg, settings, out, scale, log, name).run()
+    return Experiment(cfg, settings, out, scale, log, name, prepared).run()
+
+
+def prepare_experiment_tasks(cfg: RunConfig, tasks: TaskSpec | None) -> PreparedTasks | None:
+    """The tasks built once, before any model is loaded (None without tasks)."""
+    if not tasks:
+        return None
+    return prepare_tasks(dataclasses.replace(tasks, batch_size=cfg.eval.batch_size))
 
 
 #: the columns of the summary table: (header, overall key, digits) by evaluation kind
@@ -377,9 +436,26 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(row(name, str(arm["steps"]), arm["overall"]))
     for c, o in summary["arms"]["local-only"].get("per_client", {}).items():
         lines.append(row(f"  client {c}", "", o))
+    lines += format_task_table(summary["arms"])
     if "paired" in summary:
         lines += ["", *format_paired(summary["paired"])]
     return "\n".join(lines)
+
+
+def format_task_table(arms: dict[str, Any]) -> list[str]:
+    """The arms' benchmark task metrics (``task/metric`` columns); [] without tasks."""
+    names = list(next((a["tasks"] for a in arms.values() if "tasks" in a), {}))
+    if not names:
+        return []
+    width = max(12, *(len(n) + 1 for n in names))
+    lines = ["", f"{'tasks':<12} " + " ".join(f"{n:>{width}}" for n in names)]
+    rows = [(name, arm.get("tasks", {})) for name, arm in arms.items()]
+    rows += [(f"  client {c}", t) for c, t in
+             arms.get("local-only", {}).get("per_client_tasks", {}).items()]
+    for label, values in rows:
+        cells = ["-" if values.get(n) is None else f"{values[n]:.4f}" for n in names]
+        lines.append(f"{label:<12} " + " ".join(f"{c:>{width}}" for c in cells))
+    return lines
 
 
 __all__ = ["ARMS", "Experiment", "format_summary", "mean_results", "run_experiment",

@@ -19,8 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from fedit.errors import ConfigError
+from fedit.evaluate.tasks import TaskSpec
 from fedit.evaluate.verdicts import NO_DIFFERENCE, better_side, verdicts_of
-from fedit.experiment.run import ARMS, Experiment, preference_pairs, summary_columns
+from fedit.experiment.run import (
+    ARMS,
+    Experiment,
+    preference_pairs,
+    prepare_experiment_tasks,
+    summary_columns,
+)
 from fedit.experiment.scales import experiment_config, plan_budget
 from fedit.federation.loop import Log
 from fedit.io import atomic_write_json
@@ -101,7 +108,8 @@ def aggregate_seeds(summaries: dict[int, dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_seeds(name: str, scale: str, seeds: int, out: Path | None = None,
-              overrides: list[str] | None = None, log: Log = print) -> dict[str, Any]:
+              overrides: list[str] | None = None, log: Log = print,
+              tasks: TaskSpec | None = None) -> dict[str, Any]:
     """Run the experiment once a seed, each in ``seed-<s>/``; write the aggregate."""
     if seeds < 2:
         raise ConfigError(f"--seeds {seeds}: give 2 or more")
@@ -112,6 +120,7 @@ def run_seeds(name: str, scale: str, seeds: int, out: Path | None = None,
     out.mkdir(parents=True, exist_ok=True)
     if name == "fedit-dpo":
         cfg = preference_pairs(cfg, settings, log)  # the same pairs for every seed
+    prepared = prepare_experiment_tasks(cfg, tasks)
     log(f"experiment folder {out}; seeds {cfg.seed}..{cfg.seed + seeds - 1}; "
         f"budget {plan_budget(cfg).as_dict()}")
     summaries = {}
@@ -119,7 +128,7 @@ def run_seeds(name: str, scale: str, seeds: int, out: Path | None = None,
         log(f"== seed {seed}")
         one = dataclasses.replace(cfg, seed=seed)
         summaries[seed] = Experiment(one, settings, seed_folder(out, seed), scale, log,
-                                     name).run()
+                                     name, prepared).run()
     result = aggregate_seeds(summaries)
     atomic_write_json(out / "experiment.json", result)
     return result
