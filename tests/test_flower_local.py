@@ -132,6 +132,27 @@ def test_tls_auth_run_equals_the_simulation(federation, job):
         assert (run_dir / name).exists(), name
 
 
+def test_the_round_schedules_lr_reaches_the_nodes(federation, job):
+    path, simulated = job
+    # Prepare: 2 rounds at lr 3e-3 decaying to 0 (FlowerTune's cosine: 1.5e-3, then 0)
+    sets = ["train.round_schedule=cosine", "train.min_lr=0"]
+    cfg = load_config(path, ["name=simulated-cosine", *sets])
+    Simulation(cfg, make_run_dir(cfg), log=lambda m: None).run()
+    # Execute
+    run_dir = _run(federation, path, "name=flower-cosine", *sets)
+    # Assert: the same lr each round; round 2's lr 0 left the nodes' adapters where they were
+    flower, sim = _metrics(run_dir), _metrics(simulated.parent / "simulated-cosine")
+    assert [m.get("lr") for m in flower] == [m.get("lr") for m in sim]
+    assert [m["lr"] for m in flower[1:]] == pytest.approx([1.5e-3, 0.0], rel=1e-12, abs=1e-20)
+    assert _assert_close(run_dir / "final/adapter", run_dir / "rounds/0001/adapter", 0) == 0
+    _assert_close(run_dir / "final/adapter", simulated.parent / "simulated-cosine/final/adapter",
+                  atol=1e-5)
+    # FlowerTune's count is of the arrays, not of their wire format: the same as in-process
+    for a, b in zip(flower[1:], sim[1:], strict=True):
+        for key in ("weights_mb_down", "weights_mb_up", "weights_mb_total"):
+            assert a[key] == b[key] > 0
+
+
 @pytest.mark.parametrize("name, sets, atol", [
     # (FedAvgM keeps only server state, in the round loop both runtimes share; it runs over
     # Flower in the SecAgg+ test below.) SCAFFOLD's

@@ -151,9 +151,18 @@ def test_run_folder_report(tmp_path):
     run = tmp_path / "run"
     _write_lines(run / "metrics.jsonl", [{"round": 0, "clients": [], "eval_loss": 3.0},
                                          {"round": 1, "clients": [0], "train_loss": 2.9,
-                                          "eval_loss": 2.8, "seconds": 1.0}])
-    _write(run / "summary.json", {"clients": 4, "test_rows": 6, "seconds": 10.0})
+                                          "eval_loss": 2.8, "seconds": 1.0, "lr": 3e-4},
+                                         {"round": 2, "clients": [1], "train_loss": 2.7,
+                                          "eval_loss": 2.6, "seconds": 1.0, "lr": 1e-6}])
+    _write(run / "summary.json", {"clients": 4, "test_rows": 6, "seconds": 10.0,
+                                  "bytes_down": 3 * 2**20, "bytes_up": 2**19,
+                                  "weights_mb_down": 3.0, "weights_mb_up": 1.0,
+                                  "weights_mb_total": 4.0})
     text = build_report(run, tmp_path / "out" / "r.html").read_text(encoding="utf-8")
+    # the facts: lr across rounds, fedit's bytes beside FlowerTune's count
+    assert "<td>learning rate</td><td>0.0003 (round 1) to 1e-06 (round 2)</td>" in text
+    assert ("<td>communication</td><td>3.00 MiB down, 0.50 MiB up (the payloads sent); "
+            "weights 4.00 MB as FlowerTune counts them (3.00 down + 1.00 up)</td>") in text
     assert len(_images(text)) == 1  # the loss curve only: no eval, no partitions
     assert (tmp_path / "out" / "r-loss.png").is_file()
     assert "Overall metrics" not in text and "LLM judge" not in text

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -39,6 +40,15 @@ def _lines(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in m.items() if k != "seconds"} for m in rows]
 
 
+#: the jobs run whole once, and killed + resumed: their --set options
+STRATEGY_SETS = {
+    "fedavg": [],
+    "fedavgm": ["--set", "strategy.name=fedavgm"],
+    # each round's lr from the cosine round schedule: a resumed run must go on with it
+    "cosine": ["--set", "train.round_schedule=cosine", "--set", "train.min_lr=1e-4"],
+}
+
+
 @pytest.fixture(scope="module")
 def job(tmp_path_factory, tiny_model_dir):
     """A 3-round job and its uninterrupted run, for FedAvg and for FedAvgM."""
@@ -48,7 +58,7 @@ def job(tmp_path_factory, tiny_model_dir):
                        partition={"clients": 3}, strategy={"fraction": 0.67},
                        train={"max_steps": 2})
     whole = {}
-    for name, sets in (("fedavg", []), ("fedavgm", ["--set", "strategy.name=fedavgm"])):
+    for name, sets in STRATEGY_SETS.items():
         done = _fedit("train", str(cfg), "--set", f"name=whole-{name}", *sets, cwd=root)
         assert done.returncode == 0, done.stderr
         whole[name] = root / "runs" / f"whole-{name}"
@@ -61,11 +71,12 @@ def job(tmp_path_factory, tiny_model_dir):
     ("fedavg", "before-manifest:2"),  # the metrics line written, not committed
     ("fedavg", "after-manifest:1"),   # between rounds
     ("fedavgm", "before-manifest:2"),  # server momentum must come back from the checkpoint
+    ("cosine", "mid-client:2"),  # round 2 trained again at round 2's lr, round 3 at its own
 ])
 def test_killed_run_resumes_to_the_same_bytes(job, strategy, fault):
     root, cfg, whole = job
     name = f"{strategy}-{fault.replace(':', '-')}"
-    sets = ["--set", "strategy.name=fedavgm"] if strategy == "fedavgm" else []
+    sets = STRATEGY_SETS[strategy]
     # Execute: killed at the fault point, then resumed
     killed = _fedit("train", str(cfg), "--set", f"name={name}", *sets, fault=fault, cwd=root)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -78,6 +89,10 @@ def test_killed_run_resumes_to_the_same_bytes(job, strategy, fault):
     assert _lines(run_dir) == _lines(whole[strategy])
     last = int(fault.split(":")[1]) - (0 if fault.startswith("after") else 1)
     assert f"resumed {run_dir} after round {last} of 3" in resumed.stderr
+    if strategy == "cosine":  # FlowerTune's cosine_annealing(r, 3, 3e-3, 1e-4), by hand
+        assert [m["lr"] for m in _lines(run_dir)[1:]] == pytest.approx(
+            [1e-4 + 0.5 * (3e-3 - 1e-4) * (1 + math.cos(math.pi * r / 3)) for r in (1, 2, 3)],
+            rel=1e-12)
 
 
 def test_fedavgm_is_not_fedavg(job):

@@ -7,12 +7,15 @@ process kill would stop it); the real SIGKILL tests are in test_resume.py.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import fedit.client.round as client_round
 import fedit.runtimes.inprocess as fs
+from fedit.algorithms.schedule import round_lr
 from fedit.algorithms.strategies import (
     ClientState,
     ServerState,
@@ -119,17 +122,21 @@ def test_client_state_and_instructions_reach_the_clients(cfg_path):
     assert max(trained.values()) >= 2  # some client carried its state across rounds
 
 
-def test_a_crash_mid_round_resumes_to_the_same_adapter_and_states(cfg_path, tmp_path):
+COSINE = ["train.round_schedule=cosine", "train.min_lr=1e-4"]  # lr 3e-3 (write_config)
+
+
+@pytest.mark.parametrize("sets", [[], COSINE], ids=["constant", "cosine"])
+def test_a_crash_mid_round_resumes_to_the_same_adapter_and_states(cfg_path, tmp_path, sets):
     # Prepare: the uninterrupted run
-    whole = _run(cfg_path, TALLY, "name=whole")
+    whole = _run(cfg_path, TALLY, "name=whole", *sets)
     # Execute: a run that crashes inside round 2, then is resumed
     KILL["round"] = 2
-    cfg = load_config(cfg_path, [TALLY, "name=crashed"])
+    cfg = load_config(cfg_path, [TALLY, "name=crashed", *sets])
     run_dir = make_run_dir(cfg)
     with pytest.raises(Killed):
         Simulation(cfg, run_dir, log=lambda m: None).run()
     assert [m["round"] for m in _lines(run_dir)] == [0, 1]
-    _run(cfg_path, TALLY, "name=crashed", resume_dir=run_dir)
+    _run(cfg_path, TALLY, "name=crashed", *sets, resume_dir=run_dir)
     # Assert: same adapter bytes, same states, each round once
     final = "final/adapter/adapter_model.safetensors"
     assert (run_dir / final).read_bytes() == (whole / final).read_bytes()
@@ -139,6 +146,66 @@ def test_a_crash_mid_round_resumes_to_the_same_adapter_and_states(cfg_path, tmp_
     assert [m["round"] for m in _lines(run_dir)] == [0, 1, 2, 3]
     strip = lambda m: {k: v for k, v in m.items() if k != "seconds"}  # noqa: E731
     assert [strip(m) for m in _lines(run_dir)] == [strip(m) for m in _lines(whole)]
+
+
+# -- the learning rate across rounds, communication ----------------------------------------
+def _flowertune_lr(r: int, rounds: int, lrate_max: float, lrate_min: float) -> float:
+    """FlowerTune's cosine_annealing(current_round, total_round, lrate_max, lrate_min)."""
+    cos_inner = math.pi * r / rounds
+    return lrate_min + 0.5 * (lrate_max - lrate_min) * (1 + math.cos(cos_inner))
+
+
+def test_round_lr_is_flowertunes_cosine_annealing():
+    # cos(pi/2) = 0: round 1 of 2 gets the midpoint; the last round gets min_lr
+    assert round_lr("cosine", 5e-5, 1e-6, 1, 2) == pytest.approx(2.55e-5, rel=1e-12)
+    assert round_lr("cosine", 5e-5, 1e-6, 2, 2) == pytest.approx(1e-6, rel=1e-12)
+    assert round_lr("cosine", 4e-4, 0.0, 1, 3) == pytest.approx(3e-4, rel=1e-12)  # cos(pi/3)
+    assert round_lr("cosine", 4e-4, 0.0, 3, 3) == pytest.approx(0.0, abs=1e-20)
+    assert round_lr("constant", 4e-4, 1e-6, 2, 3) == 4e-4
+    for r in range(1, 21):
+        assert round_lr("cosine", 5e-5, 1e-6, r, 20) == pytest.approx(
+            _flowertune_lr(r, 20, 5e-5, 1e-6), rel=1e-12)
+
+
+def test_each_round_trains_at_the_cosine_schedules_lr(cfg_path, monkeypatch):
+    # Prepare: record the lr each client's trainer (its AdamW) is built with
+    seen: list[float] = []
+    real = client_round.train_adapter
+
+    def spy(model, examples, cfg, **kwargs):
+        seen.append(cfg.lr)
+        return real(model, examples, cfg, **kwargs)
+
+    monkeypatch.setattr(client_round, "train_adapter", spy)
+    # Execute: 4 rounds, lr 3e-3 decaying to 0 (the last round trains at lr 0)
+    run_dir = _run(cfg_path, "rounds=4", "train.round_schedule=cosine", "train.min_lr=0")
+    # Assert: every line's lr is FlowerTune's formula, and every client of it trained at it
+    lines = _lines(run_dir)
+    assert lines[0].get("lr") is None
+    expected = [_flowertune_lr(r, 4, 3e-3, 0.0) for r in (1, 2, 3, 4)]
+    assert [m["lr"] for m in lines[1:]] == pytest.approx(expected, rel=1e-12, abs=1e-20)
+    assert seen == pytest.approx([lr for m, lr in zip(lines[1:], expected, strict=True)
+                                  for _ in m["clients"]], rel=1e-12, abs=1e-20)
+    # lr 0 in round 4: its clients' adapters, hence the global one, do not move
+    r3 = load_adapter_arrays(run_dir / "rounds/0003/adapter")
+    for a, b in zip(r3, load_adapter_arrays(run_dir / "final/adapter"), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_weights_mb_count_uncompressed_arrays_both_ways(cfg_path):
+    # Execute: uploads in fp16, which halves fedit's bytes_up but not FlowerTune's count
+    run_dir = _run(cfg_path, "compress.method=fp16")
+    # Assert: each sampled client got the fp32 adapter, each reply counts it whole
+    adapter = sum(a.nbytes for a in load_adapter_arrays(run_dir / "final/adapter"))
+    total = 0.0
+    for m in _lines(run_dir)[1:]:
+        assert m["weights_mb_down"] == pytest.approx(len(m["sampled"]) * adapter / 2**20)
+        assert m["weights_mb_up"] == pytest.approx(len(m["clients"]) * adapter / 2**20)
+        assert m["bytes_up"] == len(m["clients"]) * adapter // 2  # what really travelled
+        total += m["weights_mb_down"] + m["weights_mb_up"]
+        assert m["weights_mb_total"] == pytest.approx(total)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["weights_mb_total"] == pytest.approx(total)
 
 
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(cfg_path):

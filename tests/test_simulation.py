@@ -46,7 +46,20 @@ def test_train_cli_end_to_end(tmp_path, tiny_model_dir, data_file):
         assert set(m) >= {"train_loss", "eval_loss", "seconds", "bytes_up", "bytes_down"}
         assert m["bytes_up"] == m["bytes_down"] > 0
     assert lines[2]["eval_loss"] < lines[1]["eval_loss"] < lines[0]["eval_loss"]
+    # FlowerTune's communication cost: the adapter's nbytes, to and from each of 2 clients
+    adapter = sum(a.nbytes for a in load_adapter_arrays(run / "final" / "adapter"))
+    total = 0.0
+    for m in lines[1:]:
+        assert m["weights_mb_down"] == m["weights_mb_up"] == pytest.approx(2 * adapter / 2**20)
+        assert m["bytes_down"] == 2 * adapter  # uncompressed in-process: the same arrays
+        total += m["weights_mb_down"] + m["weights_mb_up"]
+        assert m["weights_mb_total"] == pytest.approx(total)
+        assert m["lr"] == 4e-3  # the constant round schedule
     summary = json.loads((run / "summary.json").read_text())
+    assert summary["weights_mb_total"] == pytest.approx(8 * adapter / 2**20)
+    assert summary["weights_mb_down"] == pytest.approx(4 * adapter / 2**20)
+    assert (f"weights {8 * adapter / 2**20:.2f} MB as FlowerTune counts them "
+            f"({4 * adapter / 2**20:.2f} down + {4 * adapter / 2**20:.2f} up)") in result.output
     assert summary["final_eval_loss"] == lines[2]["eval_loss"]
     assert summary["base_eval_loss"] == lines[0]["eval_loss"]
     # The resolved config, the held-out rows and the partitions are in the run folder

@@ -10,7 +10,9 @@ orthogonal to the algorithm:
   norm C, Gaussian noise on their sum, (epsilon, delta) from an accountant each round;
 - **mixed LoRA ranks** (``lora.client_ranks``) aggregated exactly on dW = (alpha/r) B A,
   and **FFA-LoRA** (``lora.freeze_a``: A frozen, only B sent);
-- **compressed uploads** (``[compress]``: deltas, fp16/bf16, int8, top-k + error feedback).
+- **compressed uploads** (``[compress]``: deltas, fp16/bf16, int8, top-k + error feedback);
+- **the learning rate across rounds** (``train.round_schedule``): each round's peak lr in
+  every instruction (:mod:`fedit.algorithms.schedule`).
 
 Server side, per round::
 
@@ -56,6 +58,7 @@ from fedit.algorithms.privacy import (
 )
 from fedit.algorithms.ranks import aggregate_ranks, client_adapter, lora_pairs
 from fedit.algorithms.robust import robust_aggregate
+from fedit.algorithms.schedule import ROUND_LR, round_lr
 from fedit.algorithms.strategies.base import Strategy
 from fedit.config import PrivacyConfig
 
@@ -64,6 +67,10 @@ LORA_RANK = "lora-rank"  # instruction key: the LoRA rank this client trains
 CODEC_PREFIX = "codec."  # reply extra arrays that belong to the upload's codec
 RESIDUAL = "codec.residual"  # client state: top-k's error-feedback residual
 UNIFORM = "secure-uniform"  # instruction key: weigh this upload 1 in SecAgg+'s sum (DP)
+
+
+def _nbytes(arrays: Arrays) -> int:
+    return int(sum(a.nbytes for a in arrays))
 
 
 def start_of(instruction: Instruction, global_arrays: Arrays) -> Arrays:
@@ -92,6 +99,10 @@ class PipelineOptions:
     per_round: int = 0  # clients sampled a round (DP's fixed denominator)
     seed: int = 42
     secure: bool = False
+    lr: float = 0.0  # train.lr: sent each round as ROUND_LR; 0 = not sent (the client's own)
+    min_lr: float = 0.0
+    round_schedule: str = "constant"
+    rounds: int = 1
 
 
 class Pipeline:
@@ -149,10 +160,29 @@ class Pipeline:
         o = self.o
         return o.client_ranks[client] if self.ranked else o.lora_r
 
+    def round_lr(self, server_round: int) -> float | None:
+        """The round's peak learning rate (``train.round_schedule``); None: not set here."""
+        o = self.o
+        if not o.lr:
+            return None
+        return round_lr(o.round_schedule, o.lr, o.min_lr, server_round, o.rounds)
+
+    def weight_bytes(self, instruction: Instruction, global_arrays: Arrays) -> tuple[int, int]:
+        """One client's weight arrays of a round as FlowerTune counts them (their
+        ``nbytes``): the adapter sent down (its start), and up as it would travel
+        uncompressed (all of it; only the B factors under FFA-LoRA). A strategy's extra
+        arrays and a codec's savings are in the runtime's ``bytes_up`` / ``bytes_down``."""
+        start = self.start_of(instruction, global_arrays)
+        return _nbytes(start), _nbytes(self._sent(start))
+
     def instruct(self, server_round: int, client: int, global_arrays: Arrays,
                  state: ServerState) -> Instruction:
-        """The strategy's instruction, plus the clip norm, the rank and its start adapter."""
+        """The strategy's instruction, plus the round's lr, the clip norm, the rank and its
+        start adapter."""
         instruction = self.strategy.configure(server_round, client, global_arrays, state)
+        lr = self.round_lr(server_round)
+        if lr is not None:
+            instruction.config[ROUND_LR] = lr
         if self.o.privacy is not None:
             instruction.config[DP_CLIP] = float(state.scalars["dp.clip"])
             if self.o.secure:

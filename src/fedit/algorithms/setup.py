@@ -33,6 +33,8 @@ def pipeline_from_config(cfg: Any, adapter_names: Sequence[str] = (),
         adapter_names=list(adapter_names), num_clients=cfg.partition.clients,
         per_round=num_sampled(cfg.partition.clients, s.fraction, s.min_clients),
         seed=cfg.seed, secure=cfg.flower.secure_aggregation,
+        lr=cfg.train.lr, min_lr=cfg.train.min_lr, round_schedule=cfg.train.round_schedule,
+        rounds=cfg.rounds,
     )
     return Pipeline(strategy, options)
 

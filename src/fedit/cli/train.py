@@ -14,6 +14,7 @@ from fedit.algorithms.catalog import catalog_lines
 from fedit.cli.errors import one_line_errors, resume_hint
 from fedit.config import load_config
 from fedit.errors import FeditError
+from fedit.federation.loop import communication_text
 from fedit.federation.rundir import named, run_dir_of
 
 
@@ -69,6 +70,8 @@ def format_train_summary(summary: dict[str, Any]) -> str:
     if summary.get("epsilon") is not None:
         held_out += (f"\nprivacy: (epsilon, delta) = ({summary['epsilon']:.3g}, "
                      f"{summary['delta']:g}) spent over the run")
+    comm = communication_text(summary)
+    dropped += f"\ncommunication: {comm}" if comm else ""
     return (f"{held_out}\n{summary['rounds']} rounds over {summary['clients']} clients in "
             f"{summary['seconds']:.0f} s{dropped}\nrun folder: {summary['run_dir']}\n"
             f"final adapter: {summary['final_adapter']}")

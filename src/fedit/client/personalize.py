@@ -54,11 +54,13 @@ def personal_seed(seed: int, server_round: int, client: int) -> int:
 def personal_train_config(train: TrainConfig, p: PersonalizeConfig) -> TrainConfig:
     """The trainer settings of a personal update: ditto trains with the local update's
     budget, finetune with ``personalize.epochs`` / ``max_steps``; both at
-    ``personalize.lr`` (0: ``train.lr``)."""
+    ``personalize.lr`` (0: ``train.lr``, for ditto the round's lr of
+    ``train.round_schedule``)."""
     lr = p.lr or train.lr
     if p.method == "finetune":
         return dataclasses.replace(train, lr=lr, local_epochs=p.epochs, max_steps=p.max_steps)
-    return dataclasses.replace(train, lr=lr)
+    # ditto at the round's lr (a cosine schedule's last round may be 0: no replace)
+    return train if lr == train.lr else dataclasses.replace(train, lr=lr)
 
 
 def personal_adapter_dir(run_dir: Path, client: int) -> Path:

@@ -4,6 +4,7 @@ client's own examples (with the strategy's trainer hook) -> reply + new client s
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -14,6 +15,7 @@ import torch
 from fedit.algorithms import payload as P
 from fedit.algorithms.contract import ClientState, Instruction, Reply, TrainInfo
 from fedit.algorithms.pipeline import LORA_RANK, Pipeline
+from fedit.algorithms.schedule import ROUND_LR
 from fedit.algorithms.strategies import FedAvg, Strategy
 from fedit.client.objective import SFT, Objective
 from fedit.client.personalize import ditto_update, personal_seed
@@ -27,6 +29,18 @@ from fedit.model.lora_rank import use_rank
 def client_seed(seed: int, server_round: int, client: int) -> int:
     """A distinct, reproducible seed per (run seed, round, client)."""
     return int(np.random.SeedSequence([seed, server_round, client]).generate_state(1)[0])
+
+
+def round_train_config(cfg: TrainConfig, instruction: Instruction) -> TrainConfig:
+    """``cfg`` with the round's peak lr from the instruction (``train.round_schedule``), if
+    it sends one. A copy, not ``dataclasses.replace``: a cosine schedule's last round may
+    be 0 (``train.min_lr = 0``), which ``train.lr`` itself may not be."""
+    lr = instruction.config.get(ROUND_LR)
+    if lr is None or float(lr) == cfg.lr:
+        return cfg
+    out = copy.copy(cfg)
+    out.lr = float(lr)
+    return out
 
 
 def run_client_round(
@@ -50,9 +64,10 @@ def run_client_round(
     return the reply (the upload: the adapter, or what the pipeline's codec makes of it).
 
     ``global_arrays`` is the adapter sent to this client (the global one, or its own rank's
-    when ``instruction`` names a ``lora-rank``); ``instruction`` is what the strategy sent;
-    ``state`` is this client's state from its earlier rounds, updated in place (the caller
-    saves it). ``objective``: what the client trains on (SFT by default); its
+    when ``instruction`` names a ``lora-rank``); ``instruction`` is what the strategy sent
+    (its ``lr``, the round schedule's, replaces ``cfg.lr``); ``state`` is this client's
+    state from its earlier rounds, updated in place (the caller saves it).
+    ``objective``: what the client trains on (SFT by default); its
     once-per-client precompute runs with the start adapter loaded and is kept in
     ``state``. No ``strategy``: plain local training (FedAvg's client). ``personalize``
     with ``method = "ditto"``: then the client's personal adapter trains too, kept in
@@ -61,6 +76,7 @@ def run_client_round(
     instruction = instruction or Instruction()
     state = state if state is not None else ClientState()
     objective = objective or SFT()
+    cfg = round_train_config(cfg, instruction)
     rank = instruction.config.get(LORA_RANK)
     with adapter_rank(model, int(rank) if rank is not None else None):
         set_adapter_arrays(model, global_arrays)

@@ -150,6 +150,9 @@ class PartitionConfig:
 #: training objectives (fedit.client.objective; a test checks the two agree)
 OBJECTIVE_NAMES = ("sft", "dpo")
 
+#: each round's peak lr (fedit.algorithms.schedule; README "Learning rate across rounds")
+ROUND_SCHEDULES = ("constant", "cosine")
+
 
 @dataclass
 class TrainConfig:
@@ -160,6 +163,8 @@ class TrainConfig:
     lr: float = 3e-4
     weight_decay: float = 0.0
     lr_scheduler: str = "linear"  # linear (decay to 0 over the client's steps) | constant
+    round_schedule: str = "constant"  # each round's peak lr: constant (lr) | cosine (to min_lr)
+    min_lr: float = 0.0  # cosine: the last round's lr (FlowerTune's formula)
     max_grad_norm: float = 1.0  # 0 = no clipping
     max_steps: int = 0  # cap on optimizer steps per client round; 0 = epochs decide
     group_by_length: bool = True
@@ -178,6 +183,10 @@ class TrainConfig:
         _check(self.lr > 0, "train.lr", "must be > 0")
         _check(self.lr_scheduler in ("linear", "constant"), "train.lr_scheduler",
                "use linear or constant")
+        _check(self.round_schedule in ROUND_SCHEDULES, "train.round_schedule",
+               f"use one of {', '.join(ROUND_SCHEDULES)}")
+        _check(0 <= self.min_lr <= self.lr, "train.min_lr",
+               f"must be in [0, train.lr = {self.lr:g}]")
         _check(self.max_steps >= 0, "train.max_steps", "must be >= 0 (0 = no cap)")
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
 

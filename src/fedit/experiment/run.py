@@ -19,7 +19,11 @@ category, every arm on the same base model, loaded once:
 ``train.max_steps`` is the unit of compute: the experiment sets ``train.local_epochs``
 high enough that the step cap always binds (a small client repeats its rows), so the
 budgets are exact and recorded (``arm.json`` per arm; ``client_steps`` per round in
-``fedit/metrics.jsonl``). Every arm is evaluated with
+``fedit/metrics.jsonl``). ``train.round_schedule`` (cosine: each round's peak lr decays
+towards ``train.min_lr``) sets the ``fedit`` arm's lr round by round; ``local-only`` and
+``centralized`` train their steps in one go (one AdamW, ``train.lr`` shaped by
+``train.lr_scheduler`` over all the steps), so they have no rounds to schedule and keep
+``train.lr`` as their peak. Every arm is evaluated with
 :func:`fedit.evaluate.evaluation.evaluate_model` into ``<out>/<arm>/eval.json`` and
 ``answers.jsonl``; ``<out>/experiment.json`` summarises them, with a ``"paired"`` section
 (:mod:`fedit.experiment.paired`): fedit against base, each local-only client and
@@ -115,6 +119,10 @@ class Experiment:
         self.tasks = tasks  # benchmark tasks every arm is also scored on (--tasks)
         self.budget = plan_budget(cfg)
         self.local_clients = local_only_clients(cfg, settings.local_clients)
+        if cfg.train.round_schedule != "constant":
+            log(f"train.round_schedule = {cfg.train.round_schedule} schedules the fedit arm's "
+                "rounds; local-only and centralized train their steps in one go at train.lr "
+                f"(train.lr_scheduler = {cfg.train.lr_scheduler} over all of them)")
         self._check_folder()
         self.data = split_data(cfg)
         self._write_data(self.data)

@@ -174,7 +174,9 @@ def _federation_section(facts: CardFacts) -> str:
              f"(fraction {s.fraction})",
              _lora_line(facts.lora),
              f"- local training: {t.local_epochs} epoch(s) a round, {steps}, batch "
-             f"{t.batch_size}, lr {t.lr} ({t.lr_scheduler}), seed {c.seed}"]
+             f"{t.batch_size}, lr {t.lr} ({t.lr_scheduler}"
+             + (f"; {t.round_schedule} over rounds to {t.min_lr}"
+                if t.round_schedule != "constant" else "") + f"), seed {c.seed}"]
     if c.privacy.mode != "off":
         eps = facts.summary.get("epsilon")
         spent = f", (epsilon, delta) = ({eps:.3g}, {c.privacy.delta:g})" if eps else ""

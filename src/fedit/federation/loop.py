@@ -30,6 +30,8 @@ from fedit.federation.replies import BadReply, Dropped, check_arrays, check_repl
 from fedit.federation.setup import Log, Run
 from fedit.io import append_jsonl, atomic_write_json, atomic_write_text
 
+MB = 1024**2  # FlowerTune's megabyte for its communication cost (weights_mb_*)
+
 
 @dataclass
 class RoundResult:
@@ -77,6 +79,7 @@ class RoundLoop:
         self.model, self.log = run.model, log
         self.evaluate = run.model.evaluate
         self.secure = self.cfg.flower.secure_aggregation
+        self.weights_mb_total = 0.0  # FlowerTune's count so far (resume: the last line's)
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         start = time.perf_counter()
@@ -92,6 +95,7 @@ class RoundLoop:
             state = ckpt.read_state(self.run_dir, manifest.strategy_state, ServerState)
             self.runtime.restore_client_states(manifest.client_states)
             first = manifest.round + 1
+            self.weights_mb_total = float(manifest.metrics.get("weights_mb_total", 0.0))
             self.log(f"resumed {self.run_dir} after round {manifest.round} of {self.cfg.rounds}")
         for rnd in range(first, self.cfg.rounds + 1):
             global_arrays, state = self.round(rnd, global_arrays, state)
@@ -122,6 +126,7 @@ class RoundLoop:
         instructions = {c: self.pipe.instruct(rnd, c, global_arrays, state) for c in clients}
         # Train (in-process or over the Grid)
         result = self.runtime.train(rnd, global_arrays, instructions, self.secure)
+        weights = self._weights_mb(instructions, result, global_arrays)
         # Check the replies: drop what cannot be combined, with a reason
         replies, dropped, norms = self._checked(result, instructions, global_arrays)
         for d in dropped:
@@ -151,8 +156,10 @@ class RoundLoop:
             "eval_loss_by_category": by_cat,
             **(self.model.eval_metrics() if loss is not None else {}),
             "seconds": time.perf_counter() - t0,
+            "lr": self.pipe.round_lr(rnd),
             "bytes_up": result.bytes_up,
             "bytes_down": result.bytes_down,
+            **weights,
             "num_examples": sum(r.num_examples for r in replies),
             "client_steps": [int(r.metrics.get(P.STEPS, 0)) for r in replies],
             "update_norms": norms,
@@ -164,6 +171,18 @@ class RoundLoop:
         self._commit(rnd, global_arrays, state, line)
         self.log(round_message(line, cfg.rounds))
         return global_arrays, state
+
+    def _weights_mb(self, instructions: dict[int, Instruction], result: RoundResult,
+                    global_arrays: Arrays) -> dict[str, float]:
+        """FlowerTune's communication cost of the round: the weight arrays sent to every
+        sampled client and received from every client that replied, uncompressed, in MB of
+        1024**2 bytes; ``weights_mb_total`` adds both directions of every round so far."""
+        down = sum(self.pipe.weight_bytes(i, global_arrays)[0] for i in instructions.values())
+        up = sum(self.pipe.weight_bytes(instructions[r.client], global_arrays)[1]
+                 for r in result.replies)
+        self.weights_mb_total += (down + up) / MB
+        return {"weights_mb_down": down / MB, "weights_mb_up": up / MB,
+                "weights_mb_total": self.weights_mb_total}
 
     def _checked(self, result: RoundResult, instructions: dict[int, Instruction],
                  global_arrays: Arrays) -> tuple[list[Reply], list[Dropped], dict[str, float]]:
@@ -247,6 +266,9 @@ class RoundLoop:
             "final_adapter": str(final),
             "bytes_up": sum(m.get("bytes_up", 0) for m in lines),
             "bytes_down": sum(m.get("bytes_down", 0) for m in lines),
+            **{k: sum(m.get(k, 0.0) for m in lines) for k in ("weights_mb_down",
+                                                               "weights_mb_up")},
+            "weights_mb_total": lines[-1].get("weights_mb_total", 0.0),
             **{k: lines[-1][k] for k in ("epsilon", "delta") if k in lines[-1]},
             "held_out_duplicates": _reported_duplicates(lines),
         }
@@ -289,3 +311,14 @@ def round_message(m: dict[str, Any], rounds: int) -> str:
             if m.get("preference_accuracy") is not None else "")
     return (f"round {m['round']}/{rounds}: clients {m['clients']}{dropped} train loss "
             f"{tl}, held-out loss {ev}{pref} ({m['seconds']:.0f} s)")
+
+
+def communication_text(m: dict[str, Any]) -> str | None:
+    """The run's communication (a summary): what crossed the wire as fedit counts it, and
+    the weight arrays as FlowerTune's leaderboard counts them; None for a summary written
+    before the count existed."""
+    if "weights_mb_total" not in m:
+        return None
+    return (f"{m['bytes_down'] / MB:.2f} MiB down, {m['bytes_up'] / MB:.2f} MiB up (the "
+            f"payloads sent); weights {m['weights_mb_total']:.2f} MB as FlowerTune counts "
+            f"them ({m['weights_mb_down']:.2f} down + {m['weights_mb_up']:.2f} up)")

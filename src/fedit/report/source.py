@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fedit.errors import DataError
+from fedit.federation.loop import communication_text
 
 
 @dataclass
@@ -99,6 +100,9 @@ def _load_experiment(folder: Path) -> Source:
         ("local-only clients", ", ".join(map(str, exp.get("local_clients", [])))),
         ("wall time (last command)", duration(exp.get("seconds"))),
     ]
+    fedit_summary = folder / "fedit" / "summary.json"
+    src.facts += round_facts(src.metrics, read_json(fedit_summary)
+                             if fedit_summary.is_file() else {})
     src.partitions = _first_dir(folder / "partitions", folder / "fedit" / "partitions")
     return src
 
@@ -118,8 +122,24 @@ def _load_run(folder: Path) -> Source:
              ("held-out rows", rows), ("wall time", summary.get("seconds"))]
     src.facts = [(k, duration(v) if k == "wall time" else str(v))
                  for k, v in facts if v is not None]  # only what the folder says
+    src.facts += round_facts(metrics, summary)
     src.partitions = _first_dir(folder / "partitions")
     return src
+
+
+def round_facts(metrics: list[dict[str, Any]], summary: dict[str, Any]
+                ) -> list[tuple[str, str]]:
+    """The learning rate across rounds (when it changes) and the communication, for the
+    facts under the title."""
+    facts = []
+    lrs = [(m["round"], m["lr"]) for m in metrics if m.get("round") and m.get("lr") is not None]
+    if len({lr for _, lr in lrs}) > 1:
+        facts.append(("learning rate", f"{lrs[0][1]:.3g} (round {lrs[0][0]}) to "
+                                       f"{lrs[-1][1]:.3g} (round {lrs[-1][0]})"))
+    comm = communication_text(summary)
+    if comm:
+        facts.append(("communication", comm))
+    return facts
 
 
 def _read_judges(folder: Path, arm: str) -> dict[str, dict[str, Any]]:
