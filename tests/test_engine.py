@@ -226,9 +226,9 @@ def test_run_keeps_within_the_token_budget(tiny_model_dir):
     engine = Engine(model, tok, max_batch=8)
     forward = engine._forward
 
-    def spy(ids_, mask, positions, cache, rows):
+    def spy(ids_, mask, positions, cache, rows, **kw):
         widths.append(len(rows) * (mask.shape[1] + 4))
-        return forward(ids_, mask, positions, cache, rows)
+        return forward(ids_, mask, positions, cache, rows, **kw)
 
     engine._forward = spy
     jobs = [Job(ids, "", Sampling(max_tokens=4, temperature=0, ignore_eos=True),
