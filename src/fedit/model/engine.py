@@ -186,6 +186,10 @@ class Engine:
         self.running = 0  # rows in the batch now (``/health``)
         self.steps = 0  # decoding steps run (tests and stats)
         self.max_rows_seen = 0  # the largest batch decoded
+        # logits (rows x positions x vocab) one prefill may hold to score prompts (echo):
+        # 2**28 is 1 GiB in fp32; more rows are pre-filled a group at a time, then joined
+        self.echo_logits = 2**28
+        self.vocab = int(getattr(model.config, "vocab_size", None) or len(tokenizer))
 
     def start(self) -> Engine:
         self._thread.start()
@@ -292,7 +296,21 @@ class Engine:
             job.emit(Event("error", text=str(exc)))
 
     def _prefill(self, jobs: Sequence[Job]) -> _Batch | None:
-        """Run the new prompts (left-padded) and sample each one's first token."""
+        """Run the new prompts (left-padded) and sample each one's first token; prompts
+        to score (echo) go in groups whose every-position logits fit ``echo_logits``."""
+        if not any(j.echo for j in jobs):
+            return self._prefill_group(jobs)
+        batch: _Batch | None = None
+        group: list[Job] = []
+        for job in sorted(jobs, key=lambda j: -len(j.prompt_ids)):  # longest sets the width
+            width = len(group[0].prompt_ids) if group else len(job.prompt_ids)
+            if group and (len(group) + 1) * width * self.vocab > self.echo_logits:
+                batch = self._join(batch, self._prefill_group(group))
+                group = []
+            group.append(job)
+        return self._join(batch, self._prefill_group(group))
+
+    def _prefill_group(self, jobs: Sequence[Job]) -> _Batch | None:
         from transformers import DynamicCache
 
         width = max(len(j.prompt_ids) for j in jobs)
