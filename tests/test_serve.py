@@ -195,6 +195,11 @@ def test_disconnect_mid_stream_frees_the_slot_and_full_queue_is_429(one_slot):
             busy = httpx.post(one_slot.url + "/v1/completions", json=short)
             assert busy.status_code == 429
             assert busy.json()["error"]["code"] == "rate_limit_exceeded"
+            too_many = httpx.post(one_slot.url + "/v1/completions",
+                                  json={**short, "prompt": ["a", "b"]})  # never fits
+            assert too_many.status_code == 400 and too_many.json()["error"]["message"] == (
+                "prompt: 2 prompts, more than this server queues (--max-queue 1); send at "
+                "most 1 a request")
             assert not pending.done()  # still waiting behind the stream
         # the stream is closed mid-answer: its row leaves and the waiting request runs
         done = pending.result()

@@ -128,6 +128,11 @@ def create_app(server: Server) -> Any:
         if not prompts:
             raise P.ApiError(400, "prompt: an empty list; give at least one prompt",
                              param="prompt")
+        room = server.engine.queue.maxsize  # a bigger batch could never be queued whole
+        if len(prompts) > room:
+            raise P.ApiError(400, f"prompt: {len(prompts)} prompts, more than this server "
+                             f"queues (--max-queue {room}); send at most {room} a request",
+                             param="prompt")
         batch = [_prompt_ids(server, p, i, len(prompts)) for i, p in enumerate(prompts)]
         if len(batch) == 1 and not req.echo and req.logprobs is None:
             return await _answer(server, request, req, batch[0], req.budget(), None, chat=False)
