@@ -5,7 +5,8 @@ The browser, driven by Playwright, is the system's Chromium where one is on PATH
 own (``.venv/bin/playwright install chromium``, no root needed); ``make test`` looks in the
 same order, gets one and says which. With neither the tests fail and say why: never a skip.
 The page must stream both answers side by side, give the same text as the API for the
-same request, draw the run's loss curve and load nothing from any other origin.
+same request, draw the run's loss curve, render an answer's markdown without ever turning
+the model's text into HTML, and load nothing from any other origin.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def _check_answers(page, url: str, models: dict[str, str]) -> dict[str, str]:
             status, page.text_content(f"#error-{side}"))
         assert status.startswith("done") and "tok/s" in status and "finish: " in status
         assert page.is_hidden(f"#error-{side}")
-        answers[side] = page.text_content(f"#answer-{side}")
+        answers[side] = page.get_attribute(f"#answer-{side}", "data-raw")  # before markdown
         assert answers[side], side
         assert answers[side] == _api_answer(url, model), side
     return answers
@@ -173,23 +174,99 @@ def test_api_key_is_asked_for_kept_and_sent(browser, run):  # noqa: F811
         context = browser.new_context(viewport={"width": 1280, "height": 800})
         page = context.new_page()
         page.set_default_timeout(60_000)
+        keys: list[str | None] = []  # the Authorization header of every call the page makes
+        page.on("request", lambda r: keys.append(r.headers.get("authorization"))
+                if "/v1/" in r.url or "/fedit/" in r.url else None)
         page.goto(served.url + "/")
         page.wait_for_selector("body[data-ready]")
         assert page.is_visible("#api-key")
         assert "didn't provide an API key" in page.text_content("#banner")
+        assert page.text_content("#base-info") == "this server needs an API key"
         assert page.eval_on_selector_all("#model-left option", "os => os.length") == 0
+        keys.clear()
         page.fill("#api-key", KEY)
-        page.press("#api-key", "Enter")  # fires change
+        page.press("#api-key", "Enter")  # fires change: info is read again, with the key
         page.wait_for_selector("#model-right option[value='tiny']", state="attached")
         assert page.input_value("#model-right") == "tiny" and page.is_hidden("#banner")
+        assert page.text_content("#base-info").startswith("base: ")
+        page.wait_for_selector("#loss-chart circle.point")  # /fedit/metrics needs the key
         page.fill("#max-tokens", "4")
         page.fill("#prompt", "hi")
         _send_and_wait(page)
         assert [page.get_attribute(f"#status-{s}", "data-state") for s in ("left", "right")] \
             == ["done", "done"]
+        assert len(keys) >= 5 and set(keys) == {f"Bearer {KEY}"}  # info, models, metrics, 2 asks
         page.reload()  # the key is kept in localStorage
         page.wait_for_selector("#model-right option[value='tiny']", state="attached")
         assert page.input_value("#api-key") == KEY
         context.close()
     finally:
         served.stop()
+
+
+MARKDOWN_ANSWER = """**bold** and *italic* and `<b>code</b>`
+<img src=x onerror="window.pwned = 1">
+<script>window.pwned = 2</script>
+[a link](https://example.com/a) and [not a link](javascript:window.pwned=3)
+
+## A heading
+- one
+- two with __more__
+
+3. third
+4. fourth
+
+```python
+if a < b and "<i>" > c:
+    pass
+```"""
+
+
+def _stub_answer(route) -> None:
+    """The chat endpoint answering ``MARKDOWN_ANSWER`` as the server streams it."""
+    def data(obj: dict) -> str:
+        return f"data: {json.dumps(obj)}\n\n"
+
+    def chunk(delta: dict, reason: str | None = None) -> dict:
+        return {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+
+    half = len(MARKDOWN_ANSWER) // 2  # two pieces: the tags are split mid-stream
+    body = (data(chunk({"role": "assistant", "content": ""}))
+            + data(chunk({"content": MARKDOWN_ANSWER[:half]}))
+            + data(chunk({"content": MARKDOWN_ANSWER[half:]})) + data(chunk({}, "stop"))
+            + "data: [DONE]\n\n")
+    route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=body)
+
+
+def test_markdown_is_rendered_and_html_stays_text(page, page_server):
+    page.route("**/v1/chat/completions", _stub_answer)
+    page.goto(page_server.url + "/")
+    page.wait_for_selector("body[data-ready]")
+    page.fill("#prompt", "anything")
+    _send_and_wait(page)
+    answer = page.locator("#answer-right")
+    assert answer.get_attribute("data-raw") == MARKDOWN_ANSWER
+    # no tag of the model's became an element, and none of its scripts ran
+    assert answer.locator("img, script, b, i").count() == 0
+    assert page.evaluate("() => window.pwned") is None
+    text = answer.text_content()
+    assert '<img src=x onerror="window.pwned = 1">' in text
+    assert "<script>window.pwned = 2</script>" in text
+    assert answer.locator("strong").all_text_contents() == ["bold", "more"]
+    assert answer.locator("em").all_text_contents() == ["italic"]
+    assert answer.locator("p code").all_text_contents() == ["<b>code</b>"]
+    links = answer.locator("a")
+    assert links.count() == 1 and links.text_content() == "a link"
+    assert links.get_attribute("href") == "https://example.com/a"
+    assert "noopener" in links.get_attribute("rel")
+    assert "[not a link](javascript:window.pwned=3)" in text
+    assert answer.locator("h2").text_content() == "A heading"
+    assert answer.locator("ul > li").all_text_contents() == ["one", "two with more"]
+    assert answer.locator("ol > li").all_text_contents() == ["third", "fourth"]
+    assert answer.locator("ol").get_attribute("start") == "3"
+    assert answer.locator("pre > code").text_content() == \
+        'if a < b and "<i>" > c:\n    pass'
+    # every element in the answer is one the renderer makes
+    tags = set(answer.evaluate("e => [...e.querySelectorAll('*')].map(x => x.tagName)"))
+    assert tags <= {"P", "STRONG", "EM", "CODE", "A", "H2", "UL", "OL", "LI", "PRE"}

@@ -226,9 +226,9 @@ def test_run_keeps_within_the_token_budget(tiny_model_dir):
     engine = Engine(model, tok, max_batch=8)
     forward = engine._forward
 
-    def spy(ids_, mask, positions, cache, rows):
+    def spy(ids_, mask, positions, cache, rows, **kw):
         widths.append(len(rows) * (mask.shape[1] + 4))
-        return forward(ids_, mask, positions, cache, rows)
+        return forward(ids_, mask, positions, cache, rows, **kw)
 
     engine._forward = spy
     jobs = [Job(ids, "", Sampling(max_tokens=4, temperature=0, ignore_eos=True),
@@ -239,3 +239,53 @@ def test_run_keeps_within_the_token_budget(tiny_model_dir):
     # Assert
     assert engine.max_rows_seen == 2
     assert max(widths) <= budget + 2 * 4  # the cache grows by the answer as it decodes
+
+
+def test_echo_scores_prompts_in_groups_as_the_model_does_alone(tiny_model_dir, folders):
+    # Prepare: prompts for three adapters and the base; room for ~2 rows' logits a prefill
+    engine = _engine(tiny_model_dir, folders, max_batch=8)
+    tok = engine.tokenizer
+    texts = ["Once upon a time", "Write a poem about the sea and the sky", "a b", "The river"]
+    prompts = [tok(t)["input_ids"] for t in texts]
+    models = ["x", "y", "base", "z"]
+    answers = [Answer() for _ in prompts]
+    jobs = [Job(ids, m, Sampling(max_tokens=k, temperature=0), a, logprobs=3, echo=True)
+            for ids, m, a, k in zip(prompts, models, answers, [0, 2, 1, 0], strict=True)]
+    engine.echo_logits = 2 * max(map(len, prompts)) * engine.vocab
+    prefills: list[int] = []
+    group = engine._prefill_group
+    engine._prefill_group = lambda js: (prefills.append(len(js)), group(js))[1]
+    # Execute
+    engine.run(jobs)
+    # Assert: the prompts went in groups of at most 2 rows; each score is the model's own
+    assert sum(prefills) == 4 and max(prefills) == 2
+    for ids, model, answer, job in zip(prompts, models, answers, jobs, strict=True):
+        slot = None if model == "base" else engine.adapters.slot(model)
+        want = _own_logps(engine.model, ids, slot)
+        scores = answer.end.scores
+        assert len(scores) == len(ids) + job.sampling.max_tokens
+        assert scores[0].token == ids[0] and scores[0].logprob is None
+        for j in range(1, len(ids)):
+            assert scores[j].token == ids[j]
+            assert scores[j].logprob == pytest.approx(float(want[j - 1, ids[j]]), abs=1e-5)
+            assert [t for t, _ in scores[j].top[:3]] == want[j - 1].topk(3).indices.tolist()
+        if job.sampling.max_tokens:  # greedy: the first new token is the most likely
+            assert scores[len(ids)].token == int(want[-1].argmax())
+            assert scores[len(ids)].logprob == pytest.approx(float(want[-1].max()), abs=1e-5)
+        else:
+            assert answer.end.completion_tokens == 0 and answer.text == ""
+
+
+
+def _own_logps(lm, ids, slot):
+    """log_softmax (float64) of one prompt alone, its adapter active (None: the base)."""
+    before = lm.active_adapter
+    with torch.no_grad():
+        if slot is None:
+            with lm.disable_adapter():
+                logits = lm(torch.tensor([ids])).logits[0]
+        else:
+            lm.set_adapter(slot)
+            logits = lm(torch.tensor([ids])).logits[0]
+            lm.set_adapter(before)
+    return torch.log_softmax(logits.double(), -1)

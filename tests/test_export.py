@@ -133,7 +133,8 @@ def test_model_card_reads_the_run(run, tiny_model_dir, tmp_path):
     assert _export(run_dir, "--adapter", out).exit_code == 0
     card = (out / "README.md").read_text()
     meta = _front_matter(card)
-    assert meta["base_model"] == str(tiny_model_dir)
+    assert "base_model" not in meta  # a local folder has no Hub repo id: no path written
+    assert f"`{tiny_model_dir}`: a local folder on the machine that trained it" in card
     assert meta["license"] == "other" and meta["datasets"] == ["rows.jsonl"]
     assert meta["tags"] == ["fedit", "federated-learning", "lora"]
     metrics = _metrics(run_dir)
@@ -170,7 +171,8 @@ def test_adapter_outside_a_run_gets_a_shorter_card_with_its_eval(run, tiny_model
     assert result.exit_code == 0, result.output
     card = (out / "README.md").read_text()
     meta = _front_matter(card)
-    assert meta["base_model"] == str(tiny_model_dir) and meta["license"] == "other"
+    assert "base_model" not in meta and meta["license"] == "other"
+    assert f"`{tiny_model_dir}`: a local folder" in card
     assert "datasets" not in meta
     assert "Not recorded: this adapter is not inside a fedit run folder" in card
     assert "LoRA: r = 8, alpha = 16" in card and "not recorded (no run folder)" in card
@@ -184,11 +186,24 @@ def test_card_of_a_dolly_run_names_its_licence_and_the_alias():
     card = model_card(CardFacts(kind="adapter", base_model="smollm2-135m", folder="out",
                                 lora=lora, cfg=load_config(None)))
     meta = _front_matter(card)
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"  # the alias's repo id
     assert meta["license"] == "cc-by-sa-3.0"
     assert meta["datasets"] == ["databricks/databricks-dolly-15k"]
     assert "CC BY-SA 3.0" in card and "Databricks" in card
     assert 'from_pretrained(resolve_model("smollm2-135m"))' in card
     assert "SmolLM2-135M-Instruct.Q4_1.gguf" in card
+
+
+@pytest.mark.parametrize(("base", "repo"), [
+    ("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct"),  # a hub id as it is
+    ("/models/my-llama", None), ("./my-llama", None), ("~/m.gguf", None),
+])
+def test_card_base_model_is_a_hub_repo_id_or_left_out(base, repo):
+    lora = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["q_proj"]}
+    card = model_card(CardFacts(kind="adapter", base_model=base, folder="out", lora=lora))
+    assert _front_matter(card).get("base_model") == repo
+    assert f"`{base}`: " in card  # the body still names the base as it was loaded
 
 
 def _one_line_error(result, message):
@@ -259,4 +274,4 @@ def test_merged_smollm2_alias_is_a_plain_transformers_folder(smollm2_cache, monk
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
     meta = _front_matter((tmp_path / "merged" / "README.md").read_text())
-    assert meta["base_model"] == "smollm2-135m"
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"

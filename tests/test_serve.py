@@ -130,14 +130,33 @@ def test_client_mistakes_are_openai_errors(server, client):
     assert status == 404 and err["message"] == "Not Found"
 
 
-def test_loss_chart_data_and_info(server, run):
-    info = httpx.get(server.url + "/fedit/info").json()
+def test_null_content_is_a_bad_request(client):
+    for role in ("user", "system", "assistant"):
+        messages = [{"role": role, "content": None}, {"role": "user", "content": "hi"}]
+        with pytest.raises(openai.BadRequestError,
+                           match=f"'content' is required for {role} messages") as e:
+            client.chat.completions.create(model="base", messages=messages, max_tokens=2)
+        assert e.value.body["param"] == "messages.0.content"
+
+
+def test_loss_chart_data_and_info_need_the_key(server, run):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    info = httpx.get(server.url + "/fedit/info", headers=auth).json()
     assert info["default_pair"] == ["base", "tiny"] and info["auth"] is True
-    curve = httpx.get(server.url + "/fedit/metrics", params={"model": "tiny"}).json()
+    assert info["max_model_len"] == 1024
+    for headers in ({}, {"Authorization": "Bearer sk-wrong"}):  # only: a key is needed
+        assert httpx.get(server.url + "/fedit/info", headers=headers).json() == {"auth": True}
+    curve = httpx.get(server.url + "/fedit/metrics", params={"model": "tiny"},
+                      headers=auth).json()
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert curve["rounds"] == [0, 1, 2]
     assert curve["eval_loss"] == [x["eval_loss"] for x in lines]
-    assert httpx.get(server.url + "/fedit/metrics", params={"model": "base"}).status_code == 404
+    assert httpx.get(server.url + "/fedit/metrics", params={"model": "base"},
+                     headers=auth).status_code == 404
+    refused = httpx.get(server.url + "/fedit/metrics", params={"model": "tiny"})
+    assert refused.status_code == 401
+    assert refused.json()["error"]["code"] == "invalid_api_key"
+    assert "didn't provide an API key" in refused.json()["error"]["message"]
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +195,11 @@ def test_disconnect_mid_stream_frees_the_slot_and_full_queue_is_429(one_slot):
             busy = httpx.post(one_slot.url + "/v1/completions", json=short)
             assert busy.status_code == 429
             assert busy.json()["error"]["code"] == "rate_limit_exceeded"
+            too_many = httpx.post(one_slot.url + "/v1/completions",
+                                  json={**short, "prompt": ["a", "b"]})  # never fits
+            assert too_many.status_code == 400 and too_many.json()["error"]["message"] == (
+                "prompt: 2 prompts, more than this server queues (--max-queue 1); send at "
+                "most 1 a request")
             assert not pending.done()  # still waiting behind the stream
         # the stream is closed mid-answer: its row leaves and the waiting request runs
         done = pending.result()
@@ -186,6 +210,13 @@ def test_disconnect_mid_stream_frees_the_slot_and_full_queue_is_429(one_slot):
     ok = httpx.post(one_slot.url + "/v1/completions",
                     json={"model": "base", "prompt": "a", "max_tokens": 2})
     assert ok.status_code == 200
+
+
+def test_without_a_key_info_and_metrics_answer_everyone(one_slot):
+    info = httpx.get(one_slot.url + "/fedit/info").json()
+    assert info["auth"] is False and info["default_pair"] == ["base", "tiny"]
+    curve = httpx.get(one_slot.url + "/fedit/metrics", params={"model": "tiny"})
+    assert curve.status_code == 200 and curve.json()["rounds"] == [0, 1, 2]
 
 
 def test_catalog_names_an_experiments_arms_and_refuses_mixed_bases(run, loud, tmp_path):

@@ -1,10 +1,11 @@
 """The model card (``README.md``) that ``fedit export`` writes beside an exported model.
 
-Hugging Face's layout: YAML front matter (``base_model``, ``library_name``, ``license``,
-``tags``, ``datasets``), then sections on the base model, the data, the federation, the
-evaluation, how to load it and the data's licence. Everything is read from the run folder
-(``config.toml``, ``metrics.jsonl``, ``summary.json``, ``eval.json``); an adapter outside
-any run gets a shorter card that says what is not known.
+Hugging Face's layout: YAML front matter (``base_model``: the base's Hub repo id, left out
+for a local base; ``library_name``, ``license``, ``tags``, ``datasets``), then sections on
+the base model, the data, the federation, the evaluation, how to load it and the data's
+licence. Everything is read from the run folder (``config.toml``, ``metrics.jsonl``,
+``summary.json``, ``eval.json``); an adapter outside any run gets a shorter card that says
+what is not known.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from fedit.algorithms.strategies import num_sampled
 from fedit.config import RunConfig
 from fedit.data.load import DOLLY
 from fedit.data.prompts import ALPACA_PROMPT_NO_INPUT
-from fedit.model.convert import ALIASES
+from fedit.model.convert import ALIAS_REPOS, ALIASES, hub_repo_id
 
 TAGS = ("fedit", "federated-learning", "lora")
 DOLLY_HUB_ID = "databricks/databricks-dolly-15k"
@@ -84,7 +85,8 @@ def _q(value: Any) -> str:
 
 def _front_matter(facts: CardFacts) -> str:
     data = facts.cfg.data.path if facts.cfg is not None else None
-    lines = ["---", f"base_model: {_q(facts.base_model)}",
+    repo = hub_repo_id(facts.base_model)  # the Hub's convention: a repo id, never a path
+    lines = ["---", *([f"base_model: {_q(repo)}"] if repo else []),
              f"library_name: {'peft' if facts.kind == 'adapter' else 'transformers'}",
              f"license: {DOLLY_LICENSE if data and is_dolly(data) else 'other'}",
              "tags:", *(f"- {t}" for t in TAGS)]
@@ -108,12 +110,13 @@ def _title(facts: CardFacts) -> str:
 def _base_kind(name: str) -> str:
     if name in ALIASES:
         package, gguf = ALIASES[name].split(":")
-        return (f"a fedit alias: the GGUF file `{gguf}` of the pip package "
-                f"`{package.replace('_', '-')}`, dequantized to an fp32 transformers folder "
-                "by fedit (`fedit.model.convert.resolve_model`); the adapter was trained on those "
-                "weights")
-    if name.startswith(("/", ".", "~")) or Path(name).expanduser().is_dir():
-        return "a local folder on the machine that trained it"
+        return (f"a fedit alias of `{ALIAS_REPOS[name]}`: the GGUF file `{gguf}` of the pip "
+                f"package `{package.replace('_', '-')}`, dequantized to an fp32 transformers "
+                "folder by fedit (`fedit.model.convert.resolve_model`); the adapter was trained "
+                "on those weights")
+    if hub_repo_id(name) is None:
+        return ("a local folder on the machine that trained it, with no known Hub repo id "
+                "(so the front matter names no `base_model`)")
     return f"a Hugging Face hub model, https://huggingface.co/{name}"
 
 

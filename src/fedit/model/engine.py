@@ -25,7 +25,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -46,15 +46,32 @@ class Sampling:
     ignore_eos: bool = False
 
 
+class TokenScore(NamedTuple):
+    """One token's log-probability under the model, and the most likely tokens there.
+
+    ``logprob`` is None for a prompt's first token (nothing predicts it); ``top`` holds the
+    ``logprobs`` most likely tokens as (id, log-prob) and the token itself (as vLLM does).
+    """
+
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...]
+
+
 @dataclass(frozen=True)
 class Event:
-    """What the engine tells a request: a piece of text, the end, or a failure."""
+    """What the engine tells a request: a piece of text, the end, or a failure.
+
+    A finish event of a job that asked for log-probs carries them (``scores``): the prompt's
+    tokens first when it asked for ``echo``, then every token sampled (an EOS included).
+    """
 
     kind: str  # "delta" | "finish" | "error"
     text: str = ""
     finish_reason: str | None = None  # "stop" | "length"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    scores: tuple[TokenScore, ...] = ()
 
 
 @dataclass
@@ -62,7 +79,10 @@ class Job:
     """One request: its prompt tokens, the model (adapter) it asks for, how to decode.
 
     ``emit`` is called from the engine's thread; ``cancelled`` is set by the request's side
-    when its client goes away (the row leaves the batch at the next step).
+    when its client goes away (the row leaves the batch at the next step). ``logprobs``
+    (None: none) asks for each sampled token's log-prob and the ``logprobs`` most likely
+    tokens; ``echo`` for the prompt's tokens' too (one forward pass over the prompt).
+    ``sampling.max_tokens`` may be 0 with ``echo``: the prompt is scored, nothing sampled.
     """
 
     prompt_ids: list[int]
@@ -70,6 +90,8 @@ class Job:
     sampling: Sampling
     emit: Emit
     cancelled: threading.Event = field(default_factory=threading.Event)
+    logprobs: int | None = None
+    echo: bool = False
 
 
 class Adapters(Protocol):
@@ -116,6 +138,7 @@ class _Row:
     pending: int = -1  # the token to feed at the next step
     generated: list[int] = field(default_factory=list)
     sent: int = 0  # characters of the answer already emitted
+    scores: list[TokenScore] = field(default_factory=list)  # when the job asks for logprobs
 
     @property
     def length(self) -> int:
@@ -163,6 +186,10 @@ class Engine:
         self.running = 0  # rows in the batch now (``/health``)
         self.steps = 0  # decoding steps run (tests and stats)
         self.max_rows_seen = 0  # the largest batch decoded
+        # logits (rows x positions x vocab) one prefill may hold to score prompts (echo):
+        # 2**28 is 1 GiB in fp32; more rows are pre-filled a group at a time, then joined
+        self.echo_logits = 2**28
+        self.vocab = int(getattr(model.config, "vocab_size", None) or len(tokenizer))
 
     def start(self) -> Engine:
         self._thread.start()
@@ -269,7 +296,21 @@ class Engine:
             job.emit(Event("error", text=str(exc)))
 
     def _prefill(self, jobs: Sequence[Job]) -> _Batch | None:
-        """Run the new prompts (left-padded) and sample each one's first token."""
+        """Run the new prompts (left-padded) and sample each one's first token; prompts
+        to score (echo) go in groups whose every-position logits fit ``echo_logits``."""
+        if not any(j.echo for j in jobs):
+            return self._prefill_group(jobs)
+        batch: _Batch | None = None
+        group: list[Job] = []
+        for job in sorted(jobs, key=lambda j: -len(j.prompt_ids)):  # longest sets the width
+            width = len(group[0].prompt_ids) if group else len(job.prompt_ids)
+            if group and (len(group) + 1) * width * self.vocab > self.echo_logits:
+                batch = self._join(batch, self._prefill_group(group))
+                group = []
+            group.append(job)
+        return self._join(batch, self._prefill_group(group))
+
+    def _prefill_group(self, jobs: Sequence[Job]) -> _Batch | None:
         from transformers import DynamicCache
 
         width = max(len(j.prompt_ids) for j in jobs)
@@ -280,9 +321,15 @@ class Engine:
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         rows = [_Row(j, self.adapters.slot(j.model), _generator(j.sampling.seed)) for j in jobs]
         cache = DynamicCache()
-        logits = self._forward(ids, mask, positions, cache, rows)
+        echo = any(j.echo for j in jobs)  # then every position's logits, else the last's
+        logits = self._forward(ids, mask, positions, cache, rows, keep=0 if echo else 1)
+        for i, row in enumerate(rows):
+            if row.job.echo:
+                prompt = row.job.prompt_ids
+                row.scores = _prompt_scores(logits[i, width - len(prompt):], prompt,
+                                            row.job.logprobs or 0)
         batch = _Batch(rows, cache, mask)
-        return self._advance(batch, logits)
+        return self._advance(batch, logits[:, -1].float().cpu())
 
     def _step(self, batch: _Batch) -> _Batch | None:
         """Feed every row's pending token, sample the next."""
@@ -292,27 +339,32 @@ class Engine:
         logits = self._forward(ids, batch.mask, positions, batch.cache, batch.rows)
         self.steps += 1
         self.max_rows_seen = max(self.max_rows_seen, len(batch.rows))
-        return self._advance(batch, logits)
+        return self._advance(batch, logits[:, -1].float().cpu())
 
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 cache: Any, rows: Sequence[_Row]) -> torch.Tensor:
+                 cache: Any, rows: Sequence[_Row], keep: int = 1) -> torch.Tensor:
+        """The logits (rows, positions, vocab) of the last ``keep`` positions (0: all)."""
         kwargs: dict[str, Any] = {}
         if self.adapters.enabled:
             kwargs["adapter_names"] = [r.slot for r in rows]
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                          position_ids=positions.to(self.device), cache=cache, use_cache=True,
-                         logits_to_keep=1, **kwargs)
-        return out.logits[:, -1].float().cpu()
+                         logits_to_keep=keep, **kwargs)
+        return out.logits
 
     def _advance(self, batch: _Batch, logits: torch.Tensor) -> _Batch | None:
         """Sample a token a row, emit the new text, drop the rows that are done."""
         keep: list[int] = []
         for i, row in enumerate(batch.rows):
-            if row.job.cancelled.is_set():
+            if row.job.cancelled.is_set() or row.job.sampling.max_tokens == 0:
+                if not row.job.cancelled.is_set():  # echo with max_tokens 0: scored only
+                    self._finish(row, "length", 0)
                 self.adapters.release(row.job.model)
                 continue
             token = _sample(logits[i], row.job.sampling, row.generator)
+            if row.job.logprobs is not None:
+                row.scores.append(_token_score(logits[i], token, row.job.logprobs))
             if self._emit(row, token):
                 keep.append(i)
             else:
@@ -341,9 +393,7 @@ class Engine:
             if end > row.sent:
                 row.job.emit(Event("delta", text=text[row.sent:end]))
             reason = "length" if done_length and cut is None and not eos else "stop"
-            row.job.emit(Event("finish", finish_reason=reason,
-                               prompt_tokens=len(row.job.prompt_ids),
-                               completion_tokens=len(row.generated) + eos))
+            self._finish(row, reason, len(row.generated) + eos)
             return False
         safe = _safe_end(text, sampling.stop)
         if safe > row.sent:
@@ -351,6 +401,11 @@ class Engine:
             row.sent = safe
         row.pending = token
         return True
+
+    def _finish(self, row: _Row, reason: str, completion_tokens: int) -> None:
+        row.job.emit(Event("finish", finish_reason=reason,
+                           prompt_tokens=len(row.job.prompt_ids),
+                           completion_tokens=completion_tokens, scores=tuple(row.scores)))
 
     def _join(self, running: _Batch | None, new: _Batch | None) -> _Batch | None:
         """One batch of both: caches and masks left-padded to the same length, stacked."""
@@ -422,6 +477,40 @@ def _sample(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator) -> i
         sorted_p[outside] = 0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
     return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def _prompt_scores(logits: torch.Tensor, ids: Sequence[int], k: int) -> list[TokenScore]:
+    """Each prompt token's log-prob given the tokens before it (the first: None), from the
+    prompt's own logits (positions, vocab): log_softmax in fp32, as the model's own."""
+    logp = torch.log_softmax(logits[:-1].float(), -1)
+    target = torch.tensor(ids[1:], device=logp.device)
+    chosen = logp.gather(1, target[:, None])[:, 0].cpu().tolist()
+    tops: list[list[tuple[int, float]]] = [[] for _ in chosen]
+    if k and chosen:
+        values, index = logp.topk(k, -1)
+        tops = [list(zip(i, v, strict=True))
+                for i, v in zip(index.cpu().tolist(), values.cpu().tolist(), strict=True)]
+    scores = [TokenScore(ids[0], None, ())]
+    for token, value, top in zip(ids[1:], chosen, tops, strict=True):
+        scores.append(TokenScore(token, value, _with_token(top, token, value)))
+    return scores
+
+
+def _token_score(logits: torch.Tensor, token: int, k: int) -> TokenScore:
+    """A sampled token's log-prob under the model's own distribution (before temperature
+    and top-p, as vLLM reports it) and the ``k`` most likely tokens."""
+    logp = torch.log_softmax(logits.float(), -1)
+    value = float(logp[token])
+    top: list[tuple[int, float]] = []
+    if k:
+        values, index = logp.topk(k)
+        top = list(zip(index.tolist(), values.tolist(), strict=True))
+    return TokenScore(token, value, _with_token(top, token, value))
+
+
+def _with_token(top: list[tuple[int, float]], token: int, value: float
+                ) -> tuple[tuple[int, float], ...]:
+    return tuple(top) if any(t == token for t, _ in top) else (*top, (token, value))
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:

@@ -1,8 +1,11 @@
 """``fedit serve``: an OpenAI-compatible HTTP API and a chat page over one base model.
 
 ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions`` (streamed as server-sent
-events when ``stream`` is true), ``/health``, and the chat page at ``/`` with its two small
-helpers (``/fedit/info``, ``/fedit/metrics``). Requests go to the batching engine
+events when ``stream`` is true; a batch of prompts, ``echo`` and ``logprobs`` answered as
+vLLM does, so lm-evaluation-harness's ``local-completions`` scores a served adapter),
+``/health``, and the chat page at ``/`` with its two small helpers (``/fedit/info``,
+``/fedit/metrics``). With an API key, ``/fedit/info`` tells a caller without it only that
+a key is needed, and ``/fedit/metrics`` needs it. Requests go to the batching engine
 (``fedit.model.engine``); this module only checks, formats and streams.
 """
 
@@ -66,6 +69,12 @@ def create_app(server: Server) -> Any:
         return error(P.ApiError(500, f"internal error: {type(e).__name__}: {e}",
                                 type_="server_error"))
 
+    def authorized(request: Request) -> bool:
+        header = request.headers.get("authorization", "")
+        return server.api_key is None or (header.startswith("Bearer ") and
+                                          header.removeprefix("Bearer ").strip()
+                                          == server.api_key)
+
     def authorize(request: Request) -> None:
         if server.api_key is None:
             return
@@ -115,22 +124,23 @@ def create_app(server: Server) -> Any:
         authorize(request)
         req = P.parse(P.CompletionRequest, await body_of(request))
         _model(server, req.model)
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise P.ApiError(400, "prompt: one prompt a request (a list of one string)",
-                                 param="prompt")
-            prompt = prompt[0]
-        ids = prompt if isinstance(prompt, list) else server.tokenizer(prompt)["input_ids"]
-        if not ids:
-            raise P.ApiError(400, "prompt: empty", param="prompt")
-        return await _answer(server, request, req, list(ids), req.budget(), None, chat=False)
+        prompts = req.prompts()
+        if not prompts:
+            raise P.ApiError(400, "prompt: an empty list; give at least one prompt",
+                             param="prompt")
+        room = server.engine.queue.maxsize  # a bigger batch could never be queued whole
+        if len(prompts) > room:
+            raise P.ApiError(400, f"prompt: {len(prompts)} prompts, more than this server "
+                             f"queues (--max-queue {room}); send at most {room} a request",
+                             param="prompt")
+        batch = [_prompt_ids(server, p, i, len(prompts)) for i, p in enumerate(prompts)]
+        if len(batch) == 1 and not req.echo and req.logprobs is None:
+            return await _answer(server, request, req, batch[0], req.budget(), None, chat=False)
+        return await _answer_batch(server, request, req, batch, prompts)
 
     async def _answer(server: Server, request: Request, req: Any, prompt: list[int],
                       budget: int | None, template: str | None, chat: bool) -> Any:
-        max_tokens = _check_length(server, len(prompt), budget, chat)
-        stops = req.stops() + (TEMPLATE_STOPS.get(template, ()) if template else ())
-        sampling = Sampling(max_tokens, req.temperature, req.top_p, stops, req.seed, req.ignore_eos)
+        sampling = _sampling(server, req, len(prompt), budget, template, chat)
         events, job = _submit(server, prompt, req.model, sampling)
         rid = P.new_id("chatcmpl" if chat else "cmpl")
         if req.stream:
@@ -144,19 +154,54 @@ def create_app(server: Server) -> Any:
         make = P.chat_body if chat else P.completion_body
         return make(rid, req.model, text, end.finish_reason, use)
 
+    async def _answer_batch(server: Server, request: Request, req: P.CompletionRequest,
+                            batch: list[list[int]], prompts: list[str | list[int]]) -> Any:
+        """One choice a prompt, in order; with ``echo`` the prompt's text and log-probs
+        lead its choice's (vLLM's answer to lm-evaluation-harness)."""
+        sampling = [_sampling(server, req, len(ids), req.budget(), None, False) for ids in batch]
+        submitted: list[tuple[asyncio.Queue[Event], Job]] = []
+        try:
+            for ids, how in zip(batch, sampling, strict=True):
+                submitted.append(_submit(server, ids, req.model, how, req.logprobs, req.echo))
+        except P.ApiError:
+            for _, job in submitted:
+                job.cancelled.set()
+            raise
+        answers = await asyncio.gather(*(_collect(events, job, request)
+                                         for events, job in submitted))
+        if any(end is None for _, end in answers):  # the client went away
+            return JSONResponse({}, status_code=499)
+        choices, prompt_tokens, completion_tokens = [], 0, 0
+        for i, ((text, end), ids, prompt) in enumerate(zip(answers, batch, prompts,
+                                                          strict=True)):
+            assert end is not None
+            head = (prompt if isinstance(prompt, str) else server.tokenizer.decode(ids)) \
+                if req.echo else ""
+            scores = None
+            if req.logprobs is not None:
+                scores = P.logprobs_body(end.scores, lambda t: server.tokenizer.decode([t]))
+            choices.append(P.completion_choice(i, head + text, end.finish_reason, scores))
+            prompt_tokens += end.prompt_tokens
+            completion_tokens += end.completion_tokens
+        use = P.usage(prompt_tokens, completion_tokens)
+        return P.completion_batch_body(P.new_id("cmpl"), req.model, choices, use)
+
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
         return resources.files("fedit.serve").joinpath("static/index.html").read_text("utf-8")
 
     @app.get("/fedit/info")
-    async def info() -> dict[str, Any]:
+    async def info(request: Request) -> dict[str, Any]:
+        if not authorized(request):  # only whether a key is needed (the page asks for it)
+            return {"auth": True}
         left, right = server.catalog.default_pair()
         return {"base_model": server.catalog.base_model, "template": server.catalog.template,
                 "default_pair": [left, right], "max_model_len": server.max_model_len,
                 "auth": server.api_key is not None}
 
     @app.get("/fedit/metrics")
-    async def metrics(model: str) -> dict[str, Any]:
+    async def metrics(model: str, request: Request) -> dict[str, Any]:
+        authorize(request)
         served = _model(server, model)
         if served.metrics_file() is None:
             raise P.ApiError(404, f"model {model!r} belongs to no run with a metrics.jsonl",
@@ -174,6 +219,28 @@ def _model(server: Server, name: str) -> Any:
         raise P.ApiError(404, f"The model `{name}` does not exist (served: {shown}).",
                          param="model", code="model_not_found")
     return served
+
+
+def _prompt_ids(server: Server, prompt: str | list[int], index: int, count: int) -> list[int]:
+    """A prompt's token ids (a string is tokenized); an empty or out-of-vocabulary prompt
+    is a 400 that names it."""
+    where = f"prompt[{index}]" if count > 1 else "prompt"
+    ids = list(server.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else prompt)
+    if not ids:
+        raise P.ApiError(400, f"{where}: empty; give at least one token", param="prompt")
+    vocab = len(server.tokenizer)
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise P.ApiError(400, f"{where}: token id {bad} is outside the vocabulary "
+                         f"(0..{vocab - 1})", param="prompt")
+    return ids
+
+
+def _sampling(server: Server, req: Any, prompt: int, budget: int | None,
+              template: str | None, chat: bool) -> Sampling:
+    max_tokens = _check_length(server, prompt, budget, chat)
+    stops = req.stops() + (TEMPLATE_STOPS.get(template, ()) if template else ())
+    return Sampling(max_tokens, req.temperature, req.top_p, stops, req.seed, req.ignore_eos)
 
 
 def _check_length(server: Server, prompt: int, budget: int | None, chat: bool) -> int:
@@ -211,15 +278,16 @@ def chat_prompt_ids(messages: list[dict[str, Any]], template: str, tokenizer: An
     return list(tokenizer(build_prompt(row, "alpaca"))["input_ids"])
 
 
-def _submit(server: Server, prompt: list[int], model: str,
-            sampling: Sampling) -> tuple[asyncio.Queue[Event], Job]:
+def _submit(server: Server, prompt: list[int], model: str, sampling: Sampling,
+            logprobs: int | None = None, echo: bool = False
+            ) -> tuple[asyncio.Queue[Event], Job]:
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
 
     def emit(event: Event) -> None:  # called on the engine's thread
         loop.call_soon_threadsafe(events.put_nowait, event)
 
-    job = Job(prompt, model, sampling, emit)
+    job = Job(prompt, model, sampling, emit, logprobs=logprobs, echo=echo)
     try:
         server.engine.submit(job)
     except QueueFull as e:

@@ -9,9 +9,18 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class ApiError(Exception):
@@ -77,7 +86,15 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart] | None  # required; null is refused below, as OpenAI does
+
+    @field_validator("content")
+    @classmethod
+    def _not_null(cls, v: str | list[TextPart] | None, info: ValidationInfo) -> Any:
+        if v is None:  # OpenAI accepts null only beside tool calls, which fedit has not
+            raise ValueError(f"'content' is required for {info.data.get('role', 'these')} "
+                             "messages (got null)")
+        return v
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -93,19 +110,38 @@ class ChatRequest(_Request):
         return self.max_completion_tokens or self.max_tokens
 
 
-class CompletionRequest(_Request):
-    prompt: str | list[str] | list[int]
-    echo: bool = False
+MAX_LOGPROBS = 20  # the most likely tokens a completion reports per position (vLLM's limit)
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported")
-        return v
+
+class CompletionRequest(_Request):
+    """A legacy completion: one prompt or a batch (strings or token-id lists), each answered
+    by its own choice; ``echo`` with ``logprobs`` scores the prompt too (what
+    lm-evaluation-harness sends for log-likelihoods, ``max_tokens`` 0 or 1)."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 only with echo (the prompt scored, nothing "
+                             "generated)")
+        if self.stream and (self.echo or self.logprobs is not None or len(self.prompts()) > 1):
+            raise ValueError("stream: not supported with echo, logprobs or several prompts; "
+                             "leave stream out")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: one string or token-id list per prompt."""
+        p = self.prompt
+        if isinstance(p, str) or (p and all(isinstance(x, int) for x in p)):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
 
     def budget(self) -> int:
-        return self.max_tokens or 16  # OpenAI's default for completions
+        return 16 if self.max_tokens is None else self.max_tokens  # OpenAI's default
 
 
 def parse(model: type[_Request], body: Any) -> Any:
@@ -144,6 +180,38 @@ def completion_body(rid: str, model: str, text: str, reason: str | None,
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}],
             "usage": use, "system_fingerprint": "fedit"}
+
+
+def completion_choice(index: int, text: str, reason: str | None,
+                      logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"index": index, "text": text, "finish_reason": reason, "logprobs": logprobs}
+
+
+def completion_batch_body(rid: str, model: str, choices: list[dict[str, Any]],
+                          use: dict[str, int]) -> dict:
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": use, "system_fingerprint": "fedit"}
+
+
+def logprobs_body(scores: Sequence[tuple[int, float | None, Sequence[tuple[int, float]]]],
+                  decode: Callable[[int], str], start: int = 0) -> dict[str, Any]:
+    """OpenAI's legacy ``logprobs`` object: ``tokens``, ``token_logprobs`` (None for a
+    prompt's first token), ``top_logprobs`` ({token: log-prob}, None there too) and
+    ``text_offset`` (each token's first character in the choice's text, from ``start``).
+    Two token ids that decode to one text share a key: the higher log-prob is kept, so the
+    largest value is always the most likely token's (what the harness's is_greedy reads)."""
+    tokens = [decode(token) for token, _, _ in scores]
+    offsets, at = [], start
+    for text in tokens:
+        offsets.append(at)
+        at += len(text)
+    tops: list[dict[str, float] | None] = []
+    for _, value, top in scores:
+        tops.append(None if value is None else {})
+        for token, v in top:  # most likely first: two ids of one text keep the higher
+            tops[-1].setdefault(decode(token), v)  # type: ignore[union-attr]
+    return {"tokens": tokens, "token_logprobs": [value for _, value, _ in scores],
+            "top_logprobs": tops, "text_offset": offsets}
 
 
 def chat_chunk(rid: str, model: str, delta: dict[str, Any], reason: str | None = None,
