@@ -9,6 +9,7 @@ Each round reads top to bottom (see docs/architecture.md)::
     combined     = strategy.combine(replies)                     # SecAgg+: the runtime's mean
     global, state = strategy.server_update(global, combined, state)
     evaluate; checkpoint: adapter, state blobs, metrics line, manifest LAST
+    loggers.round(round, line); loggers.client_steps(...)         # TensorBoard, W&B
 
 A round is committed by its manifest (:mod:`fedit.federation.checkpoint`); ``run(resume=True)``
 continues after the newest whole one and ends with the same adapter, byte for byte, as a
