@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from round_overhead import build_tiny_model  # noqa: E402
+from tests.harness_tasks import write_mc_task  # noqa: E402
 
 from fedit.data.load import load_rows  # noqa: E402
 from fedit.evaluate.tasks import prepare_tasks, run_tasks, task_spec  # noqa: E402
@@ -53,7 +54,6 @@ from fedit.model.adapter import (  # noqa: E402
 )
 from fedit.model.base import LoraSpec, attach_lora, load_base_model, load_tokenizer  # noqa: E402
 from fedit.model.convert import resolve_model  # noqa: E402
-from tests.harness_tasks import write_mc_task  # noqa: E402
 
 DOLLY = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULT = Path(__file__).parent / "results" / "tasks_speed.json"

@@ -17,6 +17,7 @@ from fedit.config.schema import (
     DPOConfig,
     EvalConfig,
     FlowerConfig,
+    LogConfig,
     LoraConfig,
     ModelConfig,
     PartitionConfig,
@@ -34,7 +35,7 @@ __all__ = [
     "AGGREGATOR_NAMES", "COMPRESS_METHODS", "DPO_LOSSES", "EXACT_MATCH_CATEGORIES",
     "FIELD_NAMES", "OBJECTIVE_NAMES", "PERSONALIZE_METHODS", "DPOConfig",
     "RANK_AGGREGATIONS", "STRATEGY_NAMES", "CheckpointConfig", "CompressConfig", "DataConfig",
-    "EvalConfig", "FlowerConfig", "LoraConfig", "ModelConfig", "PartitionConfig",
+    "EvalConfig", "FlowerConfig", "LogConfig", "LoraConfig", "ModelConfig", "PartitionConfig",
     "PersonalizeConfig", "PrivacyConfig", "RunConfig", "StrategyConfig", "TrainConfig",
     "config_from_dict", "load_config", "to_toml",
 ]

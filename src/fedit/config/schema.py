@@ -420,6 +420,27 @@ class PersonalizeConfig:
         _check(self.max_steps >= 0, "personalize.max_steps", "must be >= 0 (0 = no cap)")
 
 
+WANDB_MODES = ("", "online", "offline", "disabled")
+
+
+@dataclass
+class LogConfig:
+    """Where a run's curves go besides metrics.jsonl (README "Watch training in
+    TensorBoard or W&B"); the packages are checked when the run is set up."""
+
+    tensorboard: bool | None = field(default=None, metadata={
+        "help": "events under <run>/tensorboard; not set = on when the tensorboard "
+                "package is installed"})
+    wandb: str = field(default="", metadata={
+        "help": "a Weights & Biases project to log each round to ('' = off)"})
+    wandb_mode: str = field(default="", metadata={
+        "help": "online | offline | disabled; '' = W&B's own (WANDB_MODE, else online)"})
+
+    def __post_init__(self) -> None:
+        _check(self.wandb_mode in WANDB_MODES, "log.wandb_mode",
+               "use online, offline or disabled (or leave it out: WANDB_MODE decides)")
+
+
 @dataclass
 class RunConfig:
     name: str = ""  # run folder name; default: <config file stem>-<timestamp>
@@ -439,6 +460,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
     personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "rounds", "must be >= 1")

@@ -9,6 +9,7 @@ Each round reads top to bottom (see docs/architecture.md)::
     combined     = strategy.combine(replies)                     # SecAgg+: the runtime's mean
     global, state = strategy.server_update(global, combined, state)
     evaluate; checkpoint: adapter, state blobs, metrics line, manifest LAST
+    loggers.round(round, line); loggers.client_steps(...)         # TensorBoard, W&B
 
 A round is committed by its manifest (:mod:`fedit.federation.checkpoint`); ``run(resume=True)``
 continues after the newest whole one and ends with the same adapter, byte for byte, as a
@@ -26,6 +27,7 @@ from fedit.algorithms import payload as P
 from fedit.algorithms.contract import Arrays, Combined, Instruction, Reply, ServerState
 from fedit.config import to_toml
 from fedit.federation import checkpoint as ckpt
+from fedit.federation.loggers import RunLoggers
 from fedit.federation.replies import BadReply, Dropped, check_arrays, check_reply
 from fedit.federation.setup import Log, Run
 from fedit.io import append_jsonl, atomic_write_json, atomic_write_text
@@ -40,13 +42,16 @@ class RoundResult:
     ``replies``: decoded replies (under SecAgg+ without arrays: only their numbers);
     ``dropped``: sampled clients that failed, were silent or sent something unreadable;
     ``combined``: under SecAgg+ the masked mean the server learnt, else None;
-    ``bytes_up``/``bytes_down``: what crossed the wire (the serialised payloads)."""
+    ``bytes_up``/``bytes_down``: what crossed the wire (the serialised payloads);
+    ``step_losses``: each client's optimizer-step losses (in-process; a Flower node logs
+    its own)."""
 
     replies: list[Reply]
     dropped: list[Dropped] = field(default_factory=list)
     combined: Combined | None = None
     bytes_up: int = 0
     bytes_down: int = 0
+    step_losses: dict[int, list[float]] = field(default_factory=dict)
 
 
 class Runtime(Protocol):
@@ -80,6 +85,7 @@ class RoundLoop:
         self.evaluate = run.model.evaluate
         self.secure = self.cfg.flower.secure_aggregation
         self.weights_mb_total = 0.0  # FlowerTune's count so far (resume: the last line's)
+        self.loggers = RunLoggers()  # TensorBoard, W&B: opened by run()
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         start = time.perf_counter()
@@ -87,6 +93,16 @@ class RoundLoop:
         manifest = ckpt.latest_manifest(self.run_dir, self.log) if resume else None
         ckpt.discard_after(self.run_dir, manifest)
         atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
+        self.loggers = RunLoggers.open(self.cfg, self.run_dir, manifest)
+        try:
+            summary = self._rounds(manifest, start)
+        except BaseException:  # Ctrl-C too: the events written so far are kept
+            self.loggers.close(failed=True)
+            raise
+        self.loggers.close()
+        return summary
+
+    def _rounds(self, manifest: ckpt.Manifest | None, start: float) -> dict[str, Any]:
         if manifest is None:
             global_arrays, state = self._round_zero()
             first = 1
@@ -169,6 +185,7 @@ class RoundLoop:
             **self.pipe.round_metrics(state),
         }
         self._commit(rnd, global_arrays, state, line)
+        self.loggers.client_steps(rnd, result.step_losses)
         self.log(round_message(line, cfg.rounds))
         return global_arrays, state
 
@@ -228,7 +245,8 @@ class RoundLoop:
 
     def _commit(self, rnd: int, global_arrays: Arrays, state: ServerState,
                 line: dict[str, Any]) -> None:
-        """Adapter, blobs, metrics line; the manifest last. Then prune old rounds."""
+        """Adapter, blobs, metrics line; the manifest last. Then prune old rounds and hand
+        the committed line to the loggers."""
         folder = ckpt.round_dir(self.run_dir, rnd)
         adapter = self.model.save_adapter(global_arrays, folder / "adapter")
         manifest = ckpt.Manifest(
@@ -247,6 +265,7 @@ class RoundLoop:
         ckpt.write_manifest(self.run_dir, manifest)
         ckpt.fault_point("after-manifest", rnd)
         ckpt.prune(self.run_dir, self.cfg.checkpoint.keep_last)
+        self.loggers.round(rnd, line)
 
     def _finish(self, global_arrays: Arrays, seconds: float) -> dict[str, Any]:
         lines = ckpt.read_metrics(self.run_dir)

@@ -9,10 +9,12 @@ from pathlib import Path
 from fedit.config import RunConfig, load_config
 from fedit.errors import ConfigError
 from fedit.federation import checkpoint as ckpt
+from fedit.federation.loggers import LOG_FILES
 
 #: what a run writes in its folder (a new run may reuse a folder holding only these)
 RUN_FILES = frozenset({"config.toml", "test.jsonl", "partitions", "metrics.jsonl", "rounds",
-                       "checkpoint", "final", "summary.json", "personal", "client_test"})
+                       "checkpoint", "final", "summary.json", "personal", "client_test"}
+                      ) | LOG_FILES
 
 
 def named(cfg: RunConfig, stem: str = "run") -> RunConfig:

@@ -18,6 +18,7 @@ from fedit.algorithms.strategies import strategy_from_config
 from fedit.config import RunConfig
 from fedit.data.clients import with_client_count
 from fedit.data.federated import FederatedData, split_data, write_split
+from fedit.federation.loggers import check_log_config
 
 Log = Callable[[str], None]
 #: an adapter's held-out loss and loss per label; (None, None) when there is no held-out row
@@ -68,6 +69,7 @@ def prepare_run(cfg: RunConfig, run_dir: Path, build_model: Callable[
     cfg = with_client_count(cfg)
     strategy = strategy_from_config(cfg)
     check_compatible(cfg, strategy)
+    check_log_config(cfg.log)  # log.tensorboard / log.wandb without their package
     data = data if data is not None else split_data(cfg, log)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_split(data, run_dir)

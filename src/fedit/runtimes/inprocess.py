@@ -85,18 +85,22 @@ class InProcessRuntime:
               instructions: dict[int, Instruction], secure: bool) -> RoundResult:
         replies: list[Reply] = []
         dropped: list[Dropped] = []
+        losses: dict[int, list[float]] = {}
         down = 0
         for c, instruction in sorted(instructions.items()):
             down += nbytes(self.pipe.start_of(instruction, global_arrays))
             down += nbytes(instruction.arrays)
             try:
-                replies.append(self._train_one(server_round, c, global_arrays, instruction))
+                losses[c] = []
+                replies.append(self._train_one(server_round, c, global_arrays, instruction,
+                                               losses[c]))
             except Exception as e:  # a client that raises is dropped, the round goes on
                 reason = f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 self.log("".join(traceback.format_exception_only(e)).strip())
                 dropped.append(Dropped(c, reason))
         up = sum(nbytes(r.arrays) + nbytes(r.extra) for r in replies)
-        result = RoundResult(replies, dropped, bytes_up=up, bytes_down=down)
+        result = RoundResult(replies, dropped, bytes_up=up, bytes_down=down,
+                             step_losses={r.client: losses[r.client] for r in replies})
         if secure and replies:  # what SecAgg+ gives the server: the mean, nothing else
             result.combined = self.pipe.secure_mean(
                 server_round, [self.pipe.receive(r, instructions[r.client], global_arrays)
@@ -105,10 +109,12 @@ class InProcessRuntime:
         return result
 
     def _train_one(self, server_round: int, client: int, global_arrays: list[np.ndarray],
-                   instruction: Instruction) -> Reply:
+                   instruction: Instruction, losses: list[float]) -> Reply:
+        """Train one client; ``losses`` gets its optimizer steps' losses (TensorBoard)."""
         ref = self._states.get(client)
         state = ckpt.read_state(self.run_dir, ref, ClientState) if ref else ClientState()
-        bar = _progress_bar(f"round {server_round}/{self.cfg.rounds} client {client}")
+        bar = _progress_bar(f"round {server_round}/{self.cfg.rounds} client {client}",
+                            losses)
         try:
             reply = run_client_round(
                 self.model, self.pipe.start_of(instruction, global_arrays),
@@ -139,11 +145,13 @@ class InProcessRuntime:
         self._states = dict(refs)
 
 
-def _progress_bar(desc: str) -> Any:
-    """A tqdm bar that the trainer moves once per optimizer step."""
+def _progress_bar(desc: str, losses: list[float]) -> Any:
+    """A tqdm bar that the trainer moves once per optimizer step; each step's loss is
+    appended to ``losses``."""
     bar = tqdm(total=None, desc=desc, leave=False, unit="step", dynamic_ncols=True)
 
     def update(step: int, total: int, loss: float) -> None:
+        losses.append(loss)
         bar.total = total
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         bar.update(1)

@@ -18,7 +18,7 @@ The base model and the tokenised data are kept per process: with a long-lived pr
 (``fedit flower worker``, the recommended mode) they are loaded once; with Flower's
 default isolation a process lives for one message. A client's state (a strategy's
 ``ClientState``) is saved on this machine, under the node config's ``state-dir``, one
-file per round, and never sent.
+file per round, and never sent; so are its step losses, as TensorBoard events.
 
 torch, transformers and the trainer are imported inside the handlers that need them: under
 Flower's default isolation every message starts a new process, and the server's hello
@@ -211,19 +211,38 @@ def train_on_node(
     state = load_node_state(folder, int(config.pop(P.STATE_ROUND, 0)))
     log.info("fedit: client %d round %d: training on %d examples", client, server_round,
              len(examples))
+    losses: list[float] = []
     reply = run_client_round(
         model, global_arrays, examples, cfg.train, client=client, server_round=server_round,
         seed=cfg.seed, pad_id=int(tokenizer.pad_token_id),
         strategy=pipeline_from_config(cfg, adapter_names(model)),
         instruction=Instruction(config, instruction_arrays or {}), state=state,
         personalize=cfg.personalize, objective=objective_for(cfg),
+        progress=lambda step, total, loss: losses.append(loss),
     )
+    log_node_steps(cfg, folder, client, server_round, losses)
     reply.metrics[P.HELD_OUT_DUPLICATES] = float(removed)
     if state:
         save_node_state(folder, server_round, state)
         reply.metrics[P.STATE_SAVED] = 1.0
     save_node_personal(model, folder, state)
     return reply
+
+
+def log_node_steps(cfg: RunConfig, folder: Path, client: int, server_round: int,
+                   losses: list[float]) -> None:
+    """The round's step losses as TensorBoard events on this machine, ``<state folder>/
+    tensorboard`` (``log.tensorboard``; not set: when this node has tensorboard)."""
+    from fedit.federation.loggers import TENSORBOARD_DIR, installed, write_node_steps
+
+    if cfg.log.tensorboard is False:
+        return
+    if not installed("tensorboard"):
+        if cfg.log.tensorboard:
+            log.warning("fedit: log.tensorboard = true but this node has no tensorboard "
+                        "package: no events here (pip install tensorboard)")
+        return
+    write_node_steps(folder / TENSORBOARD_DIR, client, server_round, losses)
 
 
 def save_node_personal(model: Any, folder: Path, state: ClientState) -> None:
