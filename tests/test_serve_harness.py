@@ -152,10 +152,32 @@ def hf_samples(tiny_model_dir, loud, tmp_path_factory):
     return folder, _samples(results, "fedit_mc"), results["results"]["fedit_mc"]
 
 
+@pytest.fixture(scope="module")
+def fedit_samples(hf_samples, loud, tmp_path_factory):
+    """``fedit eval <loud> --task-file`` on the same task: per-doc log-likelihoods."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from fedit.cli import app
+
+    folder, _, _ = hf_samples
+    out = tmp_path_factory.mktemp("fedit-eval")
+    result = CliRunner().invoke(app, ["eval", str(loud), "--task-file",
+                                      str(folder / "fedit_mc.yaml"), "--no-heldout",
+                                      "--out", str(out), "--set", "model.dtype=fp32"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(x) for x in (out / "tasks.jsonl").read_text().splitlines()]
+    return {r["doc_id"]: r for r in records}
+
+
 @pytest.mark.slow  # ~25 s each, and ~30 s for the hf reference once
 @pytest.mark.parametrize(("tokenized", "batch"), [(True, 2), (False, 1)])
-def test_lm_eval_local_completions_equals_its_hf_model(scorer, hf_samples, tiny_model_dir,
-                                                      tokenized, batch, monkeypatch):
+def test_lm_eval_local_completions_equals_its_hf_model(scorer, hf_samples, fedit_samples,
+                                                      tiny_model_dir, tokenized, batch,
+                                                      monkeypatch):
+    """The harness's ``local-completions`` against ``fedit serve`` equals its own ``hf``
+    model and ``fedit eval --task-file`` on the same adapter, document by document."""
     import importlib.util
 
     import lm_eval
@@ -178,5 +200,9 @@ def test_lm_eval_local_completions_equals_its_hf_model(scorer, hf_samples, tiny_
     for doc in want:
         assert len(got[doc]) == len(ROWS[doc]["choices"])
         assert got[doc] == pytest.approx(want[doc], abs=1e-4), doc
+        assert got[doc] == pytest.approx(fedit_samples[doc]["loglikelihoods"], abs=1e-4)
     for metric in ("acc,none", "acc_norm,none"):
         assert results["results"]["fedit_mc"][metric] == want_metrics[metric]
+    per_doc = {s["doc_id"]: s for s in results["samples"]["fedit_mc"]}
+    for doc, record in fedit_samples.items():
+        assert record["metrics"]["acc"] == per_doc[doc]["acc"]
