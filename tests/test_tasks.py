@@ -314,6 +314,12 @@ def test_experiment_scores_every_arm_on_the_tasks(tiny_model_dir, tmp_path):
         m = pair["metrics"]["exp_mc/acc"]
         assert m["rows"] == 12 and m["low"] <= m["diff"] <= m["high"]
     assert "exp_mc/acc" in result.output  # the task table under the summary
+    page = (out / "report.html").read_text()
+    section = page[page.index("<h2>Benchmark tasks</h2>"):]
+    assert "<th>exp_mc/acc</th>" in section
+    fedit_acc = summary["arms"]["fedit"]["tasks"]["exp_mc/acc"]
+    assert f"<tr><th>fedit</th><td class=\"num" in section
+    assert f"{fedit_acc:.4f}" in section.split("<tr><th>fedit</th>")[1].split("</tr>")[0]
     # the fedit arm's task documents, scored again by fedit eval on its kept adapter
     again = tmp_path / "again"
     _fedit_eval(str(out / "fedit" / "final" / "adapter"), "--task-file", str(task),

@@ -89,6 +89,43 @@ def metrics_table(src: Source) -> str:
             f"{tokens}.</p>")
 
 
+def tasks_table(src: Source) -> str:
+    """Benchmark task metrics (eval.json ``tasks``), one row a model, one column a
+    ``task/metric``; the best value of each column in bold; "" when no model has tasks."""
+    values: dict[str, dict[str, dict[str, Any]]] = {}
+    for arm, ev in src.evals.items():
+        for task, res in ev.get("tasks", {}).get("results", {}).items():
+            for name, m in res["metrics"].items():
+                values.setdefault(arm, {})[f"{task}/{name}"] = m
+    if not values:
+        return ""
+    cols = list(dict.fromkeys(k for per in values.values() for k in per))
+    best: dict[str, float] = {}
+    for col in cols:
+        ms = [per[col] for per in values.values() if col in per]
+        vals = [m["value"] for m in ms]
+        higher = ms[0].get("higher_is_better")
+        if len(vals) > 1 and max(vals) > min(vals) and higher is not None:
+            best[col] = max(vals) if higher else min(vals)
+    rows = []
+    for arm, per in values.items():
+        cells = []
+        for col in cols:
+            m = per.get(col)
+            se = "" if not m or m.get("stderr") is None else f" ± {m['stderr']:.4f}"
+            bold = " best" if m and col in best and m["value"] == best[col] else ""
+            cells.append(f'<td class="num{bold}">{num(m and m["value"])}{esc(se)}</td>')
+        rows.append(f"<tr><th>{esc(arm)}</th>{''.join(cells)}</tr>")
+    docs = {res["samples"] for ev in src.evals.values()
+            for res in ev.get("tasks", {}).get("results", {}).values()}
+    head = "".join(f"<th>{esc(c)}</th>" for c in cols)
+    counts = esc(", ".join(map(str, sorted(docs))))
+    return (f"<table><tr><th>model</th>{head}</tr>{''.join(rows)}</table>"
+            f'<p class="muted">lm-evaluation-harness tasks ({counts} documents a task); '
+            "± its standard error; bold: best of the column; the paired differences below "
+            "include each task metric.</p>")
+
+
 def category_table(src: Source, key: str = "loss") -> str:
     cats = categories(src)
     head = "".join(f"<th>{esc(a)}</th>" for a in src.evals)
@@ -231,6 +268,9 @@ def render_html(src: Source, images: dict[str, bytes]) -> str:
             f'<table class="facts">{facts}</table>']
     if src.evals:
         body += ["<h2>Overall metrics</h2>", metrics_table(src)]
+    tasks = tasks_table(src)
+    if tasks:
+        body += ["<h2>Benchmark tasks</h2>", tasks]
     titles = {"paired": "Paired differences: fedit - other arm, 95% intervals",
               "loss": "Held-out loss per round",
               "preference": "Held-out preference accuracy and reward margin per round",
