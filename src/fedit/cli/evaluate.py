@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from fedit.cli.errors import one_line_errors
+from fedit.cli.task_options import AllowCode, NumFewshot, Suite, TaskFiles, TaskLimit, Tasks
 from fedit.errors import FeditError
 
 
@@ -46,26 +47,15 @@ def eval_cmd(
                           "compare.json in B (or --out)")] = None,
     seed: Annotated[int, typer.Option(help="--compare: the bootstrap's seed")] = 0,
     resamples: Annotated[int, typer.Option(help="--compare: bootstrap resamples")] = 2000,
-    tasks: Annotated[str | None, typer.Option(
-        "--tasks", help="lm-evaluation-harness tasks or groups, comma-separated "
-                        "(mmlu,arc_easy); needs their data sets (hub or cache)")] = None,
-    task_file: Annotated[list[Path] | None, typer.Option(
-        "--task-file", help="a harness task YAML (or a folder of them); its data files "
-                            "are read relative to it. Repeatable")] = None,
-    suite: Annotated[str | None, typer.Option(
-        "--suite", help="the harness tasks closest to a FlowerTune domain: "
-                        "flowertune-general | -medical | -finance | -code")] = None,
-    num_fewshot: Annotated[int | None, typer.Option(
-        "--num-fewshot", help="tasks: few-shot examples (default: each task's own)")] = None,
-    task_limit: Annotated[int | None, typer.Option(
-        "--task-limit", help="tasks: only the first N documents of each (a quick look)")
-    ] = None,
+    tasks: Tasks = None,
+    task_file: TaskFiles = None,
+    suite: Suite = None,
+    num_fewshot: NumFewshot = None,
+    task_limit: TaskLimit = None,
     heldout: Annotated[bool, typer.Option(
         help="with tasks: also score the held-out rows when there are some (--on, the "
              "run's test.jsonl); --no-heldout: the tasks alone")] = True,
-    allow_code_execution: Annotated[bool, typer.Option(
-        "--allow-code-execution", help="tasks: run model-written code (HumanEval, MBPP); "
-                                       "do it in a sandbox")] = False,
+    allow_code_execution: AllowCode = False,
 ) -> None:
     """Evaluate TARGET (a run folder, a PEFT adapter folder, or base / base:MODEL) on
     held-out rows: loss and perplexity per category, and ROUGE-L, embedding similarity and

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from fedit.cli.errors import one_line_errors
+from fedit.cli.task_options import AllowCode, NumFewshot, Suite, TaskFiles, TaskLimit, Tasks
 from fedit.report import build_report
 
 
@@ -40,18 +41,12 @@ def experiment_cmd(
     seeds: Annotated[int, typer.Option(
         help="repeat the arms with seeds seed..seed+N-1, each in <out>/seed-<s>/; "
              "experiment.json: mean ± sd across seeds")] = 1,
-    tasks: Annotated[str | None, typer.Option(
-        "--tasks", help="also score every arm on these lm-evaluation-harness tasks "
-                        "(comma-separated), paired like the other metrics")] = None,
-    task_file: Annotated[list[Path] | None, typer.Option(
-        "--task-file", help="a harness task YAML (or folder of them) to score every arm "
-                            "on. Repeatable")] = None,
-    suite: Annotated[str | None, typer.Option(
-        "--suite", help="flowertune-general | -medical | -finance | -code")] = None,
-    num_fewshot: Annotated[int | None, typer.Option(
-        "--num-fewshot", help="tasks: few-shot examples (default: each task's own)")] = None,
-    task_limit: Annotated[int | None, typer.Option(
-        "--task-limit", help="tasks: only the first N documents of each")] = None,
+    tasks: Tasks = None,
+    task_file: TaskFiles = None,
+    suite: Suite = None,
+    num_fewshot: NumFewshot = None,
+    task_limit: TaskLimit = None,
+    allow_code_execution: AllowCode = False,
 ) -> None:
     """The FedIT paper's comparison: base, local-only, FedIT and centralized on one held-out
     set with the same compute budget (fedit-dpo: the same arms trained with DPO, scored on
@@ -60,7 +55,8 @@ def experiment_cmd(
     from fedit.experiment.run import format_summary, run_experiment
     from fedit.experiment.seeds import format_seeds, run_seeds
 
-    spec = task_spec(tasks, task_file or [], suite, num_fewshot=num_fewshot, limit=task_limit)
+    spec = task_spec(tasks, task_file or [], suite, num_fewshot=num_fewshot, limit=task_limit,
+                     allow_code=allow_code_execution)
     if seeds == 1:  # a plain experiment, in <out> itself
         summary = run_experiment(name, scale, out, set_ or [], log=_log, tasks=spec)
         reports = [build_report(Path(summary["out"]))]
