@@ -329,3 +329,61 @@ def test_experiment_scores_every_arm_on_the_tasks(tiny_model_dir, tmp_path):
     for a, b in zip(ours, theirs, strict=True):
         np.testing.assert_allclose(a["loglikelihoods"], b["loglikelihoods"], atol=1e-4)
         assert a["metrics"] == b["metrics"]
+
+
+def test_a_generation_tasks_scores_compare_at_equal_length(tmp_path):
+    """Documents of a generation task carry answer_tokens: each task metric also gets its
+    difference at equal length, here B = A + 0.1 at equal length plus 0.05 per unit of log
+    length ratio, so the intercept is 0.1 (the plain difference is not)."""
+    rng = np.random.default_rng(0)
+    len_a = rng.integers(5, 60, size=30)
+    len_b = rng.integers(5, 60, size=30)
+    score_a = rng.uniform(0, 1, size=30)
+    score_b = score_a + 0.1 + 0.05 * (np.log(len_b) - np.log(len_a))
+
+    def records(scores, lengths):
+        return [{"task": "gen", "doc_id": i, "filter": "none", "doc_hash": f"g{i}",
+                 "target": "x", "response": "an answer", "answer_tokens": int(n),
+                 "metrics": {"acc": float(v)}} for i, (v, n) in enumerate(zip(scores, lengths))]
+
+    a = _write_eval(tmp_path / "a", records(score_a, len_a))
+    b = _write_eval(tmp_path / "b", records(score_b, len_b))
+    m = compare_evals(a, b, resamples=300, seed=1)["metrics"]["gen/acc"]
+    lc = m["length_controlled"]
+    assert lc["diff"] == pytest.approx(0.1, abs=1e-9)
+    assert lc["slope"] == pytest.approx(0.05, abs=1e-9)
+    assert m["diff"] == pytest.approx(np.mean(score_b - score_a))
+    assert abs(m["diff"] - 0.1) > 1e-3  # the lengths differ, so the plain mean is not 0.1
+    # a multiple-choice task (no answer lengths) has no equal-length entry
+    c = _write_eval(tmp_path / "c", _records("t1", [0, 1, 1]))
+    d = _write_eval(tmp_path / "d", _records("t1", [1, 1, 1]))
+    assert "length_controlled" not in compare_evals(c, d)["metrics"]["t1/acc"]
+
+
+def test_a_generation_task_records_each_answer_and_its_length(talking_model_dir, tmp_path):
+    """A ``generate_until`` task: each document's greedy answer and its length in tokens
+    (the model's tokenizer, counted here independently) are in tasks.jsonl."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "gen"
+    folder.mkdir()
+    rows = [{"question": f"Name {w}.", "answer": w} for w in WORDS[:5]]
+    (folder / "gen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "gen.yaml").write_text(
+        "task: gen_words\ndataset_path: json\ndataset_kwargs: {data_files: {test: gen.jsonl}}\n"
+        "test_split: test\noutput_type: generate_until\n"
+        'doc_to_text: "Q: {{question}}\\nA:"\ndoc_to_target: "{{answer}}"\n'
+        "generation_kwargs: {until: ['Q:'], max_gen_toks: 6, do_sample: false}\n"
+        "metric_list: [{metric: exact_match, aggregation: mean, higher_is_better: true}]\n")
+    out = tmp_path / "out"
+    _fedit_eval(f"base:{talking_model_dir}", "--out", str(out), "--task-file",
+                str(folder / "gen.yaml"))
+    tok = AutoTokenizer.from_pretrained(talking_model_dir)
+    records = [json.loads(x) for x in (out / TASKS_FILE).read_text().splitlines()]
+    assert len(records) == 5
+    for r in records:
+        assert isinstance(r["response"], str)
+        assert r["answer_tokens"] == len(tok(r["response"], add_special_tokens=False)
+                                         ["input_ids"])
+        assert r["metrics"]["exact_match"] in (0.0, 1.0)
+    assert any(r["answer_tokens"] > 0 for r in records)

@@ -376,7 +376,9 @@ def compare_tasks(folder_a: Path, folder_b: Path, res_a: dict[str, Any], res_b: 
     """The benchmark tasks of two evaluations (eval.json ``"tasks"`` + tasks.jsonl) paired
     document by document: each task's (and group's, its tasks' documents pooled) metrics
     whose value is a mean over documents, named ``task/metric``, B - A with the paired
-    bootstrap. Documents match by task, document id, filter and the document's digest."""
+    bootstrap; a generation task's metrics also at equal answer length
+    (:func:`length_controlled`, from each document's ``answer_tokens``). Documents match by
+    task, document id, filter and the document's digest."""
     if "tasks" not in res_a or "tasks" not in res_b:
         side = "A" if "tasks" not in res_a else "B"
         raise DataError(f"cannot compare: {side} was evaluated without benchmark tasks; "
@@ -413,11 +415,19 @@ def compare_tasks(folder_a: Path, folder_b: Path, res_a: dict[str, Any], res_b: 
         va = np.array([[_value(docs_a[k], n) for n in names] for k in keys])
         vb = np.array([[_value(docs_b[k], n) for n in names] for k in keys])
         stats = paired_bootstrap(va, vb, resamples=resamples, seed=seed)
-        for name, st in zip(names, stats, strict=True):
+        lengths = [np.array([float(d[k].get(LENGTH, np.nan)) for k in keys])
+                   for d in (docs_a, docs_b)]
+        generated = all(np.isfinite(x).all() for x in lengths)  # generation tasks only
+        for j, (name, st) in enumerate(zip(names, stats, strict=True)):
             higher = ta["results"][tasks[0]]["metrics"][name].get("higher_is_better")
             better = "n/a" if higher is None else "higher" if higher else "lower"
-            metrics[f"{unit}/{name}"] = {**st, "better": better,
-                                         "verdict": verdict(st["low"], st["high"], higher)}
+            entry = {**st, "better": better, "verdict": verdict(st["low"], st["high"], higher)}
+            if generated and st["rows"]:  # a generated answer's score, also at equal length
+                lc = length_controlled(va[:, j], vb[:, j], lengths[0], lengths[1], higher,
+                                       resamples=resamples, seed=seed)
+                if lc is not None:
+                    entry["length_controlled"] = lc
+            metrics[f"{unit}/{name}"] = entry
     return {"documents": len(docs_a), "metrics": metrics}
 
 

@@ -292,7 +292,7 @@ def run_tasks(model: Any, tokenizer: Any, tasks: TaskSpec | PreparedTasks, log: 
     samples : list of dict
         One record per scored document and filter: ``task``, ``doc_id``, ``doc_hash``,
         ``target``, the metric values, and the per-choice ``loglikelihoods`` (and
-        ``is_greedy``) or the generated ``response``.
+        ``is_greedy``) or the generated ``response`` and its ``answer_tokens``.
     """
     start = time.perf_counter()
     prepared = tasks if isinstance(tasks, PreparedTasks) else prepare_tasks(tasks)
@@ -322,6 +322,10 @@ def run_tasks(model: Any, tokenizer: Any, tasks: TaskSpec | PreparedTasks, log: 
     if out is None:
         raise DataError("lm-evaluation-harness returned no results")
     samples = sample_records(out.get("samples", {}))
+    for record in samples:  # a generated answer's length: its tasks compare at equal length
+        if "response" in record:
+            record["answer_tokens"] = len(tokenizer(record["response"],
+                                                    add_special_tokens=False)["input_ids"])
     summary = task_summary(out, samples, spec)
     dtype = next((str(p.dtype) for p in model.parameters()), "?")
     summary["settings"]["dtype"] = dtype.removeprefix("torch.")
