@@ -318,7 +318,7 @@ def test_experiment_scores_every_arm_on_the_tasks(tiny_model_dir, tmp_path):
     section = page[page.index("<h2>Benchmark tasks</h2>"):]
     assert "<th>exp_mc/acc</th>" in section
     fedit_acc = summary["arms"]["fedit"]["tasks"]["exp_mc/acc"]
-    assert f"<tr><th>fedit</th><td class=\"num" in section
+    assert "<tr><th>fedit</th><td class=\"num" in section
     assert f"{fedit_acc:.4f}" in section.split("<tr><th>fedit</th>")[1].split("</tr>")[0]
     # the fedit arm's task documents, scored again by fedit eval on its kept adapter
     again = tmp_path / "again"
@@ -344,7 +344,8 @@ def test_a_generation_tasks_scores_compare_at_equal_length(tmp_path):
     def records(scores, lengths):
         return [{"task": "gen", "doc_id": i, "filter": "none", "doc_hash": f"g{i}",
                  "target": "x", "response": "an answer", "answer_tokens": int(n),
-                 "metrics": {"acc": float(v)}} for i, (v, n) in enumerate(zip(scores, lengths))]
+                 "metrics": {"acc": float(v)}} for i, (v, n) in
+                enumerate(zip(scores, lengths, strict=True))]
 
     a = _write_eval(tmp_path / "a", records(score_a, len_a))
     b = _write_eval(tmp_path / "b", records(score_b, len_b))
