@@ -87,8 +87,9 @@ def eval_cmd(
         typer.echo(format_per_client(result["per_client"]))
     if result.get("tasks"):
         typer.echo(("" if tasks_only else "\n") + format_tasks(result["tasks"]))
-    written = ["eval.json", "answers.jsonl", *(["tasks.jsonl"] if spec else [])]
-    typer.echo(f"wrote {', '.join(str(out_dir / w) for w in written)}")
+    written = [str(out_dir / w) for w in ("eval.json", "answers.jsonl",
+                                          *(["tasks.jsonl"] if spec else []))]
+    typer.echo(f"wrote {', '.join(written[:-1])} and {written[-1]}")
 
 
 def _compare(target: str | None, folders: tuple[Path, Path], out: Path | None, seed: int,
