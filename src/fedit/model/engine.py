@@ -189,7 +189,8 @@ class Engine:
         # logits (rows x positions x vocab) one prefill may hold to score prompts (echo):
         # 2**28 is 1 GiB in fp32; more rows are pre-filled a group at a time, then joined
         self.echo_logits = 2**28
-        self.vocab = int(getattr(model.config, "vocab_size", None) or len(tokenizer))
+        self.vocab = int(getattr(getattr(model, "config", None), "vocab_size", None)
+                         or len(tokenizer))
 
     def start(self) -> Engine:
         self._thread.start()
