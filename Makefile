@@ -49,7 +49,7 @@ chromium: $(STAMP)
 # pytest exits 5 when it collects nothing: that is a failure, never a pass.
 test: $(STAMP)
 	@$(MAKE) --no-print-directory chromium || true
-	$(BIN)/python -m pytest; rc=$$?; \
+	$(BIN)/python -m pytest --durations=25; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 lint: $(STAMP)
